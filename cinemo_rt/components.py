@@ -1,0 +1,126 @@
+"""The standard parts around the UNet: the VAE and the CLIP text encoder (SPEC section 1, steps 1, 3, 5, 8).
+
+They are the diffusers / transformers implementations, wrapped with exactly the calls the pipeline needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+TEXT_LENGTH = 77  # CLIP's context length; Cinemo pads every prompt to it
+
+
+@dataclass
+class VAE:
+    """Posterior moments for encoding, chunked decoding, in the released conventions.
+
+    `temporal=True` is the SVD `AutoencoderKLTemporalDecoder` (default in the release): chunks of 14 frames,
+    each decoded with `num_frames` = chunk length, uint8 by truncation. `temporal=False` is the SD
+    `AutoencoderKL`: all frames at once, uint8 with rounding (SPEC 1, step 8)."""
+
+    model: nn.Module
+    temporal: bool
+    encoder_model: nn.Module | None = None  # a higher-precision copy for encoding (fp64 in the original)
+
+    @classmethod
+    def create(cls, model: nn.Module, temporal: bool, encode_dtype: torch.dtype | None = None) -> "VAE":
+        model.eval().requires_grad_(False)
+        encoder = None
+        if encode_dtype is not None and encode_dtype != next(model.parameters()).dtype:
+            encoder = copy.deepcopy(model).to(encode_dtype)
+            if hasattr(encoder, "decoder"):
+                encoder.decoder = None  # the copy only ever encodes
+        return cls(model=model, temporal=temporal, encoder_model=encoder)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.model.config.scaling_factor)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def rounding(self) -> bool:
+        return not self.temporal
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image (B, 3, H, W) in [-1, 1] -> posterior (mean, std), each (B, 4, H/8, W/8), unscaled."""
+        encoder = self.encoder_model or self.model
+        dtype = next(encoder.parameters()).dtype
+        posterior = encoder.encode(image.to(self.device, dtype)).latent_dist
+        return posterior.mean, posterior.std
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, chunk: int | None = 14) -> torch.Tensor:
+        """Scaled latents (B, 4, F, h, w) -> images (B, 3, F, H, W) in about [-1, 1].
+
+        The temporal decoder sees `chunk` frames at a time, exactly as the reference (14 + 2 for 16 frames):
+        its temporal layers never look across a chunk boundary."""
+        b, c, f, h, w = latents.shape
+        flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(self.device, self.dtype)
+        flat = flat / self.scaling_factor
+        if not self.temporal:
+            images = self.model.decode(flat).sample
+        else:
+            step = chunk or f
+            parts = []
+            for start in range(0, b * f, step):
+                part = flat[start:start + step]
+                parts.append(self.model.decode(part, num_frames=part.shape[0]).sample)
+            images = torch.cat(parts)
+        _, c_out, hh, ww = images.shape
+        return images.view(b, f, c_out, hh, ww).permute(0, 2, 1, 3, 4)
+
+
+def images_to_uint8(images: torch.Tensor, rounding: bool = False) -> torch.Tensor:
+    """(B, 3, F, H, W) in [-1, 1] -> (B, F, H, W, 3) uint8. The temporal-decoder path truncates, the SD path
+    rounds (+0.5), as the two reference code paths do."""
+    x = ((images.float() / 2 + 0.5).clamp(0, 1) * 255)
+    if rounding:
+        x = x + 0.5
+    return x.to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
+
+
+@dataclass
+class TextEncoder:
+    """CLIP tokenizer + text tower: prompts -> last hidden state (B, 77, D), no attention mask (SPEC 1, step 5)."""
+
+    tokenizer: object
+    model: nn.Module
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, list[bool]]:
+        """-> token ids (B, 77) and, per prompt, whether it was truncated."""
+        full = self.tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
+        truncated = [len(ids) > TEXT_LENGTH for ids in full]
+        ids = self.tokenizer(prompts, padding="max_length", max_length=TEXT_LENGTH, truncation=True,
+                             return_tensors="pt")["input_ids"]
+        return ids, truncated
+
+    @torch.no_grad()
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        return self.model(ids.to(device))[0]
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        ids, truncated = self.tokenize(list(prompts))
+        for prompt, cut in zip(prompts, truncated):
+            if cut:
+                log.warning("prompt is longer than %d CLIP tokens and was truncated: %.60r...", TEXT_LENGTH, prompt)
+        return self.encode_ids(ids)
