@@ -106,12 +106,7 @@ class TextEncoder:
         return int(self.model.config.hidden_size)
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, list[bool]]:
-        """-> token ids (B, 77) and, per prompt, whether it was truncated."""
-        full = self.tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
-        truncated = [len(ids) > TEXT_LENGTH for ids in full]
-        ids = self.tokenizer(prompts, padding="max_length", max_length=TEXT_LENGTH, truncation=True,
-                             return_tensors="pt")["input_ids"]
-        return ids, truncated
+        return tokenize(self.tokenizer, prompts)
 
     @torch.no_grad()
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -119,8 +114,19 @@ class TextEncoder:
         return self.model(ids.to(device))[0]
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        ids, truncated = self.tokenize(list(prompts))
-        for prompt, cut in zip(prompts, truncated):
-            if cut:
-                log.warning("prompt is longer than %d CLIP tokens and was truncated: %.60r...", TEXT_LENGTH, prompt)
+        ids, _ = self.tokenize(list(prompts))
         return self.encode_ids(ids)
+
+
+def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, list[bool]]:
+    """Prompts -> CLIP ids (B, 77), padded with the end token and truncated, as the reference; plus, per
+    prompt, whether it was truncated (warned about here)."""
+    prompts = list(prompts)
+    full = tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
+    truncated = [len(ids) > TEXT_LENGTH for ids in full]
+    for prompt, cut in zip(prompts, truncated):
+        if cut:
+            log.warning("prompt is longer than %d CLIP tokens and was truncated: %.60r...", TEXT_LENGTH, prompt)
+    ids = tokenizer(prompts, padding="max_length", max_length=TEXT_LENGTH, truncation=True,
+                    return_tensors="pt")["input_ids"]
+    return ids, truncated

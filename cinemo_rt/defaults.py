@@ -1,0 +1,32 @@
+"""The embedded default checkpoint, used when the user gives no --checkpoint or --engines."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "demo"
+EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "example.png"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "cinemo-rt"
+
+
+def default_checkpoint() -> Path:
+    """The bundled demo checkpoint (trained with `python -m cinemo_rt.train`, see README); where a build of
+    the package lacks it, a tiny random checkpoint written once to the user cache, with a warning."""
+    if (DEMO_CHECKPOINT / "unet" / "config.json").is_file():
+        return DEMO_CHECKPOINT
+    from .testing import make_tiny_checkpoint
+
+    folder = _cache_dir() / "tiny-random"
+    if not (folder / "unet" / "config.json").is_file():
+        make_tiny_checkpoint(folder, seed=0)
+    log.warning("the demo checkpoint is not bundled in this build; using an untrained tiny random "
+                "checkpoint (%s): the video will be noise", folder)
+    return folder
