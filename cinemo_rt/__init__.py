@@ -1,0 +1,15 @@
+"""cinemo-rt: a fast inference runtime for Cinemo image animation.
+
+`from cinemo_rt import Animator`; heavy imports (diffusers, transformers) happen on first use.
+"""
+
+__version__ = "0.1.0"
+__all__ = ["Animator"]
+
+
+def __getattr__(name):
+    if name == "Animator":
+        from .pipeline import Animator
+
+        return Animator
+    raise AttributeError(f"module 'cinemo_rt' has no attribute {name!r}")
