@@ -187,10 +187,11 @@ class Animator:
     def initial_noise(self, z1: torch.Tensor, frames: int, generator: torch.Generator, use_dct: bool,
                       fraction: float, tau: int) -> torch.Tensor:
         b, c, _, h, w = z1.shape
-        noise = torch.randn((b, c, frames, h, w), generator=generator, dtype=torch.float32)
+        # Drawn on the CPU generator whatever the device, so a seed means the same video everywhere.
+        noise = torch.randn((b, c, frames, h, w), generator=generator, dtype=torch.float32).to(z1.device)
         if not use_dct:
             return noise
-        return self.dct_init(z1.to(noise.device), noise, float(self.alphas_cumprod[tau]), fraction)
+        return self.dct_init(z1.float(), noise, float(self.alphas_cumprod[tau]), fraction)
 
     # -- long videos ------------------------------------------------------------------------------------
     def animate_segments(self, image, prompt: str, segments: int, *, seed: int | None = None,
