@@ -114,3 +114,20 @@ def test_missing_folder_error(tmp_path):
 
 class _NotAllowed:
     pass
+
+
+def test_released_bin_files_load_weights_only(tiny_checkpoint_dir, tmp_path):
+    """The release ships PyTorch pickles (`diffusion_pytorch_model.bin`, `pytorch_model.bin`)."""
+    folder = tmp_path / "bin"
+    shutil.copytree(tiny_checkpoint_dir, folder)
+    for part, name in (("unet", "diffusion_pytorch_model"), ("vae_temporal_decoder", "diffusion_pytorch_model"),
+                       ("text_encoder", "pytorch_model")):
+        src = next((folder / part).glob("*.safetensors"))
+        torch.save(load_file(str(src)), folder / part / f"{name}.bin")
+        src.unlink()
+    loaded = load_checkpoint(folder)
+    reference = load_checkpoint(tiny_checkpoint_dir)
+    inputs = _unet_inputs(loaded.unet)
+    with torch.no_grad():
+        assert torch.equal(loaded.unet(*inputs), reference.unet(*inputs))
+    assert torch.equal(loaded.text_encoder.encode_text(["a dog"]), reference.text_encoder.encode_text(["a dog"]))
