@@ -228,14 +228,15 @@ def load_checkpoint(folder: str | os.PathLike, device: str | torch.device | None
 # Saving
 # ---------------------------------------------------------------------------------------------
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory (the one rotary buffer listed 16 times): copy those."""
+    """safetensors refuses tensors that share storage (the one rotary buffer listed 16 times, or q/k/v
+    views into one fused weight made by the fast backend): copy those."""
     seen: set[int] = set()
     out = {}
     for key, value in state.items():
-        value = value.detach().contiguous().cpu()
-        ptr = value.data_ptr()
-        out[key] = value.clone() if ptr in seen else value
-        seen.add(ptr)
+        value = value.detach().cpu()
+        storage = value.untyped_storage().data_ptr()
+        out[key] = value.clone(memory_format=torch.contiguous_format) if storage in seen else value.contiguous()
+        seen.add(storage)
     return out
 
 

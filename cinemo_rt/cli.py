@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = run.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", default=None, help="checkpoint folder in the released layout")
     source.add_argument("--engines", default=None, help="folder built by `python -m export.build_engines`")
-    run.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"), default="auto")
+    run.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch", "torch-fast"), default="auto")
     run.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     run.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                      help="PyTorch backend precision (default fp16 on CUDA, fp32 on CPU)")
@@ -97,7 +97,7 @@ def _open_animator(args):
     from .pipeline import Animator
 
     if args.engines:
-        backend = "auto" if args.backend == "torch" else args.backend
+        backend = "auto" if args.backend in ("torch", "torch-fast") else args.backend
         return Animator.from_engines(args.engines, backend=backend, device=args.device)
     if args.backend in ("tensorrt", "onnxruntime"):
         from .image import InputError
@@ -108,7 +108,7 @@ def _open_animator(args):
     if folder is None:
         folder = default_checkpoint()
         log.info("no --checkpoint or --engines given: using the embedded demo checkpoint %s", folder)
-    return Animator.from_checkpoint(folder, device=args.device, dtype=args.dtype)
+    return Animator.from_checkpoint(folder, backend=args.backend, device=args.device, dtype=args.dtype)
 
 
 def cmd_run(args) -> int:

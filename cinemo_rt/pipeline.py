@@ -102,15 +102,19 @@ class Animator:
     @classmethod
     def from_checkpoint(cls, folder: str | os.PathLike, backend: str = "auto", device=None, dtype=None,
                         **load_options) -> "Animator":
-        """The PyTorch reference backend over a checkpoint folder in the released layout."""
-        from .backends.torch_backend import TorchBackend
+        """A PyTorch backend over a checkpoint folder in the released layout: "torch" is the reference,
+        "torch-fast" the optimised path (issue 7); "auto" is torch-fast on CUDA, the reference on the CPU."""
         from .checkpoint import load_checkpoint
 
-        if backend not in ("auto", "torch"):
+        if backend not in ("auto", "torch", "torch-fast"):
             raise InputError(f"backend {backend!r} runs exported engines: use Animator.from_engines / --engines DIR")
         device = resolve_device(device)
         checkpoint = load_checkpoint(folder, device=device, dtype=resolve_dtype(dtype, device), **load_options)
-        return cls(TorchBackend(checkpoint), checkpoint.text_encoder.tokenizer, Defaults.from_folder(folder))
+        if backend == "torch-fast" or (backend == "auto" and device.type == "cuda"):
+            from .backends.fast_torch import FastTorchBackend as chosen
+        else:
+            from .backends.torch_backend import TorchBackend as chosen
+        return cls(chosen(checkpoint), checkpoint.text_encoder.tokenizer, Defaults.from_folder(folder))
 
     @classmethod
     def from_engines(cls, folder: str | os.PathLike, backend: str = "auto", device=None, dtype=None) -> "Animator":

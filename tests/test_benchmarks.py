@@ -1,0 +1,47 @@
+"""benchmarks/latency.py --tiny smoke test (CI runs the script, not its timings) and the UNet FLOP count."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import flops  # noqa: E402
+import latency  # noqa: E402
+
+# Issue 7: one CFG call (batch 2, 16 frames, 40x64 latents) is 16.2 TFLOP: conv 8.9, linear 5.7, attention 1.6.
+ISSUE_TFLOP = {"total": 16.2, "conv": 8.9, "linear": 5.7, "attention": 1.6}
+
+
+def test_full_size_unet_flops_on_meta_device():
+    counted = flops.count_unet_flops(batch=2, frames=15, latent_h=40, latent_w=64).as_dict()
+    for family, expected in ISSUE_TFLOP.items():
+        assert counted[family] / 1e12 == pytest.approx(expected, rel=0.03), (family, counted[family])
+    assert counted["other"] == 0
+
+
+def test_latency_tiny_writes_every_stage(tmp_path):
+    code = latency.main(["--tiny", "--steps", "1", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "latency-tiny-cpu.json").read_text())
+    assert (tmp_path / "latency-tiny-cpu.md").read_text().startswith("# Cinemo latency")
+    assert report["command"].startswith("python benchmarks/latency.py --tiny")
+    assert report["matmul_ceiling"]["tflops"] > 0 and report["unet_flops"]["total"] > 0
+    assert set(report["backends"]) == {"torch-fp32", "torch-fast"}, report["skipped"]
+    for name, result in report["backends"].items():
+        for stage in latency.STAGES:
+            stats = result["stages"][stage]
+            assert stats["median_ms"] > 0 and stats["min_ms"] <= stats["median_ms"] <= stats["max_ms"], (name, stage)
+        assert result["unet_tflops"] > 0
+        assert result["profile"]["ms"]["conv"] > 0
+    parity = report["backends"]["torch-fast"]["parity_rel_l2_vs_torch_fp32"]
+    assert parity["eps"] < 1e-5 and parity["x_0"] < 1e-5
+
+
+def test_full_size_without_gpu_exits_2(monkeypatch, capsys):
+    monkeypatch.setattr(latency.torch.cuda, "is_available", lambda: False)
+    assert latency.main([]) == latency.EXIT_NO_GPU
+    assert "--tiny" in capsys.readouterr().err
