@@ -19,3 +19,31 @@ def _quiet_and_deterministic():
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     yield
 
+
+
+# -- engines folders built from the tiny checkpoint, shared by the export, ORT and TensorRT tests -------
+ENGINE_SIZE = dict(height=64, width=64, frames=15)  # the released frame count at a tiny spatial size
+
+
+def build_tiny_engines(ckpt, out, precision, **kw):
+    from pathlib import Path
+
+    from export.build_engines import BuildOptions, build
+
+    return build(BuildOptions(checkpoint=Path(ckpt), out=Path(out), precision=precision, **ENGINE_SIZE, **kw))
+
+
+@pytest.fixture(scope="session")
+def engines_fp32(tiny_checkpoint_dir, tmp_path_factory):
+    pytest.importorskip("onnx_graphsurgeon")
+    out = tmp_path_factory.getbasetemp() / "engines" / "fp32"
+    build_tiny_engines(tiny_checkpoint_dir, out, "fp32")
+    return out
+
+
+@pytest.fixture(scope="session")
+def engines_fp16(tiny_checkpoint_dir, tmp_path_factory):
+    pytest.importorskip("onnx_graphsurgeon")
+    out = tmp_path_factory.getbasetemp() / "engines" / "fp16"
+    build_tiny_engines(tiny_checkpoint_dir, out, "fp16")
+    return out

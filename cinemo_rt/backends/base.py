@@ -43,3 +43,11 @@ class Backend(Protocol):
         """scaled latents (B,4,F,h,w) -> images (B,3,F,H,W) in about [-1,1]."""
 
     def close(self) -> None: ...
+
+
+def model_info(checkpoint) -> ModelInfo:
+    """The facts above, read off a loaded `Checkpoint` (the engines folder records the same in its manifest)."""
+    vae, unet = checkpoint.vae, checkpoint.unet
+    return ModelInfo(scaling_factor=vae.scaling_factor, temporal_vae=vae.temporal,
+                     text_dim=unet.config.cross_attention_dim, latent_channels=unet.config.in_channels,
+                     vae_factor=2 ** (len(vae.model.config.block_out_channels) - 1))

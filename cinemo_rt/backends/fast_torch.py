@@ -40,7 +40,7 @@ from ..checkpoint import Checkpoint
 from ..model.attention import BasicTransformerBlock
 from ..model.config import ROTARY_DIM
 from ..model.unet import UNet3D, sinusoidal_embedding
-from .base import ModelInfo
+from .torch_backend import TorchBackend
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +367,7 @@ def _version_of(tensor: torch.Tensor) -> int:
         return 0
 
 
-class FastTorchBackend:
+class FastTorchBackend(TorchBackend):
     """Backend protocol over a Checkpoint (loaded at its target device/dtype, e.g. fp16 on CUDA), with the
     UNet run by `FastUNet`. The backend owns the checkpoint: its UNet weights are re-laid-out in place.
 
@@ -377,16 +377,8 @@ class FastTorchBackend:
     name = "torch-fast"
 
     def __init__(self, checkpoint: Checkpoint, cuda_graph: bool | None = None, compile_mode: str | None = None):
-        self.checkpoint = checkpoint
-        unet = checkpoint.unet
-        self.device = unet.conv_in.weight.device
-        self.dtype = unet.dtype
-        vae = checkpoint.vae
-        self.info = ModelInfo(
-            scaling_factor=vae.scaling_factor, temporal_vae=vae.temporal, text_dim=unet.config.cross_attention_dim,
-            latent_channels=unet.config.in_channels,
-            vae_factor=2 ** (len(vae.model.config.block_out_channels) - 1))
-        self.fast_unet = optimize_unet(unet)
+        super().__init__(checkpoint)
+        self.fast_unet = optimize_unet(checkpoint.unet)
         if cuda_graph is None:
             cuda_graph = self.device.type == "cuda"
         if cuda_graph and self.device.type != "cuda":
@@ -435,15 +427,7 @@ class FastTorchBackend:
             self._graph_text[key] = self._serial
         return graph(x_t, t, z1, motion_id)
 
-    # -- the other components: as the reference backend --------------------------------------------------
-    def encode_image(self, image):
-        return self.checkpoint.vae.encode(image)
-
-    def encode_text(self, ids):
-        return self.checkpoint.text_encoder.encode_ids(ids)
-
-    def decode(self, latents, chunk=14):
-        return self.checkpoint.vae.decode(latents, chunk=chunk)
+    # encode_image, encode_text, decode: the reference backend's (VAE and CLIP are not optimised yet)
 
     def close(self) -> None:
         self._graphs.clear()

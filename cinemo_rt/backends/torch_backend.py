@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..checkpoint import Checkpoint
-from .base import ModelInfo
+from .base import model_info
 
 
 class TorchBackend:
@@ -15,12 +15,7 @@ class TorchBackend:
         self.checkpoint = checkpoint
         self.device = checkpoint.unet.conv_in.weight.device
         self.dtype = checkpoint.unet.dtype
-        vae = checkpoint.vae
-        self.info = ModelInfo(
-            scaling_factor=vae.scaling_factor, temporal_vae=vae.temporal,
-            text_dim=checkpoint.unet.config.cross_attention_dim,
-            latent_channels=checkpoint.unet.config.in_channels,
-            vae_factor=2 ** (len(vae.model.config.block_out_channels) - 1))
+        self.info = model_info(checkpoint)
 
     @torch.no_grad()
     def unet(self, x_t, t, text, z1, motion_id):

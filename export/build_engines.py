@@ -1,0 +1,315 @@
+"""`python -m export.build_engines --checkpoint DIR --out DIR`: export, optimise, (build), verify.
+
+A flat loop over components (STYLE direction 7). Each artifact is keyed on the sha256 of what it
+consumes: the component's weights, its export spec at the build's shapes, the options (precision,
+opset) and the versions of the libraries that write it. A component whose key matches the manifest and
+whose files exist is "up to date" and skipped; changing one component's weights rebuilds that one only.
+Files are written under temporary names and renamed; the manifest is rewritten atomically after each
+step, so an interrupted build leaves complete artifacts or none, and the next run resumes.
+
+Exit codes: 0 ok, 1 parity failure, 2 bad input (checkpoint, sizes, targets).
+
+TensorRT (issue 5) plugs in through `export.tensorrt_build.build_engine(component, onnx_path, out_dir,
+profiles, options, onnx_sha256) -> EngineEntry` (idempotent itself, with its own `tensorrt/engines.json`),
+called only when that module exists and `--targets` names tensorrt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cinemo_rt.backends.engines_dir import MANIFEST
+from cinemo_rt.pipeline import DEFAULTS_FILE
+
+from .onnx_export import OPSET, export_onnx, module_bytes, prepare_module
+from .optimize import optimize_file
+from .specs import PRECISIONS, SPECS, Dims, ExportSpec, dims_for
+from .verify import ParityError, verify
+
+log = logging.getLogger("export.build_engines")
+
+TARGETS = ("onnx", "tensorrt")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    checkpoint: Path
+    out: Path
+    precision: str = "fp32"
+    height: int = 320
+    width: int = 512
+    frames: int = 15
+    targets: tuple[str, ...] = ("onnx",)
+    components: tuple[str, ...] = tuple(SPECS)
+    verify: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashing and the manifest
+# ---------------------------------------------------------------------------------------------
+def library_versions() -> dict[str, str]:
+    import onnx
+    import onnx_graphsurgeon
+    import onnxruntime
+    import onnxscript
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
+            "onnx_graphsurgeon": onnx_graphsurgeon.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def artifact_key(spec: ExportSpec, weights: str, dims: Dims, precision: str, versions: dict) -> str:
+    blob = json.dumps({"weights": weights, "spec": spec.digest(dims), "precision": precision, "opset": OPSET,
+                       "versions": versions}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def read_manifest_or_empty(out: Path) -> dict:
+    path = out / MANIFEST
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            log.warning("%s is unreadable; rebuilding everything", path)
+    return {"components": {}}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def copy_folder_atomic(src: Path, dst: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _files_exist(out: Path, entry: dict | None) -> bool:
+    return bool(entry) and all((out / f).is_file() for f in [entry["file"], *entry.get("extra_files", [])])
+
+
+# ---------------------------------------------------------------------------------------------
+# The build
+# ---------------------------------------------------------------------------------------------
+def build(options: BuildOptions) -> dict:
+    """Run the build; returns the manifest. Raises ParityError, CheckpointError, ValueError."""
+    from cinemo_rt.checkpoint import load_checkpoint
+
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    trt = _tensorrt_hook(options.targets)
+    checkpoint = load_checkpoint(options.checkpoint)
+    dims = dims_for(checkpoint, options.height, options.width, options.frames)
+    versions = library_versions()
+    manifest = read_manifest_or_empty(out)
+    manifest.update({"format": 1, "precision": options.precision, "opset": OPSET, "versions": versions,
+                     "dims": {"height": dims.height, "width": dims.width, "frames": dims.frames},
+                     "model": {"info": dims.info.__dict__, "vocab_size": dims.vocab_size}})
+    manifest.setdefault("components", {})
+    _copy_side_files(options.checkpoint, out, manifest)
+    # The pipeline's defaults for this folder: the sizes the graphs were built for.
+    write_json_atomic(out / DEFAULTS_FILE, {"height": dims.height, "width": dims.width, "frames": dims.frames})
+    save = lambda: write_json_atomic(out / MANIFEST, manifest)  # noqa: E731
+    save()
+
+    from tqdm import tqdm
+
+    for name in tqdm(options.components, desc="components", unit="graph", disable=None):
+        spec = SPECS[name]
+        weights = weights_digest(spec.weights_fn(checkpoint))
+        key = artifact_key(spec, weights, dims, options.precision, versions)
+        entry = manifest["components"].get(name, {})
+        fresh = entry.get("key") == key and _files_exist(out, entry.get("onnx"))
+        reference = None
+        if fresh:
+            log.info("%s: onnx up to date (%s)", name, key[:12])
+        else:
+            entry = {"key": key, "weights_sha256": weights}
+            module = prepare_module(spec, checkpoint, options.precision)
+            entry["onnx"] = export_and_optimize(spec, module, dims, options.precision, out)
+            del module
+            manifest["components"][name] = entry
+            save()
+
+        if trt is not None:
+            entry["tensorrt"] = _build_tensorrt(trt, spec, dims, options.precision, out, entry)
+            save()
+
+        if options.verify and entry.get("parity", {}).get("key") != key:
+            reference = prepare_module(spec, checkpoint, "fp32")
+            shapes = spec.shapes(dims)
+            t0 = time.perf_counter()
+            try:
+                results = verify(spec, out / entry["onnx"]["file"], reference, dims, options.precision)
+            except ParityError as err:
+                entry["parity"] = {"key": None, "ok": False, "outputs": [f.as_dict() for f in err.failures]}
+                save()
+                raise
+            entry["parity"] = {"key": key, "ok": True, "reference": "pytorch fp32, cpu",
+                               "runtime": "onnxruntime CPUExecutionProvider", "shapes": shapes,
+                               "seconds": round(time.perf_counter() - t0, 2),
+                               "outputs": [r.as_dict() for r in results]}
+            save()
+        elif options.verify:
+            log.info("%s: parity up to date", name)
+        del reference
+    return manifest
+
+
+def export_and_optimize(spec: ExportSpec, module, dims: Dims, precision: str, out: Path) -> dict:
+    """Export to a scratch folder inside `out`, optimise into `out/<name>.onnx`; returns the manifest entry."""
+    final = out / f"{spec.name}.onnx"
+    external = module_bytes(module) > 1_500_000_000
+    scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}.export.", dir=out))
+    try:
+        t0 = time.perf_counter()
+        raw = export_onnx(spec, module, dims, precision, scratch / "raw.onnx", external_data=external)
+        t_export = time.perf_counter() - t0
+        log.info("%s: exported with the %s exporter in %.1f s", spec.name, raw.exporter, t_export)
+        t0 = time.perf_counter()
+        graph = optimize_file(raw.path, final, external_data=external, name=spec.name)
+        t_opt = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    top = ", ".join(f"{op} {n}" for op, n in list(graph.ops.items())[:8])
+    log.info("%s: %d nodes, opset %d; top ops: %s", spec.name, graph.nodes, graph.opset, top)
+    return {"file": final.name, "sha256": file_sha256(final),
+            "extra_files": [final.name + ".data"] if external else [],
+            "exporter": raw.exporter, "external_data": external, "precision": precision,
+            "shapes": spec.shapes(dims), "profile": spec.profile(dims),
+            "dynamic": {k: {str(a): list(v) for a, v in d.items()} for k, d in spec.dynamic.items()},
+            "inputs": list(spec.inputs), "outputs": list(spec.outputs),
+            "seconds": {"export": round(t_export, 1), "optimize": round(t_opt, 1)}, "graph": graph.as_dict()}
+
+
+def _build_tensorrt(trt, spec: ExportSpec, dims: Dims, precision: str, out: Path, entry: dict) -> dict:
+    """Profiles from the spec's shapes; the engine is keyed by TensorRT's builder on the ONNX file's hash."""
+    onnx_entry = entry["onnx"]
+    engine = trt.build_engine(spec.name, out / onnx_entry["file"], out, trt.profiles_for(spec, dims),
+                              trt.BuildOptions(precision=precision), onnx_sha256=onnx_entry["sha256"])
+    return {"file": f"tensorrt/{engine.file}", "engine_sha256": engine.engine_sha256,
+            "onnx_sha256": onnx_entry["sha256"]}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _copy_side_files(checkpoint: Path, out: Path, manifest: dict) -> None:
+    """Tokenizer and scheduler config, so the engines folder is all the runtime needs."""
+    for part in ("tokenizer", "scheduler"):
+        src = checkpoint / part
+        if not src.is_dir():
+            continue
+        digest = hashlib.sha256()
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            digest.update(f.relative_to(src).as_posix().encode())
+            digest.update(f.read_bytes())
+        key = digest.hexdigest()
+        if manifest.get(part, {}).get("key") == key and (out / part).is_dir():
+            continue
+        copy_folder_atomic(src, out / part)
+        manifest[part] = {"key": key, "folder": part}
+
+
+def _tensorrt_hook(targets: tuple[str, ...]):
+    if "tensorrt" not in targets:
+        return None
+    if importlib.util.find_spec("export.tensorrt_build") is None:
+        raise ValueError("--targets tensorrt: export.tensorrt_build is not available in this version "
+                         "(TensorRT engine building is issue 5); use --targets onnx")
+    if importlib.util.find_spec("tensorrt") is None:
+        raise ValueError("--targets tensorrt: the TensorRT Python package is not installed here "
+                         "(pip install 'cinemo-rt[tensorrt]' on a machine with a CUDA GPU); use --targets onnx")
+    return importlib.import_module("export.tensorrt_build")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> BuildOptions:
+    p = argparse.ArgumentParser(prog="python -m export.build_engines", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (released layout)")
+    p.add_argument("--out", required=True, type=Path, help="engines folder to create or update")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp16")
+    p.add_argument("--height", type=int, default=320)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--frames", type=int, default=15, help="generated frames, x_t's F (the video has one more)")
+    p.add_argument("--targets", default="onnx", help="comma-separated: onnx,tensorrt")
+    p.add_argument("--components", default=",".join(SPECS), help="comma-separated subset of " + ",".join(SPECS))
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    targets = tuple(t.strip() for t in a.targets.split(",") if t.strip())
+    components = tuple(c.strip() for c in a.components.split(",") if c.strip())
+    bad = [t for t in targets if t not in TARGETS] + [c for c in components if c not in SPECS]
+    if bad or "onnx" not in targets:
+        p.error(f"unknown targets/components {bad}" if bad else "--targets must include onnx")
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return BuildOptions(checkpoint=a.checkpoint, out=a.out, precision=a.precision, height=a.height,
+                        width=a.width, frames=a.frames, targets=targets, components=components,
+                        verify=not a.no_verify)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cinemo_rt.checkpoint import CheckpointError
+
+    options = parse_args(argv)
+    try:
+        manifest = build(options)
+    except ParityError as err:
+        log.error("parity check failed: %s", err)
+        return 1
+    except (CheckpointError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    log.info("engines folder %s complete (%s, %s)", options.out, options.precision,
+             ", ".join(f"{n}: {'ok' if c.get('parity', {}).get('ok') else 'unverified'}"
+                       for n, c in manifest["components"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

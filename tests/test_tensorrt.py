@@ -1,0 +1,287 @@
+"""TensorRT (issue 5). CPU tier: the exported graphs use only operators TensorRT's ONNX parser supports
+(export/trt_onnx_ops.json, with its source) and pass ONNX / Polygraphy checks; profile selection, cache keys
+and manifest validation of the backend, with no engine faked. GPU tier (skipped without tensorrt and CUDA):
+build engines for the tiny checkpoint, compare each with PyTorch at the fp16 tolerance of
+cinemo_rt/parity.py, and run a whole video through Animator.from_engines(..., backend="tensorrt")."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cinemo_rt.backends import tensorrt_backend as tb
+
+OPS_FILE = Path(__file__).resolve().parents[1] / "export" / "trt_onnx_ops.json"
+TRT_SKIP = ("needs the tensorrt Python package and a CUDA GPU; run `pytest tests/test_tensorrt.py` on a GPU "
+            "machine with TensorRT 10")
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+needs_trt = pytest.mark.skipif(not HAVE_TRT, reason=TRT_SKIP)
+TINY = dict(height=64, width=64, frames=15)
+
+
+# ---------------------------------------------------------------------------------------------
+# Operator coverage and ONNX checks of the exported tiny graphs
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_graphs(engines_fp32):
+    """The fp32 graphs of the tiny checkpoint, as the build flow exported and cleaned them."""
+    from cinemo_rt.backends.engines_dir import component_file, read_manifest
+
+    manifest = read_manifest(engines_fp32)
+    return {name: component_file(engines_fp32, manifest, name) for name in manifest["components"]}
+
+
+def _ops_table():
+    return json.loads(OPS_FILE.read_text())
+
+
+def test_ops_table_records_its_source():
+    table = _ops_table()
+    assert "onnx/onnx-tensorrt" in table["source"]["url"] and "operators.md" in table["source"]["url"]
+    assert table["tensorrt_version"].startswith("10.") and table["target_min_version"] == "10.0"
+    assert table["operators"]["Conv"]["supported"] and not table["operators"]["NonMaxSuppression"].get("since")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("."))
+
+
+@pytest.mark.slow
+def test_exported_ops_are_supported_by_tensorrt(tiny_graphs):
+    import onnx
+
+    table = _ops_table()
+    target = _version(table["target_min_version"])
+    lo, hi = table["opset_range"][table["target_min_version"]]
+    problems = []
+    for name, path in tiny_graphs.items():
+        model = onnx.load(str(path), load_external_data=False)
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        if not lo <= opset <= hi:
+            problems.append(f"{name}: opset {opset} outside TensorRT {table['target_min_version']}'s {lo}..{hi}")
+        for op in sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}):
+            entry = table["operators"].get(op)
+            if entry is None or not entry["supported"]:
+                problems.append(f"{name}: {op} is not supported by TensorRT's ONNX parser")
+            elif _version(entry.get("since", "10.0")) > target:
+                problems.append(f"{name}: {op} needs TensorRT {entry['since']}")
+        custom = {n.domain for n in model.graph.node} - {"", "ai.onnx"}
+        if custom:
+            problems.append(f"{name}: custom-domain nodes {sorted(custom)} need plugins")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.slow
+def test_exported_graphs_pass_onnx_and_polygraphy_checks(tiny_graphs):
+    import onnx
+    pytest.importorskip("polygraphy")
+    from polygraphy.backend.onnx import onnx_from_path
+    from polygraphy.backend.onnx.util import get_input_metadata, get_output_metadata
+
+    from export.specs import SPECS
+
+    for name, path in tiny_graphs.items():
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx_from_path(str(path))
+        inputs, outputs = get_input_metadata(model.graph), get_output_metadata(model.graph)
+        assert list(inputs.keys()) == list(SPECS[name].inputs), name
+        assert list(outputs.keys()) == list(SPECS[name].outputs), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles (pure Python)
+# ---------------------------------------------------------------------------------------------
+STATIC2 = {"x": ((2, 4, 8), (2, 4, 8), (2, 4, 8))}
+STATIC1 = {"x": ((1, 4, 8), (1, 4, 8), (1, 4, 8))}
+DYNAMIC = {"x": ((1, 4, 8), (2, 4, 8), (4, 4, 8))}
+
+
+def test_select_profile_prefers_exact_opt_then_containing():
+    assert tb.select_profile([STATIC2, STATIC1], {"x": (1, 4, 8)}) == 1
+    assert tb.select_profile([DYNAMIC, STATIC2], {"x": (2, 4, 8)}) == 0
+    assert tb.select_profile([STATIC1, DYNAMIC], {"x": (3, 4, 8)}) == 1
+    with pytest.raises(tb.ShapeError, match="outside every optimisation profile"):
+        tb.select_profile([STATIC2], {"x": (2, 4, 16)})
+    with pytest.raises(tb.ShapeError):
+        tb.select_profile([STATIC2], {"x": (2, 4)})  # rank differs
+
+
+def test_profiles_from_the_export_spec():
+    from export.specs import SPECS, Dims
+    from export.tensorrt_build import check_profiles_against_graph, profiles_for
+
+    dims = Dims()  # 15 generated frames (16 in the video) x 320 x 512
+    unet = profiles_for(SPECS["unet"], dims)
+    assert len(unet) == 1 and tb.profile_is_static(unet[0])
+    assert unet[0]["x_t"][1] == (2, 4, 15, 40, 64)  # CFG batch, 15 generated frames, latent 40 x 64
+    decoder = profiles_for(SPECS["vae_decoder"], dims)
+    assert [p["latents"][1][0] for p in decoder] == [14, 2]  # the reference's chunks
+    dynamic = profiles_for(SPECS["unet"], dims, dynamic=True)[0]
+    assert dynamic["x_t"][0][0] == 1 and dynamic["x_t"][2][0] == 2 and not tb.profile_is_static(dynamic)
+    graph = {"x_t": ("batch", 4, 15, 40, 64), "t": (-1,), "text": (-1, 77, 768), "z1": (-1, 4, 1, 40, 64),
+             "motion_id": (-1,)}
+    assert check_profiles_against_graph(graph, unet) == []
+    assert any("fixes it at 40" in p for p in
+               check_profiles_against_graph({**graph, "x_t": (-1, 4, 15, 40, 40)}, unet))
+    assert any("no shapes" in p for p in check_profiles_against_graph({**graph, "extra": (1,)}, unet))
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys and manifest (pure Python)
+# ---------------------------------------------------------------------------------------------
+H100 = tb.Platform("10.7.0", "NVIDIA H100 80GB HBM3", "9.0")
+
+
+def _entry(folder: Path, component="unet", platform=H100, onnx="a" * 64, payload=b"engine-bytes") -> tb.EngineEntry:
+    from export.tensorrt_build import BuildOptions, engine_file_name, engine_key, write_atomic
+
+    key = engine_key(component, onnx, platform, [STATIC2], BuildOptions())
+    path = folder / tb.ENGINE_SUBDIR / engine_file_name(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, payload)
+    return tb.EngineEntry(key=key, file=path.name, engine_sha256=tb.file_sha256(path), engine_bytes=len(payload),
+                          inputs={"x": "float16"}, outputs={"y": "float16"})
+
+
+def test_key_digest_changes_with_everything_it_depends_on(tmp_path):
+    from export.tensorrt_build import BuildOptions, engine_key
+
+    base = engine_key("unet", "a" * 64, H100, [STATIC2], BuildOptions())
+    variants = [engine_key("unet", "b" * 64, H100, [STATIC2], BuildOptions()),
+                engine_key("unet", "a" * 64, tb.Platform("10.8.0", H100.gpu_name, "9.0"), [STATIC2], BuildOptions()),
+                engine_key("unet", "a" * 64, tb.Platform("10.7.0", "NVIDIA A100", "8.0"), [STATIC2], BuildOptions()),
+                engine_key("unet", "a" * 64, H100, [DYNAMIC], BuildOptions()),
+                engine_key("unet", "a" * 64, H100, [STATIC2], BuildOptions(precision="fp16-flags")),
+                engine_key("unet", "a" * 64, H100, [STATIC2], BuildOptions(refit=True))]
+    digests = {base.digest()} | {v.digest() for v in variants}
+    assert len(digests) == 1 + len(variants)
+
+
+def test_manifest_roundtrip_and_selection(tmp_path):
+    unet = _entry(tmp_path)
+    a100 = _entry(tmp_path, platform=tb.Platform("10.7.0", "NVIDIA A100-SXM4-80GB", "8.0"), payload=b"other")
+    tb.write_engine_manifest(tmp_path, tb.upsert_entry([unet], a100))
+    entries = tb.read_engine_manifest(tmp_path)
+    assert [e.key for e in entries] == [unet.key, a100.key]
+    chosen, problems = tb.select_engines(entries, H100, ["unet"], {"unet": "a" * 64})
+    assert chosen["unet"] == unet and problems == []
+    tb.verify_engine_file(tmp_path, chosen["unet"])
+
+
+def test_mismatches_are_explained(tmp_path):
+    entries = [_entry(tmp_path)]
+    _, problems = tb.select_engines(entries, tb.Platform("10.8.0", "NVIDIA L4", "8.9"), ["unet", "vae_decoder"])
+    text = " ".join(problems)
+    assert "TensorRT 10.7.0 != installed 10.8.0" in text and "compute capability 9.0" in text
+    assert "no TensorRT engine for 'vae_decoder'" in text
+    _, problems = tb.select_engines(entries, H100, ["unet"], {"unet": "c" * 64})
+    assert "ONNX graph changed" in problems[0]
+
+
+def test_corrupt_or_edited_engines_are_detected_with_a_rebuild_hint(tmp_path):
+    entry = _entry(tmp_path)
+    tb.write_engine_manifest(tmp_path, [entry])
+    path = tmp_path / tb.ENGINE_SUBDIR / entry.file
+    path.write_bytes(b"engine-bytez")  # same size, other bytes
+    with pytest.raises(tb.EngineMismatchError, match="SHA-256.*export.build_engines"):
+        tb.verify_engine_file(tmp_path, entry)
+    path.write_bytes(b"short")
+    with pytest.raises(tb.EngineMismatchError, match="truncated"):
+        tb.verify_engine_file(tmp_path, entry)
+    path.unlink()
+    with pytest.raises(tb.EngineMismatchError, match="missing"):
+        tb.verify_engine_file(tmp_path, entry)
+    data = json.loads(tb.manifest_path(tmp_path).read_text())
+    data["engines"][0]["key"]["gpu_name"] = "NVIDIA H200"  # hand-edited key: digest no longer matches
+    tb.manifest_path(tmp_path).write_text(json.dumps(data))
+    with pytest.raises(tb.EngineMismatchError, match="edited"):
+        tb.read_engine_manifest(tmp_path)
+    tb.manifest_path(tmp_path).write_text("{not json")
+    with pytest.raises(tb.EngineMismatchError, match="unreadable"):
+        tb.read_engine_manifest(tmp_path)
+
+
+def test_dtype_names():
+    assert tb.torch_dtype_of(type("D", (), {"name": "HALF"})()) is torch.float16
+    assert tb.torch_dtype_of("DataType.INT64") is torch.int64
+    with pytest.raises(tb.EngineMismatchError):
+        tb.torch_dtype_of("DataType.FP8")
+
+
+def test_unavailable_reason_without_a_gpu(tmp_path):
+    assert "CUDA devices only" in tb.tensorrt_unavailable_reason(tmp_path, torch.device("cpu"))
+    if not torch.cuda.is_available():
+        assert tb.tensorrt_unavailable_reason(tmp_path, torch.device("cuda")) == "no CUDA GPU is available"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU tier
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_engines(tiny_checkpoint_dir, tmp_path_factory):
+    """fp16 graphs of the tiny checkpoint and one engine per component (static tiny profiles)."""
+    from cinemo_rt.checkpoint import load_checkpoint
+    from export.onnx_export import export_onnx, prepare_module
+    from export.specs import SPECS, dims_for
+    from export.tensorrt_build import BuildOptions, build_engine, profiles_for
+
+    checkpoint = load_checkpoint(tiny_checkpoint_dir, device="cpu", dtype=torch.float32)
+    dims = dims_for(checkpoint, **TINY)
+    out = tmp_path_factory.mktemp("engines")
+    for name, spec in SPECS.items():
+        path = export_onnx(spec, prepare_module(spec, checkpoint, "fp16"), dims, "fp16", out / f"{name}.onnx").path
+        batches = (2, 1) if name == "unet" else None
+        build_engine(name, path, out, profiles_for(spec, dims, batches=batches), BuildOptions(precision="fp16"))
+    return out, checkpoint, dims
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@needs_trt
+@pytest.mark.parametrize("component", ["text_encoder", "vae_encoder", "unet", "vae_decoder"])
+def test_engine_matches_pytorch(tiny_engines, component):
+    from cinemo_rt.parity import TOLERANCES, relative_error
+    from export.specs import SPECS
+
+    folder, checkpoint, dims = tiny_engines
+    spec = SPECS[component]
+    entry = next(e for e in tb.read_engine_manifest(folder) if e.component == component)
+    trt = tb._import_tensorrt()
+    runner = tb.EngineRunner(trt, trt.Runtime(trt.Logger(trt.Logger.WARNING)),
+                             tb.verify_engine_file(folder, entry), entry, torch.device("cuda"), folder)
+    memory = torch.empty(max(runner.activation_bytes, 1), dtype=torch.uint8, device="cuda")
+    runner.bind_activation_memory(memory)
+    for profile in entry.profiles:
+        batch = next(iter(profile.values()))[1][0]
+        feeds = spec.sample_inputs(dims, "fp32", batch=batch, seed=1)
+        with torch.no_grad():
+            reference = spec.module_fn(checkpoint).float()(*feeds.values())
+        reference = reference if isinstance(reference, tuple) else (reference,)
+        out = runner(**{n: t.cuda() for n, t in feeds.items()})
+        for name, ref in zip(spec.outputs, reference):
+            err = relative_error(out[name].float().cpu(), ref)
+            assert err <= TOLERANCES["fp16"].relative_l2, f"{component}.{name} batch {batch}: {err:.2e}"
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@needs_trt
+def test_whole_video_through_tensorrt(tiny_engines, tiny_checkpoint_dir):
+    from cinemo_rt.parity import TOLERANCES, relative_error
+    from cinemo_rt.pipeline import Animator
+
+    folder, _, _ = tiny_engines
+    image = torch.rand(64, 64, 3).mul(255).to(torch.uint8).numpy()
+    trt_animator = Animator.from_engines(folder, backend="tensorrt", device="cuda")
+    assert trt_animator.backend.name == "tensorrt"
+    options = dict(steps=4, seed=0, height=64, width=64, frames=15)
+    video = trt_animator(image, "the camera zooms in", 9, **options)
+    reference = Animator.from_checkpoint(tiny_checkpoint_dir, device="cuda", dtype="fp32")(
+        image, "the camera zooms in", 9, **options)
+    assert video.shape == reference.shape == (16, 64, 64, 3)
+    # uint8 frames after 4 fp16 steps: the fp16 tolerance on the frames as a whole.
+    assert relative_error(video, reference) <= 5 * TOLERANCES["fp16"].relative_l2
