@@ -56,6 +56,11 @@ class BuildOptions:
     targets: tuple[str, ...] = ("onnx",)
     components: tuple[str, ...] = tuple(SPECS)
     verify: bool = True
+    # TensorRT (issue 5): a dynamic (min, opt, max) profile instead of the static CFG shapes, a workspace
+    # limit in bytes (None: TensorRT's default), refittable engines.
+    trt_dynamic: bool = False
+    trt_workspace: int | None = None
+    trt_refit: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +174,7 @@ def build(options: BuildOptions) -> dict:
             save()
 
         if trt is not None:
-            entry["tensorrt"] = _build_tensorrt(trt, spec, dims, options.precision, out, entry)
+            entry["tensorrt"] = _build_tensorrt(trt, spec, dims, options, out, entry)
             save()
 
         if options.verify and entry.get("parity", {}).get("key") != key:
@@ -219,11 +224,14 @@ def export_and_optimize(spec: ExportSpec, module, dims: Dims, precision: str, ou
             "seconds": {"export": round(t_export, 1), "optimize": round(t_opt, 1)}, "graph": graph.as_dict()}
 
 
-def _build_tensorrt(trt, spec: ExportSpec, dims: Dims, precision: str, out: Path, entry: dict) -> dict:
+def _build_tensorrt(trt, spec: ExportSpec, dims: Dims, options: BuildOptions, out: Path, entry: dict) -> dict:
     """Profiles from the spec's shapes; the engine is keyed by TensorRT's builder on the ONNX file's hash."""
     onnx_entry = entry["onnx"]
-    engine = trt.build_engine(spec.name, out / onnx_entry["file"], out, trt.profiles_for(spec, dims),
-                              trt.BuildOptions(precision=precision), onnx_sha256=onnx_entry["sha256"])
+    trt_options = trt.BuildOptions(precision=options.precision, workspace_bytes=options.trt_workspace,
+                                   refit=options.trt_refit)
+    engine = trt.build_engine(spec.name, out / onnx_entry["file"], out,
+                              trt.profiles_for(spec, dims, dynamic=options.trt_dynamic), trt_options,
+                              onnx_sha256=onnx_entry["sha256"])
     return {"file": f"tensorrt/{engine.file}", "engine_sha256": engine.engine_sha256,
             "onnx_sha256": onnx_entry["sha256"]}
 
@@ -279,6 +287,10 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
     p.add_argument("--targets", default="onnx", help="comma-separated: onnx,tensorrt")
     p.add_argument("--components", default=",".join(SPECS), help="comma-separated subset of " + ",".join(SPECS))
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")
+    p.add_argument("--trt-dynamic", action="store_true",
+                   help="TensorRT: one dynamic profile (batch 1-2) instead of static CFG shapes")
+    p.add_argument("--trt-workspace", type=float, default=None, help="TensorRT workspace limit in GiB")
+    p.add_argument("--trt-refit", action="store_true", help="TensorRT: build refittable engines")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     targets = tuple(t.strip() for t in a.targets.split(",") if t.strip())
@@ -290,7 +302,8 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return BuildOptions(checkpoint=a.checkpoint, out=a.out, precision=a.precision, height=a.height,
                         width=a.width, frames=a.frames, targets=targets, components=components,
-                        verify=not a.no_verify)
+                        verify=not a.no_verify, trt_dynamic=a.trt_dynamic, trt_refit=a.trt_refit,
+                        trt_workspace=int(a.trt_workspace * 2**30) if a.trt_workspace else None)
 
 
 def main(argv: list[str] | None = None) -> int:
