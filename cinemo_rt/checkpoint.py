@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .components import TextEncoder, VAE
+from .files import give_default_mode
 from .model import UNet3D, UNetConfig
 
 log = logging.getLogger(__name__)
@@ -256,6 +257,7 @@ def write_checkpoint_folder(target: Path, build) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        give_default_mode(tmp)
         build(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
@@ -283,7 +285,10 @@ def save_checkpoint(folder: str | os.PathLike, checkpoint: Checkpoint) -> Path:
         vae_part = "vae_temporal_decoder" if checkpoint.vae.temporal else "vae"
         vae_dir = tmp / vae_part
         vae_dir.mkdir()
-        _write_json(vae_dir / "config.json", dict(checkpoint.vae.model.config))
+        # `_use_default_values` is diffusers' bookkeeping; saved, it would make `from_config` ignore values set
+        # after construction (e.g. a scaling factor registered by training).
+        vae_config = {k: v for k, v in checkpoint.vae.model.config.items() if k != "_use_default_values"}
+        _write_json(vae_dir / "config.json", vae_config)
         _save_weights(checkpoint.vae.model, vae_dir / WEIGHT_NAMES[vae_part][0])
 
         text = checkpoint.text_encoder

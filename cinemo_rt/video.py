@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .files import give_default_mode
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("mp4", "gif", "png")
@@ -149,6 +151,7 @@ def write_video(
     if fmt == "png":
         tmp_dir = tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent)
         try:
+            give_default_mode(tmp_dir)
             _write_png_folder(frames, tmp_dir)
             _replace_folder(tmp_dir, dest)
         except BaseException:
@@ -158,6 +161,7 @@ def write_video(
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent)
         os.close(fd)
         try:
+            give_default_mode(tmp)
             (_encode_mp4 if fmt == "mp4" else _encode_gif)(frames, tmp, fps)
             os.replace(tmp, dest)
         except BaseException:

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from cinemo_rt.backends.engines_dir import MANIFEST
+from cinemo_rt.files import give_default_mode
 from cinemo_rt.pipeline import DEFAULTS_FILE
 
 from .onnx_export import OPSET, export_onnx, module_bytes, prepare_module
@@ -105,6 +106,7 @@ def read_manifest_or_empty(out: Path) -> dict:
 def write_json_atomic(path: Path, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        give_default_mode(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")
@@ -117,6 +119,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
 def copy_folder_atomic(src: Path, dst: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
+        give_default_mode(tmp)
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         if dst.exists():
             shutil.rmtree(dst)

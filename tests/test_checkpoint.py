@@ -131,3 +131,13 @@ def test_released_bin_files_load_weights_only(tiny_checkpoint_dir, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded.unet(*inputs), reference.unet(*inputs))
     assert torch.equal(loaded.text_encoder.encode_text(["a dog"]), reference.text_encoder.encode_text(["a dog"]))
+
+
+def test_config_values_set_after_construction_survive_a_round_trip(tmp_path):
+    """Training registers its own VAE scaling factor; diffusers' `_use_default_values` must not undo it."""
+    from cinemo_rt.checkpoint import save_checkpoint
+
+    memory = make_tiny_components(seed=4)
+    memory.vae.model.register_to_config(scaling_factor=1.5)
+    save_checkpoint(tmp_path / "scaled", memory)
+    assert load_checkpoint(tmp_path / "scaled").vae.scaling_factor == 1.5

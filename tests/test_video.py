@@ -127,3 +127,17 @@ def test_failure_leaves_nothing_behind(tmp_path, monkeypatch, name, encoder):
     with pytest.raises(RuntimeError, match="encoder died"):
         write_video(gradient_frames(2), tmp_path / name)
     assert os.listdir(tmp_path) == []
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    """Temporary files are 0600; the renamed output must be readable like any file the user writes."""
+    import stat
+
+    from cinemo_rt.files import _umask
+
+    frames = np.zeros((2, 16, 16, 3), dtype=np.uint8)
+    for name in ("a.mp4", "b.gif", "frames"):
+        path = write_video(frames, tmp_path / name)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        expected = (0o777 if path.is_dir() else 0o666) & ~_umask()
+        assert mode == expected, (name, oct(mode))

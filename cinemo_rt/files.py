@@ -1,0 +1,17 @@
+"""Small helpers for writing outputs atomically with ordinary permissions."""
+
+from __future__ import annotations
+
+import os
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: str | os.PathLike) -> None:
+    """`tempfile.mkstemp`/`mkdtemp` create 0600 files and 0700 folders; once renamed into place they are
+    the user's output, so give them the mode a plain `open`/`mkdir` would have (0666/0777 less the umask)."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())

@@ -1,0 +1,132 @@
+"""Training configuration: one frozen dataclass, read from a JSON file, then overridden by `--key value` flags.
+
+Defaults follow the paper (Algorithm 1, section 4.1) where it says something: 16 frames, frame interval
+3..10, text dropout 0.5; the rest (optimiser settings, EMA, warm-up) are ours and named here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # -- data ---------------------------------------------------------------------------------------
+    data_dir: str = "data"                      # videos + captions.jsonl (see train/data.py)
+    make_demo_data: bool = False                # write the demo dataset into data_dir if it is missing
+    demo_clips: int = 600
+    demo_seed: int = 0
+    num_frames: int = 16                        # frames per sample: z1 + (num_frames - 1) residual frames
+    frame_interval: tuple[int, int] = (3, 10)   # inclusive range of the random frame stride (paper 4.1)
+    height: int = 320
+    width: int = 512
+    text_dropout: float = 0.5                   # empty prompt with this probability (for guidance)
+    cache_latents: bool = False                 # encode every frame once (valid: the crop is deterministic)
+    # -- model --------------------------------------------------------------------------------------
+    init_from: str | None = None                # checkpoint folder to fine-tune; None: from scratch
+    unet: Mapping[str, Any] = field(default_factory=dict)          # UNetConfig fields (from scratch)
+    vae: Mapping[str, Any] = field(default_factory=dict)           # diffusers AutoencoderKL kwargs
+    text_encoder: Mapping[str, Any] = field(default_factory=dict)  # tiny CLIP: hidden, layers, heads
+    vae_steps: int = 0                          # autoencoder pre-training steps (from scratch only)
+    vae_lr: float = 1e-3
+    vae_batch: int = 32
+    vae_kl_weight: float = 1e-6
+    # Std of the scaled latents (sets the VAE's scaling_factor). Larger values shift the fixed linear noise
+    # schedule towards less noise, which tiny latents need: at 8x8 and std 1 the first DDIM steps amplify
+    # the UNet's eps error ~100x into its x0 estimate and sampling diverged (measured, issue 8).
+    latent_std: float = 1.0
+    # -- optimisation -------------------------------------------------------------------------------
+    steps: int = 1000
+    batch_size: int = 4                         # per rank
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100                     # linear warm-up, then constant (as the original's "warmup")
+    lr_schedule: str = "constant"               # after warm-up: "constant" or "cosine" (to 0 at `steps`)
+    grad_clip: float = 1.0
+    high_noise_weight: float = 0.0              # see loop.diffusion_loss; 0 is the paper's plain eps MSE
+    ema_decay: float = 0.9999
+    bf16: bool = True                           # bf16 autocast on CUDA (ignored on CPU)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    max_minutes: float = 0.0                    # stop (with a checkpoint) after this long; 0: no limit
+    threads: int = 0                            # torch CPU threads per rank; 0 keeps torch's default
+    # -- output -------------------------------------------------------------------------------------
+    output_dir: str = "runs/train"
+    save_every: int = 500
+    log_every: int = 10
+    resume: str | None = None                   # "auto" (latest in output_dir) or a checkpoint folder
+    export_dir: str | None = None               # final EMA weights in the released layout go here too
+    defaults: Mapping[str, Any] = field(default_factory=dict)      # extra keys for cinemo_rt.json
+
+    def __post_init__(self) -> None:
+        for name in ("frame_interval", "betas"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        lo, hi = self.frame_interval
+        if not 1 <= lo <= hi:
+            raise ValueError(f"frame_interval must be (min, max) with 1 <= min <= max; got {self.frame_interval}")
+        if self.num_frames < 2:
+            raise ValueError(f"num_frames must be >= 2 (z1 and at least one residual frame); got {self.num_frames}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine'; got {self.lr_schedule!r}")
+        if self.init_from is None and not self.unet:
+            raise ValueError("training from scratch needs a `unet` config; or set init_from to a checkpoint folder")
+
+    @property
+    def clip_span(self) -> int:
+        """Frames a clip must have for the largest interval: 1 + (num_frames - 1) * max interval."""
+        return 1 + (self.num_frames - 1) * self.frame_interval[1]
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> "TrainConfig":
+        values: dict[str, Any] = {}
+        if path:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        for key, value in parse_overrides(overrides).items():
+            if isinstance(value, dict) and isinstance(values.get(key), dict):
+                value = {**values[key], **value}  # --unet.layers_per_block 2 keeps the other unet keys
+            values[key] = value
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}; known: {sorted(names)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def parse_overrides(flags: Sequence[str]) -> dict[str, Any]:
+    """`--steps 10 --lr 3e-4 --resume auto --unet.layers_per_block 2` -> dict; values parsed as JSON when
+    they parse, else kept as strings. Dotted keys set one field of a nested mapping."""
+    out: dict[str, Any] = {}
+    items = list(flags)
+    i = 0
+    while i < len(items):
+        key = items[i]
+        if not key.startswith("--"):
+            raise ValueError(f"expected --key value, got {key!r}")
+        key = key[2:].replace("-", "_")
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(items):
+                raise ValueError(f"flag --{key} needs a value")
+            raw = items[i + 1]
+            i += 2
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if "." in key:
+            outer, inner = key.split(".", 1)
+            out.setdefault(outer, {})[inner] = value
+        else:
+            out[key] = value
+    return out
