@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
+
+from .pipeline import DEFAULTS_FILE
 
 log = logging.getLogger(__name__)
 
 DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "demo"
 EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "example.png"
+TINY_DEFAULTS = {"height": 128, "width": 192, "frames": 15}
 
 
 def _cache_dir() -> Path:
@@ -24,9 +28,11 @@ def default_checkpoint() -> Path:
         return DEMO_CHECKPOINT
     from .testing import make_tiny_checkpoint
 
-    folder = _cache_dir() / "tiny-random"
+    folder = _cache_dir() / "tiny-random-v2"
     if not (folder / "unet" / "config.json").is_file():
         make_tiny_checkpoint(folder, seed=0)
+        # A small default size keeps the untrained stand-in quick (seconds, not minutes, on a CPU).
+        (folder / DEFAULTS_FILE).write_text(json.dumps(TINY_DEFAULTS) + "\n")
     log.warning("the demo checkpoint is not bundled in this build; using an untrained tiny random "
                 "checkpoint (%s): the video will be noise", folder)
     return folder

@@ -92,3 +92,17 @@ def test_argument_errors_exit_2(flag, value, image_path, capsys):
         run(["--image", str(image_path), "--prompt", "x", flag, value])
     assert exit_info.value.code == 2
     assert flag.lstrip("-").split("-")[0] in capsys.readouterr().err
+
+
+def test_embedded_default_when_no_checkpoint(image_path, tmp_path, monkeypatch, caplog):
+    """No --checkpoint/--engines: the embedded default is used, and the user is told which one."""
+    import cinemo_rt.defaults as defaults
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(defaults, "DEMO_CHECKPOINT", tmp_path / "not-bundled")
+    out = tmp_path / "default.mp4"
+    with caplog.at_level("INFO"):
+        assert run(["--image", str(image_path), "--prompt", "pan left", "--steps", "2", "--frames", "2",
+                    "--seed", "0", "--out", str(out)]) == 0
+    assert "embedded demo checkpoint" in caplog.text and "untrained" in caplog.text
+    assert read_video(out).shape == (3, 128, 192, 3)  # the stand-in's own default size
