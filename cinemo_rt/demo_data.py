@@ -111,7 +111,7 @@ def _affine_frames(source: torch.Tensor, motion: str, speed: float, frames: int,
 
     A view covers `view` of the source (normalised coordinates); frame k is the view moved by k * speed."""
     k = torch.arange(frames, dtype=torch.float32)
-    zero, one = torch.zeros(frames), torch.ones(frames)
+    one = torch.ones(frames)
     step = speed * 2.0 * view  # fraction of the view width -> normalised source units
     dx = {"pan_left": -step, "pan_right": step}.get(motion, 0.0) * k
     dy = {"pan_up": -step, "pan_down": step}.get(motion, 0.0) * k

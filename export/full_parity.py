@@ -14,7 +14,6 @@ import json
 import logging
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 

@@ -25,10 +25,10 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from cinemo_rt.backends.tensorrt_backend import (
-    ENGINE_SUBDIR, TORCH_DTYPE_NAMES, EngineEntry, EngineKey, Platform, Profile, Shape, canonical_profiles,
+    ENGINE_SUBDIR, TORCH_DTYPE_NAMES, EngineEntry, EngineKey, Platform, Profile, canonical_profiles,
     file_sha256, read_engine_manifest, upsert_entry, write_engine_manifest,
 )
 

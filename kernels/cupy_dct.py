@@ -197,6 +197,17 @@ def _basis(n: int, dtype, transpose: bool, device_id: int, stream):
     return _BASES[key]
 
 
+def _empty_like(x, xc, torch_input: bool, cp):
+    """A fresh output of x's kind on its device: (its CuPy view, what the launcher returns)."""
+    if torch_input:
+        import torch
+
+        out = torch.empty_like(x)
+        return cp.from_dlpack(out), out
+    out = cp.empty_like(xc)
+    return out, out
+
+
 # ---------------------------------------------------------------------------------------------
 # Public launchers
 
@@ -217,15 +228,9 @@ def dct(x, axis: int, inverse: bool = False, stream=None):
         s = _stream(stream, torch_input, device_id)
         with s:
             xc = cp.from_dlpack(x) if torch_input else x
-            out_t = None
-            if torch_input:
-                import torch
-                out_t = torch.empty_like(x)
-                out_cp = cp.from_dlpack(out_t)
-            else:
-                out_cp = cp.empty_like(xc)
+            out_cp, out = _empty_like(x, xc, torch_input, cp)
             if xc.size == 0:
-                return out_t if torch_input else out_cp
+                return out
             plan = gemm_plan(tuple(xc.shape), axis, inverse)
             basis = _basis(xc.shape[axis], xc.dtype, plan.basis_transpose, device_id, s)
             a, b = (basis, xc) if plan.basis_is_a else (xc, basis)
@@ -235,7 +240,7 @@ def dct(x, axis: int, inverse: bool = False, stream=None):
                  (a, i64(plan.lda), i64(plan.stride_a), b, i64(plan.ldb), i64(plan.stride_b),
                   out_cp, i64(plan.ldc), i64(plan.stride_c), i32(plan.m), i32(plan.n), i32(plan.k),
                   i64(plan.batch)))
-    return out_t if torch_input else out_cp
+    return out
 
 
 def _dct_mix(z, noise, fraction: float, z_scale: float, noise_scale: float, stream, z_name: str):
@@ -261,15 +266,9 @@ def _dct_mix(z, noise, fraction: float, z_scale: float, noise_scale: float, stre
         with s:
             zc = cp.from_dlpack(z) if torch_input else z
             xc = cp.from_dlpack(noise) if torch_input else noise
-            out_t = None
-            if torch_input:
-                import torch
-                out_t = torch.empty_like(noise)
-                out_cp = cp.from_dlpack(out_t)
-            else:
-                out_cp = cp.empty_like(xc)
+            out_cp, out = _empty_like(noise, xc, torch_input, cp)
             if xc.size == 0:
-                return out_t if torch_input else out_cp
+                return out
             plan = init_plan(tuple(zc.shape), tuple(xc.shape), fraction, xc.dtype.itemsize)
             kern = _function(f"dct_init_{_SUFFIX[str(xc.dtype)]}", device_id)
             limit = cp.cuda.Device(device_id).attributes["MaxSharedMemoryPerBlockOptin"]
@@ -286,7 +285,7 @@ def _dct_mix(z, noise, fraction: float, z_scale: float, noise_scale: float, stre
                  (zc, i32(plan.z_frames), xc, out_cp, cp.int64(plan.bc), i32(f), i32(h), i32(w),
                   i32(plan.kh), i32(plan.kw), scalar(z_scale), scalar(noise_scale), i32(int(stage))),
                  shared_mem=smem)
-    return out_t if torch_input else out_cp
+    return out
 
 
 def dct_init_cuda(z1, noise, alpha_bar_tau, fraction: float = 0.23, stream=None):

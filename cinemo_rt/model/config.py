@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 # Values the released checkpoint uses for options we do not implement. A config that asks for anything
 # else is not Cinemo's architecture and is refused with a message naming the field.
