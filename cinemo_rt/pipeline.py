@@ -123,7 +123,9 @@ class Animator:
         a GPU and engines are present, ONNX Runtime otherwise (`backend` forces one)."""
         from .backends.select import open_engines
 
-        engine_backend, tokenizer = open_engines(folder, backend, resolve_device(device))
+        # device None stays None: each engine backend picks what it can run on (ORT without its CUDA
+        # provider runs on the CPU even where a GPU exists).
+        engine_backend, tokenizer = open_engines(folder, backend, None if device is None else resolve_device(device))
         return cls(engine_backend, tokenizer, Defaults.from_folder(folder))
 
     # -- the job --------------------------------------------------------------------------------------

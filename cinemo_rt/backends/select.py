@@ -15,7 +15,7 @@ from ..image import InputError
 log = logging.getLogger(__name__)
 
 
-def open_engines(folder, backend: str, device: torch.device):
+def open_engines(folder, backend: str, device: torch.device | None):
     """-> (backend, tokenizer) for a folder built by `python -m export.build_engines`.
 
     auto: TensorRT when the library, a GPU and engines for this GPU are present; ONNX Runtime otherwise."""
@@ -29,9 +29,10 @@ def open_engines(folder, backend: str, device: torch.device):
     if backend in ("auto", "tensorrt"):
         from .tensorrt_backend import TensorRTBackend, tensorrt_unavailable_reason
 
-        reason = tensorrt_unavailable_reason(folder, device)
+        trt_device = device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        reason = tensorrt_unavailable_reason(folder, trt_device)
         if reason is None:
-            return TensorRTBackend(folder, device=device), tokenizer
+            return TensorRTBackend(folder, device=trt_device), tokenizer
         if backend == "tensorrt":
             raise InputError(f"--backend tensorrt cannot run: {reason}")
         log.info("TensorRT not used: %s; falling back to ONNX Runtime", reason)
