@@ -33,17 +33,18 @@ def build_tiny_engines(ckpt, out, precision, **kw):
     return build(BuildOptions(checkpoint=Path(ckpt), out=Path(out), precision=precision, **ENGINE_SIZE, **kw))
 
 
+def _session_engines(tiny_checkpoint_dir, tmp_path_factory, precision):
+    pytest.importorskip("onnx_graphsurgeon")
+    out = tmp_path_factory.getbasetemp() / "engines" / precision
+    build_tiny_engines(tiny_checkpoint_dir, out, precision)
+    return out
+
+
 @pytest.fixture(scope="session")
 def engines_fp32(tiny_checkpoint_dir, tmp_path_factory):
-    pytest.importorskip("onnx_graphsurgeon")
-    out = tmp_path_factory.getbasetemp() / "engines" / "fp32"
-    build_tiny_engines(tiny_checkpoint_dir, out, "fp32")
-    return out
+    return _session_engines(tiny_checkpoint_dir, tmp_path_factory, "fp32")
 
 
 @pytest.fixture(scope="session")
 def engines_fp16(tiny_checkpoint_dir, tmp_path_factory):
-    pytest.importorskip("onnx_graphsurgeon")
-    out = tmp_path_factory.getbasetemp() / "engines" / "fp16"
-    build_tiny_engines(tiny_checkpoint_dir, out, "fp16")
-    return out
+    return _session_engines(tiny_checkpoint_dir, tmp_path_factory, "fp16")
