@@ -332,7 +332,7 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
 
     def loop():
         return sample(backend.unet, x_T, z1=z1_dev, text=text, text_uncond=text_uncond, motion_id=motion,
-                      steps=shape.steps, guidance=GUIDANCE)
+                      steps=shape.steps, guidance=GUIDANCE, prediction_type=backend.info.prediction_type)
 
     stage_fns = {
         "text_encode": lambda: backend.encode_text(ids),

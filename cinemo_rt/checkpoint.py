@@ -213,6 +213,10 @@ def load_checkpoint(folder: str | os.PathLike, device: str | torch.device | None
     text = _load_text_encoder(folder, problems)
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler_path.read_text()) if scheduler_path.is_file() else {}
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        problems.append(f"{scheduler_path}: prediction_type {prediction!r} is not supported; the sampler takes "
+                        "'epsilon' (Cinemo) or 'v_prediction'")
     if problems:
         raise CheckpointError(_format_problems(folder, problems))
 

@@ -165,7 +165,8 @@ class Animator:
             motion_ids = torch.full((1,), motion, dtype=torch.float32, device=device)
             x_0 = sample(self.backend.unet, x_T.to(device, dtype), z1=z1.to(device, dtype), text=text,
                          text_uncond=text_uncond, motion_id=motion_ids, steps=steps, guidance=guidance, eta=eta,
-                         generator=generator, callback=callback)
+                         generator=generator, callback=callback,
+                         prediction_type=self.backend.info.prediction_type)
         with timer.stage("6 decode"):
             latents = reconstruct(z1.to(x_0.dtype), x_0)
             chunk = DECODE_CHUNK if self.backend.info.temporal_vae else None

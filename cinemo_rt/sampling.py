@@ -6,7 +6,9 @@ the closure from Cinemo's UNet contract `unet_fn(x_t, t, text, z1, motion_id) ->
 (PyTorch, ONNX Runtime, TensorRT) only has to provide `unet_fn`.
 
 Settings in force in the original (`DDIMScheduler` as configured by Cinemo): epsilon prediction, no
-clipping or thresholding, final alpha = alphas_cumprod[0] (set_alpha_to_one=False), eta 0.
+clipping or thresholding, final alpha = alphas_cumprod[0] (set_alpha_to_one=False), eta 0. A checkpoint whose
+scheduler config says `"prediction_type": "v_prediction"` (the bundled demo model) returns v instead; the
+sampler turns it into eps once per step and the rest is unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import torch
 
 from .schedule import ddim_timesteps, make_schedule
 
-__all__ = ["ddim_timesteps", "ddim_step", "ddim_sample", "cfg_model_fn", "sample"]
+__all__ = ["ddim_timesteps", "ddim_step", "ddim_sample", "cfg_model_fn", "sample", "PREDICTION_TYPES"]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -77,6 +81,12 @@ def ddim_step(
     return x_prev
 
 
+def eps_from_v(v: torch.Tensor, x_t: torch.Tensor, a_t: float) -> torch.Tensor:
+    """v = sqrt(a) eps - sqrt(1 - a) x0 and x_t = sqrt(a) x0 + sqrt(1 - a) eps give eps = sqrt(a) v + sqrt(1 - a) x_t."""
+    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    return (torch.tensor(a_t**0.5, dtype=dtype) * v + torch.tensor((1.0 - a_t) ** 0.5, dtype=dtype) * x_t).to(x_t.dtype)
+
+
 def ddim_sample(
     model_fn: ModelFn,
     x_T: torch.Tensor,
@@ -86,11 +96,15 @@ def ddim_sample(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """Run DDIM from x_T over descending `timesteps` (Python ints); returns x_0 in x_T's dtype.
+    `model_fn` returns eps, or v where prediction_type is "v_prediction".
 
     Each step goes to the next listed timestep and the last one to t_prev = -1 (final alpha); for the
     'leading' spacing this equals diffusers' t - num_train_timesteps // steps. No host sync in the loop."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
     timesteps = [int(t) for t in timesteps]
     batch = x_T.shape[0]
     # All (B,) timestep tensors up front: the loop issues no host-to-device copies of its own.
@@ -99,6 +113,8 @@ def ddim_sample(
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         eps = model_fn(x_t, t_batches[i])
+        if prediction_type == "v_prediction":
+            eps = eps_from_v(eps, x_t, _alpha_bar(alphas_cumprod, t))
         x_t = ddim_step(eps, t, t_prev, x_t, alphas_cumprod, eta=eta, generator=generator)
         if callback is not None:
             callback(i, t, x_t)
@@ -149,6 +165,7 @@ def sample(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """Cinemo's denoising loop: DDIM with `steps` leading-spaced steps and CFG of scale `guidance`.
 
@@ -159,5 +176,6 @@ def sample(
     )
     timesteps = ddim_timesteps(steps).tolist()
     return ddim_sample(
-        model_fn, x_T, timesteps, make_schedule(), eta=eta, generator=generator, callback=callback
+        model_fn, x_T, timesteps, make_schedule(), eta=eta, generator=generator, callback=callback,
+        prediction_type=prediction_type,
     )

@@ -79,6 +79,17 @@ def test_missing_parts_listed_in_one_error(tiny_checkpoint_dir, tmp_path):
     assert "unet: no weights" in message and "tokenizer: missing" in message
 
 
+def test_unsupported_prediction_type_is_refused(tiny_checkpoint_dir, tmp_path):
+    import json
+
+    folder = tmp_path / "sample-pred"
+    shutil.copytree(tiny_checkpoint_dir, folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "prediction_type": "sample"}))
+    with pytest.raises(CheckpointError, match="prediction_type 'sample' is not supported"):
+        load_checkpoint(folder)
+
+
 def test_wrong_shape_and_unexpected_keys_reported(tiny_checkpoint_dir, tmp_path):
     from safetensors.torch import save_file
 

@@ -12,7 +12,7 @@ from cinemo_rt.schedule import add_noise, make_schedule
 SHAPE = (1, 4, 3, 4, 5)  # (B, C, F, h, w), tiny
 
 
-def reference_scheduler(alphas_cumprod: torch.Tensor | None = None) -> DDIMScheduler:
+def reference_scheduler(alphas_cumprod: torch.Tensor | None = None, prediction_type: str = "epsilon") -> DDIMScheduler:
     """DDIMScheduler as configured in Cinemo; optionally with our float64 table swapped in, so that the
     step arithmetic can be compared to float64 precision (diffusers builds its table in float32)."""
     sched = DDIMScheduler(
@@ -24,6 +24,7 @@ def reference_scheduler(alphas_cumprod: torch.Tensor | None = None) -> DDIMSched
         set_alpha_to_one=False,
         steps_offset=1,
         timestep_spacing="leading",
+        prediction_type=prediction_type,
     )
     if alphas_cumprod is not None:
         sched.alphas_cumprod = alphas_cumprod
@@ -115,6 +116,34 @@ def test_sample_matches_diffusers_cfg_loop():
         x_ref = sched.step(eps_u + g * (eps_c - eps_u), t, x_ref, eta=0.0).prev_sample
     ours = sample(unet_fn, x_T, z1=z1, text=text, text_uncond=text_u, motion_id=motion, steps=10, guidance=g)
     torch.testing.assert_close(ours, x_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_v_prediction_loop_matches_diffusers():
+    """A v-predicting model (the bundled demo checkpoint's scheduler config) through the same CFG loop."""
+    ac = make_schedule()
+    sched = reference_scheduler(ac, prediction_type="v_prediction")
+    sched.set_timesteps(12)
+    gen = torch.Generator().manual_seed(3)
+    x_T = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+    text, text_u = torch.randn(1, 77, 8, generator=gen, dtype=torch.float64), torch.zeros(1, 77, 8, dtype=torch.float64)
+    z1 = torch.randn(1, 4, 1, 4, 5, generator=gen, dtype=torch.float64)
+    motion = torch.tensor([90.0], dtype=torch.float64)
+
+    def unet_fn(x, t, txt, z, m):
+        return toy_eps(x, t) + txt.mean(dim=(1, 2))[:, None, None, None, None] * z
+
+    x_ref = x_T
+    for t in sched.timesteps:
+        v = unet_fn(torch.cat([x_ref] * 2), t.repeat(2), torch.cat([text_u, text]), torch.cat([z1] * 2),
+                    torch.cat([motion] * 2))
+        v_u, v_c = v.chunk(2)
+        x_ref = sched.step(v_u + 3.0 * (v_c - v_u), t, x_ref, eta=0.0).prev_sample
+    ours = sample(unet_fn, x_T, z1=z1, text=text, text_uncond=text_u, motion_id=motion, steps=12, guidance=3.0,
+                  prediction_type="v_prediction")
+    torch.testing.assert_close(ours, x_ref, rtol=1e-11, atol=1e-11)
+    with pytest.raises(ValueError, match="prediction_type"):
+        sample(unet_fn, x_T, z1=z1, text=text, text_uncond=text_u, motion_id=motion, steps=2,
+               prediction_type="sample")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

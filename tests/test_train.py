@@ -79,6 +79,34 @@ def test_training_step_lowers_loss_on_fixed_batch():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_v_prediction_target_and_saved_scheduler(tmp_path, tiny_data):
+    """v = sqrt(a) eps - sqrt(1 - a) M (Salimans & Ho); the saved scheduler config tells the sampler."""
+    g = torch.Generator().manual_seed(2)
+    z, noise = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 4, 2, 4, 4, generator=g)
+    t, alphas = torch.tensor([10, 900]), make_schedule()
+    seen = {}
+
+    def unet(m_t, t_, text, z1, motion):
+        seen["m_t"] = m_t
+        return torch.zeros_like(m_t)
+
+    loss = diffusion_loss(unet, z, None, None, t, noise, alphas, prediction_type="v_prediction")
+    a = alphas[t].view(-1, 1, 1, 1, 1).float()
+    residual = z[:, :, 1:] - z[:, :, :1]
+    v = a.sqrt() * noise - (1 - a).sqrt() * residual
+    torch.testing.assert_close(loss, v.square().mean(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(seen["m_t"], a.sqrt() * residual + (1 - a).sqrt() * noise, rtol=1e-6, atol=1e-6)
+
+    from cinemo_rt.backends.base import model_info
+    from cinemo_rt.checkpoint import load_checkpoint
+
+    train(_tiny_config(tmp_path, tiny_data, steps=2, prediction_type="v_prediction"))
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_000002")
+    assert model_info(ckpt).prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="prediction_type"):
+        _tiny_config(tmp_path, tiny_data, prediction_type="sample")
+
+
 def test_resume_gives_identical_next_steps(tmp_path, tiny_data):
     full = train(_tiny_config(tmp_path / "a", tiny_data))
     resumed = train(_tiny_config(tmp_path / "b", tiny_data,

@@ -21,6 +21,7 @@ class ModelInfo:
     text_dim: int = 768
     latent_channels: int = 4
     vae_factor: int = 8
+    prediction_type: str = "epsilon"  # what the UNet returns: "epsilon" (Cinemo) or "v_prediction"
 
 
 class Backend(Protocol):
@@ -50,4 +51,5 @@ def model_info(checkpoint) -> ModelInfo:
     vae, unet = checkpoint.vae, checkpoint.unet
     return ModelInfo(scaling_factor=vae.scaling_factor, temporal_vae=vae.temporal,
                      text_dim=unet.config.cross_attention_dim, latent_channels=unet.config.in_channels,
-                     vae_factor=2 ** (len(vae.model.config.block_out_channels) - 1))
+                     vae_factor=2 ** (len(vae.model.config.block_out_channels) - 1),
+                     prediction_type=checkpoint.scheduler_config.get("prediction_type", "epsilon"))

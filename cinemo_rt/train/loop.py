@@ -50,7 +50,7 @@ DEFAULTS_FILE = "cinemo_rt.json"  # the pipeline reads height / width / frames f
 # ---------------------------------------------------------------------------------------------
 def diffusion_loss(unet: nn.Module, z: torch.Tensor, text: torch.Tensor, motion_id: torch.Tensor,
                    t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
-                   high_noise_weight: float = 0.0) -> torch.Tensor:
+                   high_noise_weight: float = 0.0, prediction_type: str = "epsilon") -> torch.Tensor:
     """Algorithm 1, lines 5-8. z (B, 4, N, h, w) scaled latents of the N sampled frames; t (B,) long;
     noise (B, 4, N-1, h, w); text (B, 77, D); motion_id (B,). Returns the mean squared error on eps.
 
@@ -61,12 +61,21 @@ def diffusion_loss(unet: nn.Module, z: torch.Tensor, text: torch.Tensor, motion_
     residual = z[:, :, 1:] - z1  # (B, 4, N-1, h, w): M, the motion residuals (SPEC 6)
     alpha_bar_t = alphas_cumprod[t.cpu()].view(-1, 1, 1, 1, 1)  # float64
     m_t = add_noise(residual, noise, alpha_bar_t.to(residual.device))
-    eps = unet(m_t, t, text, z1, motion_id)  # the UNet forms cat([z1, z1 + M_t]) and drops frame 0
+    out = unet(m_t, t, text, z1, motion_id)  # the UNet forms cat([z1, z1 + M_t]) and drops frame 0
+    if prediction_type == "v_prediction":
+        a = alpha_bar_t.to(residual.device)
+        target = (a.sqrt() * noise - (1 - a).sqrt() * residual).to(noise.dtype)
+    else:
+        target = noise
     if high_noise_weight <= 0:
-        return F.mse_loss(eps.float(), noise.float())
-    per_sample = (eps.float() - noise.float()).square().flatten(1).mean(1)  # (B,)
+        return F.mse_loss(out.float(), target.float())
+    per_sample = (out.float() - target.float()).square().flatten(1).mean(1)  # (B,)
     inverse_snr = ((1 - alpha_bar_t) / alpha_bar_t).flatten().float().to(per_sample.device)
     return (per_sample * inverse_snr.clamp(1.0, high_noise_weight)).mean()
+
+
+def scheduler_config(cfg: TrainConfig) -> dict:
+    return {**default_scheduler_config(), "prediction_type": cfg.prediction_type}
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -165,7 +174,7 @@ def save_training_checkpoint(folder: Path, cfg: TrainConfig, models: Models, ema
     its presence marks a complete checkpoint). Every rank writes its RNG state beside it."""
     if info.is_main:
         save_checkpoint(folder, Checkpoint(unet=ema.model, vae=models.vae, text_encoder=models.text,
-                                           scheduler_config=default_scheduler_config()))
+                                           scheduler_config=scheduler_config(cfg)))
         write_defaults(folder, cfg, step)
     distributed.barrier(info)
     torch.save(_rng_state(generator), folder / f"rng_rank{info.rank}.pt")
@@ -334,7 +343,8 @@ def train(cfg: TrainConfig, device: str | None = None) -> dict:
         noise = torch.randn((z.shape[0], z.shape[1], z.shape[2] - 1, *z.shape[3:]), generator=generator)
         with autocast:
             loss = diffusion_loss(model, z, text, batch.motion_id.to(info.device), t.to(info.device),
-                                  noise.to(info.device), alphas_cumprod, cfg.high_noise_weight)
+                                  noise.to(info.device), alphas_cumprod, cfg.high_noise_weight,
+                                  cfg.prediction_type)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
@@ -367,7 +377,7 @@ def train(cfg: TrainConfig, device: str | None = None) -> dict:
     if cfg.export_dir and info.is_main:
         export = Path(cfg.export_dir)
         save_checkpoint(export, Checkpoint(unet=ema.model, vae=models.vae, text_encoder=models.text,
-                                           scheduler_config=default_scheduler_config()))
+                                           scheduler_config=scheduler_config(cfg)))
         write_defaults(export, cfg, step)
         log.info("exported EMA weights to %s", export)
     distributed.barrier(info)
