@@ -36,8 +36,8 @@ class TrainConfig:
     vae_batch: int = 32
     vae_kl_weight: float = 1e-6
     # Std of the scaled latents (sets the VAE's scaling_factor). Larger values shift the fixed linear noise
-    # schedule towards less noise, which tiny latents need: at 8x8 and std 1 the first DDIM steps amplify
-    # the UNet's eps error ~100x into its x0 estimate and sampling diverged (measured, issue 8).
+    # schedule towards less noise. With epsilon prediction, tiny 8x8 latents at std 1 diverged in sampling (the
+    # first DDIM steps amplify eps error ~100x into x0); v_prediction removes that, and the demo uses 3.
     latent_std: float = 1.0
     # -- optimisation -------------------------------------------------------------------------------
     steps: int = 1000
