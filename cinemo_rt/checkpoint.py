@@ -28,6 +28,7 @@ from torch import nn
 from .components import TextEncoder, VAE
 from .files import give_default_mode
 from .model import UNet3D, UNetConfig
+from .sampling import PREDICTION_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def load_checkpoint(folder: str | os.PathLike, device: str | torch.device | None
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler_path.read_text()) if scheduler_path.is_file() else {}
     prediction = scheduler_config.get("prediction_type", "epsilon")
-    if prediction not in ("epsilon", "v_prediction"):
+    if prediction not in PREDICTION_TYPES:
         problems.append(f"{scheduler_path}: prediction_type {prediction!r} is not supported; the sampler takes "
                         "'epsilon' (Cinemo) or 'v_prediction'")
     if problems:

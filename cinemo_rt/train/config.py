@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from ..sampling import PREDICTION_TYPES
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -74,7 +76,7 @@ class TrainConfig:
             raise ValueError(f"num_frames must be >= 2 (z1 and at least one residual frame); got {self.num_frames}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine'; got {self.lr_schedule!r}")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
+        if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction'; got {self.prediction_type!r}")
         if self.init_from is None and not self.unet:
             raise ValueError("training from scratch needs a `unet` config; or set init_from to a checkpoint folder")
