@@ -6,7 +6,9 @@
    bucket rises; Spearman rank correlation reported).
 2. Prompts steer direction: mean frame-to-frame displacement (phase correlation, sub-pixel) for "pan left"
    vs "pan right" and "pan up" vs "pan down"; the sign the training clips have for the same caption
-   (rendered from the same held-out images) is reported beside it.
+   (rendered from the same held-out images) is reported beside it. Each pair is also compared paired: the
+   same image and seed (so the same initial noise) with the two opposite prompts, the difference along the
+   pair's axis, its mean with a 95% interval and the share of pairs whose difference has the training sign.
 3. Frame 0 stays the input image: PSNR of output frame 0 against the preprocessed input, and the VAE's own
    round-trip PSNR (the ceiling, since frame 0 is decode(z1)).
 4. DCTInit on vs off: temporal smoothness (mean |x[t+1] - 2 x[t] + x[t-1]|, lower is smoother) and the
@@ -90,6 +92,17 @@ def jerk(frames: np.ndarray) -> float:
     return float(np.abs(x[2:] - 2 * x[1:-1] + x[:-2]).mean()) if len(x) > 2 else 0.0
 
 
+def paired_difference(a: list[float], b: list[float], expected_sign: float) -> dict:
+    """a[i] - b[i] for samples that differ only in the prompt: mean, a normal 95% interval of the mean, and
+    the share of differences with the expected sign."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    half = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("inf")
+    return {"mean_px_per_frame": round(float(d.mean()), 4),
+            "ci95": [round(float(d.mean() - half), 4), round(float(d.mean() + half), 4)],
+            "expected_sign": int(expected_sign), "sign_agreement": round(float(np.mean(np.sign(d) == expected_sign)), 3),
+            "n": int(len(d))}
+
+
 def spearman(x, y) -> float:
     from scipy.stats import spearmanr
 
@@ -113,6 +126,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--direction-seeds", type=int, default=8,
+                        help="seeds per image for the direction test (cheap, and its effect is small)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -152,13 +167,14 @@ def main() -> int:
                               "prompts": list(BUCKET_PROMPTS)}
 
     # 2. direction from the prompt
-    directions = {}
+    directions, per_sample, pairs = {}, {}, {}
+    direction_seeds = list(range(args.direction_seeds))
     for pair in DIRECTION_PAIRS:
         for prompt in pair:
             motion = prompt.replace(" ", "_")
             gen, ref = [], []
             for name, img in images.items():
-                for s in seeds:
+                for s in direction_seeds:
                     gen.append(mean_shift(run(img, prompt, DIRECTION_BUCKET, s)))
                 clip = render_clip(img, motion, 0.03, d.frames + 1, d.height, np.random.default_rng(0))
                 ref.append(mean_shift(clip))
@@ -169,7 +185,13 @@ def main() -> int:
                                   "generated_sign_agreement": round(float(np.mean(
                                       np.sign(values) == np.sign(np.mean([r[axis] for r in ref])))), 3),
                                   "training_clip_px_per_frame": round(float(np.mean([r[axis] for r in ref])), 4)}
-    results["direction"] = {"bucket": DIRECTION_BUCKET, "by_prompt": directions}
+            per_sample[prompt] = values
+        first, second = pair
+        training_sign = np.sign(directions[first]["training_clip_px_per_frame"]
+                                - directions[second]["training_clip_px_per_frame"])
+        pairs[f"{first} - {second}"] = paired_difference(per_sample[first], per_sample[second], training_sign)
+    results["direction"] = {"bucket": DIRECTION_BUCKET, "seeds": direction_seeds, "by_prompt": directions,
+                            "paired": pairs}
 
     # 3. frame 0 and 4. DCTInit
     frame0, vae_ceiling, dct = [], [], {"on": {"jerk": [], "drift_psnr": []}, "off": {"jerk": [], "drift_psnr": []}}
@@ -240,6 +262,13 @@ def report(r: dict) -> str:
     for p, v in r["direction"]["by_prompt"].items():
         lines.append(f"| {p} | {v['axis']} | {v['generated_mean_px_per_frame']:+.3f} | "
                      f"{100 * v['generated_sign_agreement']:.0f}% | {v['training_clip_px_per_frame']:+.3f} |")
+    lines += ["", f"Paired by image and seed (seeds {r['direction']['seeds']}; the same initial noise, only the "
+              "prompt differs):", "",
+              "| difference | mean px/frame | 95% interval | training sign | pairs with that sign |",
+              "|---|---|---|---|---|"]
+    for name, v in r["direction"]["paired"].items():
+        lines.append(f"| {name} | {v['mean_px_per_frame']:+.3f} | [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] | "
+                     f"{'+' if v['expected_sign'] > 0 else '-'} | {100 * v['sign_agreement']:.0f}% of {v['n']} |")
     lines += ["", "## 3. Frame 0 is the input", "",
               f"PSNR(frame 0, input) = {r['frame0']['psnr_db']:.2f} dB; the VAE round trip of the input "
               f"(posterior mean) gives {r['frame0']['vae_roundtrip_psnr_db']:.2f} dB.", "",

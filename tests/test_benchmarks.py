@@ -45,3 +45,24 @@ def test_full_size_without_gpu_exits_2(monkeypatch, capsys):
     monkeypatch.setattr(latency.torch.cuda, "is_available", lambda: False)
     assert latency.main([]) == latency.EXIT_NO_GPU
     assert "--tiny" in capsys.readouterr().err
+
+
+def test_controls_direction_measure_has_the_training_sign():
+    """benchmarks/controls.py measures direction by phase correlation: a rendered "pan left" clip (content
+    moves right) must read as +x, "pan down" as -y, and the paired statistics must count signs correctly."""
+    import numpy as np
+
+    import controls
+    from cinemo_rt.demo_data import drawn_scene, render_clip
+
+    image = controls.fit(drawn_scene(np.random.default_rng(5)), 32)
+    left = controls.mean_shift(render_clip(image, "pan_left", 0.03, 9, 32, np.random.default_rng(0)))
+    right = controls.mean_shift(render_clip(image, "pan_right", 0.03, 9, 32, np.random.default_rng(0)))
+    down = controls.mean_shift(render_clip(image, "pan_down", 0.03, 9, 32, np.random.default_rng(0)))
+    assert left[0] > 0.3 and right[0] < -0.3 and abs(left[1]) < 0.15, (left, right)
+    assert down[1] < -0.3 and abs(down[0]) < 0.15, down
+
+    stats = controls.paired_difference([1.0, 0.5, -0.1, 0.4], [0.0, 0.1, 0.0, 0.3], expected_sign=1)
+    assert stats["mean_px_per_frame"] == pytest.approx(0.35)
+    assert stats["sign_agreement"] == pytest.approx(0.75) and stats["n"] == 4
+    assert stats["ci95"][0] < 0.35 < stats["ci95"][1]
