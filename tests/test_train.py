@@ -106,6 +106,14 @@ def test_v_prediction_target_and_saved_scheduler(tmp_path, tiny_data):
     with pytest.raises(ValueError, match="prediction_type"):
         _tiny_config(tmp_path, tiny_data, prediction_type="sample")
 
+    # Fine-tuning with the target unset keeps the checkpoint's; resuming into another target is refused.
+    folder = str(tmp_path / "run" / "checkpoints" / "step_000002")
+    tuned = tmp_path / "tuned"
+    train(_tiny_config(tuned, tiny_data, steps=1, save_every=1, init_from=folder, unet={}, vae_steps=0))
+    assert model_info(load_checkpoint(tuned / "run" / "checkpoints" / "step_000001")).prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="resume with prediction_type 'v_prediction'"):
+        train(_tiny_config(tmp_path / "again", tiny_data, steps=3, resume=folder, prediction_type="epsilon"))
+
 
 def test_resume_gives_identical_next_steps(tmp_path, tiny_data):
     full = train(_tiny_config(tmp_path / "a", tiny_data))

@@ -50,7 +50,9 @@ class TrainConfig:
     warmup_steps: int = 100                     # linear warm-up, then constant (as the original's "warmup")
     lr_schedule: str = "constant"               # after warm-up: "constant" or "cosine" (to 0 at `steps`)
     grad_clip: float = 1.0
-    prediction_type: str = "epsilon"            # UNet target: "epsilon" (the paper) or "v_prediction"
+    # UNet target: "epsilon" (the paper) or "v_prediction". None: the checkpoint's own when fine-tuning or
+    # resuming, else epsilon.
+    prediction_type: str | None = None
     high_noise_weight: float = 0.0              # see loop.diffusion_loss; 0 is the paper's plain eps MSE
     ema_decay: float = 0.9999
     bf16: bool = True                           # bf16 autocast on CUDA (ignored on CPU)
@@ -76,7 +78,7 @@ class TrainConfig:
             raise ValueError(f"num_frames must be >= 2 (z1 and at least one residual frame); got {self.num_frames}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine'; got {self.lr_schedule!r}")
-        if self.prediction_type not in PREDICTION_TYPES:
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction'; got {self.prediction_type!r}")
         if self.init_from is None and not self.unet:
             raise ValueError("training from scratch needs a `unet` config; or set init_from to a checkpoint folder")

@@ -14,6 +14,7 @@ UNet) plus `training_state.pt` (raw UNet, EMA, optimiser, step, every RNG) for e
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -139,10 +140,16 @@ class Models:
     unet: UNet3D
     vae: VAE
     text: TextEncoder
+    prediction_type: str  # what the UNet is trained to predict (see resolve_prediction_type)
 
 
 def _rng_state(generator: torch.Generator) -> dict:
-    return {"generator": generator.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    """Every RNG the loop touches, as tensors and Python scalars only, so that resume can read it back with
+    torch.load(weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state(), "numpy": numpy_state,
             "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
@@ -150,7 +157,9 @@ def _rng_state(generator: torch.Generator) -> dict:
 def _set_rng_state(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -211,7 +220,9 @@ def build_models(cfg: TrainConfig, clips: VideoClips, resume: Path | None, gener
     source = resume or (Path(cfg.init_from) if cfg.init_from else None)
     if source is not None:
         ckpt = load_checkpoint(source)
-        return Models(unet=ckpt.unet, vae=ckpt.vae, text=ckpt.text_encoder)
+        stored = ckpt.scheduler_config.get("prediction_type", "epsilon")
+        return Models(unet=ckpt.unet, vae=ckpt.vae, text=ckpt.text_encoder,
+                      prediction_type=resolve_prediction_type(cfg.prediction_type, stored, source, resume is not None))
 
     out = Path(cfg.output_dir)
     words = sorted({w for e in read_captions(cfg.data_dir) for c in e["caption"] for w in c.lower().split()})
@@ -235,7 +246,22 @@ def build_models(cfg: TrainConfig, clips: VideoClips, resume: Path | None, gener
     # The motion embedding starts at zero (SPEC 3: add_embedding.linear_2 zero-initialised for training).
     nn.init.zeros_(unet.add_embedding.linear_2.weight)
     nn.init.zeros_(unet.add_embedding.linear_2.bias)
-    return Models(unet=unet, vae=vae, text=text)
+    return Models(unet=unet, vae=vae, text=text, prediction_type=cfg.prediction_type or "epsilon")
+
+
+def resolve_prediction_type(requested: str | None, stored: str, source: Path, resuming: bool) -> str:
+    """The target for a UNet loaded from `source`, whose scheduler config says `stored`. Unset: keep it.
+    Resuming with another target is refused (the optimiser state belongs to the old one); fine-tuning into
+    another target is allowed (as SD 2 turned epsilon weights into v) but said out loud."""
+    if requested is None or requested == stored:
+        return stored
+    if resuming:
+        raise ValueError(f"{source} was trained with prediction_type {stored!r} but the config asks for "
+                         f"{requested!r}; resume with prediction_type {stored!r} (or unset), or fine-tune with "
+                         f"init_from to change the target")
+    log.warning("fine-tuning %s (prediction_type %r) towards %r: the UNet's output changes meaning and needs "
+                "enough steps to re-learn it", source, stored, requested)
+    return requested
 
 
 class LatentSource:
@@ -303,6 +329,7 @@ def train(cfg: TrainConfig, device: str | None = None) -> dict:
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + info.rank)  # data, timesteps and noise
     clips = VideoClips(cfg.data_dir, cfg.height, cfg.width, cfg.num_frames, info.rank, info.world)
     models = build_models(cfg, clips, resume, generator, info)
+    cfg = dataclasses.replace(cfg, prediction_type=models.prediction_type)  # what the checkpoints will say
     unet = models.unet.to(info.device).train().requires_grad_(True)
     models.vae.model.to(info.device)
     models.text.model.to(info.device)
@@ -313,13 +340,13 @@ def train(cfg: TrainConfig, device: str | None = None) -> dict:
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg))
     step = 0
     if resume is not None:
-        state = torch.load(resume / STATE_FILE, map_location="cpu", weights_only=False)
+        state = torch.load(resume / STATE_FILE, map_location="cpu", weights_only=True)
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
         step = int(state["step"])
-        _set_rng_state(torch.load(resume / f"rng_rank{info.rank}.pt", weights_only=False), generator)
+        _set_rng_state(torch.load(resume / f"rng_rank{info.rank}.pt", weights_only=True), generator)
         log.info("resumed from %s at step %d", resume, step)
     model = DistributedDataParallel(unet) if info.enabled else unet
 
