@@ -39,7 +39,8 @@ class TrainConfig:
     vae_kl_weight: float = 1e-6
     # Std of the scaled latents (sets the VAE's scaling_factor). Larger values shift the fixed linear noise
     # schedule towards less noise. With epsilon prediction, tiny 8x8 latents at std 1 diverged in sampling (the
-    # first DDIM steps amplify eps error ~100x into x0); v_prediction removes that, and the demo uses 3.
+    # first DDIM steps amplify eps error ~100x into x0); v_prediction removes that. The demo uses 1: at 3 the
+    # noisy residuals give the direction away down to high t, and the prompt was learnt far more slowly.
     latent_std: float = 1.0
     # -- optimisation -------------------------------------------------------------------------------
     steps: int = 1000
