@@ -264,6 +264,8 @@ def write_checkpoint_folder(target: Path, build) -> None:
     try:
         give_default_mode(tmp)
         build(tmp)
+        for path in tmp.rglob("*"):
+            give_default_mode(path)  # safetensors writes its files 0600; the checkpoint is the user's to share
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -1,5 +1,6 @@
 """Checkpoint folders in the released layout: round trips, the bare cinemo.pt state dict, and errors."""
 
+import os
 import shutil
 
 import pytest
@@ -46,6 +47,11 @@ def test_sd_vae_alternative_round_trip(tmp_path):
     memory = make_tiny_components(seed=3, temporal_vae=False)
     save_checkpoint(tmp_path / "sd", memory)
     loaded = load_checkpoint(tmp_path / "sd")
+    # Every file gets the mode a plain open() would give it (safetensors writes 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "sd").rglob("*"):
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
     assert not loaded.vae.temporal and loaded.vae.rounding
     latents = torch.randn(1, 4, 3, 8, 8)
     assert torch.equal(loaded.vae.decode(latents), memory.vae.decode(latents))
