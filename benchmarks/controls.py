@@ -127,7 +127,7 @@ def main() -> int:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--direction-seeds", type=int, default=8,
-                        help="seeds per image for the direction test (cheap, and its effect is small)")
+                        help="seeds per image for the direction test; each seed pairs the two opposite prompts")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
