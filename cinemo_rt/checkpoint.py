@@ -28,7 +28,7 @@ from torch import nn
 from .components import TextEncoder, VAE
 from .files import give_default_mode
 from .model import UNet3D, UNetConfig
-from .sampling import PREDICTION_TYPES
+from .schedule import PREDICTION_TYPES
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from .errors import InputError
+
 MIN_SIDE = 32
-
-
-class InputError(ValueError):
-    """Bad user input; the message names the problem and the fix."""
 
 
 def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarray:

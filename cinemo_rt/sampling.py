@@ -1,14 +1,16 @@
-"""DDIM sampling and classifier-free guidance (SPEC section 1, steps 6-7).
+"""Samplers and classifier-free guidance (SPEC section 1, steps 6-7).
 
 Structure (k-diffusion style): one denoiser contract, `model_fn(x_t, t) -> eps` with x_t (B, 4, F, h, w)
-and t (B,) long. The sampler `ddim_sample` is a free function over such a closure; `cfg_model_fn` builds
-the closure from Cinemo's UNet contract `unet_fn(x_t, t, text, z1, motion_id) -> eps`, and any backend
-(PyTorch, ONNX Runtime, TensorRT) only has to provide `unet_fn`.
+and t (B,) long. Model functions are built by wrapping: `cfg_model_fn` turns Cinemo's UNet contract
+`unet_fn(x_t, t, text, z1, motion_id)` (any backend's `unet`) into one, `epsilon_model_fn` turns a
+v-predicting one into an eps-predicting one; further wrappers (step caching, guidance truncation) stack
+the same way. A sampler is a free function `(model_fn, x_T, steps, alphas_cumprod, *, eta, generator,
+callback) -> x_0` registered in `SAMPLERS`: DDIM (default, the original's) and DPM-Solver++(2M).
 
 Settings in force in the original (`DDIMScheduler` as configured by Cinemo): epsilon prediction, no
 clipping or thresholding, final alpha = alphas_cumprod[0] (set_alpha_to_one=False), eta 0. A checkpoint whose
 scheduler config says `"prediction_type": "v_prediction"` (the bundled demo model) returns v instead; the
-sampler turns it into eps once per step and the rest is unchanged.
+`epsilon_model_fn` wrapper converts it into eps and the samplers never see the difference.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .schedule import ddim_timesteps, make_schedule
+from .dpm_solver import dpmpp_2m_sample
+from .schedule import PREDICTION_TYPES, ddim_timesteps, make_schedule
 
-__all__ = ["ddim_timesteps", "ddim_step", "ddim_sample", "cfg_model_fn", "sample", "PREDICTION_TYPES"]
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+__all__ = ["ddim_timesteps", "ddim_step", "ddim_sample", "cfg_model_fn", "epsilon_model_fn", "sample",
+           "SAMPLERS", "PREDICTION_TYPES", "needs_unconditional"]
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -81,10 +83,22 @@ def ddim_step(
     return x_prev
 
 
-def eps_from_v(v: torch.Tensor, x_t: torch.Tensor, a_t: float) -> torch.Tensor:
-    """v = sqrt(a) eps - sqrt(1 - a) x0 and x_t = sqrt(a) x0 + sqrt(1 - a) eps give eps = sqrt(a) v + sqrt(1 - a) x_t."""
-    dtype = torch.promote_types(x_t.dtype, torch.float32)
-    return (torch.tensor(a_t**0.5, dtype=dtype) * v + torch.tensor((1.0 - a_t) ** 0.5, dtype=dtype) * x_t).to(x_t.dtype)
+def epsilon_model_fn(model_fn: ModelFn, prediction_type: str, alphas_cumprod: torch.Tensor) -> ModelFn:
+    """`model_fn` returning `prediction_type` -> a model function returning eps (the samplers' contract)."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
+    if prediction_type == "epsilon":
+        return model_fn
+    tables: dict[torch.device, torch.Tensor] = {}  # the float64 table, once per device
+
+    def eps_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        table = tables.setdefault(x_t.device, alphas_cumprod.to(x_t.device))
+        a_t = table[t].view(-1, *([1] * (x_t.dim() - 1)))  # (B, 1, 1, 1, 1) float64, no host sync
+        dtype = torch.promote_types(x_t.dtype, torch.float32)
+        v = model_fn(x_t, t)
+        return (a_t.sqrt().to(dtype) * v + (1.0 - a_t).sqrt().to(dtype) * x_t).to(x_t.dtype)
+
+    return eps_model
 
 
 def ddim_sample(
@@ -103,8 +117,7 @@ def ddim_sample(
 
     Each step goes to the next listed timestep and the last one to t_prev = -1 (final alpha); for the
     'leading' spacing this equals diffusers' t - num_train_timesteps // steps. No host sync in the loop."""
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
+    model_fn = epsilon_model_fn(model_fn, prediction_type, alphas_cumprod)
     timesteps = [int(t) for t in timesteps]
     batch = x_T.shape[0]
     # All (B,) timestep tensors up front: the loop issues no host-to-device copies of its own.
@@ -112,13 +125,26 @@ def ddim_sample(
     x_t = x_T
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        eps = model_fn(x_t, t_batches[i])
-        if prediction_type == "v_prediction":
-            eps = eps_from_v(eps, x_t, _alpha_bar(alphas_cumprod, t))
-        x_t = ddim_step(eps, t, t_prev, x_t, alphas_cumprod, eta=eta, generator=generator)
+        x_t = ddim_step(model_fn(x_t, t_batches[i]), t, t_prev, x_t, alphas_cumprod, eta=eta, generator=generator)
         if callback is not None:
             callback(i, t, x_t)
     return x_t
+
+
+def ddim(model_fn: ModelFn, x_T: torch.Tensor, steps: int, alphas_cumprod: torch.Tensor, *, eta: float = 0.0,
+         generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
+    """The original's sampler: DDIM over `steps` 'leading'-spaced timesteps."""
+    return ddim_sample(model_fn, x_T, ddim_timesteps(steps, len(alphas_cumprod)).tolist(), alphas_cumprod,
+                       eta=eta, generator=generator, callback=callback)
+
+
+# name -> sampler; `--sampler` choices and the request's validation read this.
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": ddim, "dpmpp-2m": dpmpp_2m_sample}
+
+
+def needs_unconditional(guidance: float) -> bool:
+    """Guidance 1 is eps_c exactly: no unconditional half is encoded or run."""
+    return guidance != 1.0
 
 
 def cfg_model_fn(
@@ -135,7 +161,7 @@ def cfg_model_fn(
     One doubled batch per call, unconditional half first (as `cat([negative, positive])` in the original);
     z1 and the motion id are in both halves: the image latent conditions the unconditional branch too.
     eps = eps_u + g * (eps_c - eps_u). With g == 1 that is eps_c, so the unconditional half is skipped."""
-    if guidance == 1.0:
+    if not needs_unconditional(guidance):
         return lambda x_t, t: unet_fn(x_t, t, text, z1, motion_id)
     if text_uncond is None:
         raise ValueError("classifier-free guidance (guidance != 1) needs text_uncond (the negative prompt)")
@@ -166,16 +192,17 @@ def sample(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     prediction_type: str = "epsilon",
+    sampler: str = "ddim",
 ) -> torch.Tensor:
-    """Cinemo's denoising loop: DDIM with `steps` leading-spaced steps and CFG of scale `guidance`.
+    """Cinemo's denoising loop: `sampler` (DDIM by default) with `steps` steps and CFG of scale `guidance`.
 
     x_T (B, 4, F, h, w) initial noise (DCTInit output); z1 (B, 4, 1, h, w); text, text_uncond
     (B, 77, D); motion_id (B,) float. Returns the residual latents x_0 (B, 4, F, h, w)."""
-    model_fn = cfg_model_fn(
-        unet_fn, text=text, text_uncond=text_uncond, z1=z1, motion_id=motion_id, guidance=guidance
-    )
-    timesteps = ddim_timesteps(steps).tolist()
-    return ddim_sample(
-        model_fn, x_T, timesteps, make_schedule(), eta=eta, generator=generator, callback=callback,
-        prediction_type=prediction_type,
-    )
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    alphas_cumprod = make_schedule()
+    model_fn = cfg_model_fn(unet_fn, text=text, text_uncond=text_uncond, z1=z1, motion_id=motion_id,
+                            guidance=guidance)
+    model_fn = epsilon_model_fn(model_fn, prediction_type, alphas_cumprod)
+    return SAMPLERS[sampler](model_fn, x_T, steps, alphas_cumprod, eta=eta, generator=generator,
+                             callback=callback)

@@ -11,6 +11,7 @@ import torch
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 1e-4
 BETA_END = 0.02
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a UNet may return (its scheduler config says which)
 
 
 def make_schedule(

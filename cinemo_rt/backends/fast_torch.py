@@ -40,6 +40,7 @@ from ..checkpoint import Checkpoint
 from ..model.attention import BasicTransformerBlock
 from ..model.config import ROTARY_DIM
 from ..model.unet import UNet3D, sinusoidal_embedding
+from ..residuals import frames_from_residuals
 from .torch_backend import TorchBackend
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,7 @@ class FastUNet(nn.Module):
         emb = u.time_embedding(t_emb) + u.add_embedding(m_emb)
         emb_act = F.silu(emb)
 
-        z1 = z1.to(dtype)
-        sample = torch.cat([z1, z1 + x_t.to(dtype)], dim=2)  # (B, 4, 1+F, h, w): residual formulation
+        sample = frames_from_residuals(z1.to(dtype), x_t.to(dtype))  # (B, 4, 1+F, h, w)
         frames = sample.shape[2]
         x = sample.permute(0, 2, 3, 4, 1).contiguous()  # (B, F, h, w, 4) token layout from here on
         consts = self._temporal_consts(frames, dtype, device)

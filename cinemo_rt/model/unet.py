@@ -13,6 +13,7 @@ from torch import nn
 from .attention import RotaryEmbedding, TemporalTables, relative_position_buckets
 from .blocks import DownBlock3D, UNetMidBlock3DCrossAttn, UpBlock3D, per_frame
 from .config import UNetConfig, as_config
+from ..residuals import frames_from_residuals
 
 
 def sinusoidal_embedding(values: torch.Tensor, dim: int, flip_sin_to_cos: bool = True,
@@ -131,8 +132,7 @@ class UNet3D(nn.Module):
         emb = self.time_embedding(t_emb) + self.add_embedding(m_emb)
 
         # Residual formulation: frames [z1, z1 + x_t], the first frame is conditioning only.
-        z1 = z1.to(dtype)
-        sample = torch.cat([z1, z1 + x_t.to(dtype)], dim=2)  # (B, 4, 1+F, h, w)
+        sample = frames_from_residuals(z1.to(dtype), x_t.to(dtype))  # (B, 4, 1+F, h, w)
         text = text.to(dtype)
         tables = self.temporal_tables(sample.shape[2], dtype)
 

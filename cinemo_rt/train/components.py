@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..components import TextEncoder
-from ..testing import tiny_text_encoder, write_tokenizer
+from ..small_clip import tiny_text_encoder, write_tokenizer
 from .data import to_model_pixels
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from ..sampling import PREDICTION_TYPES
+from ..schedule import PREDICTION_TYPES
 
 
 @dataclass(frozen=True)

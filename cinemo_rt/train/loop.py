@@ -34,6 +34,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoint import Checkpoint, default_scheduler_config, load_checkpoint, save_checkpoint
 from ..components import TextEncoder, VAE
 from ..model import UNet3D, UNetConfig
+from ..residuals import residuals_from_frames
+from ..settings import SIZE_FILE
 from ..schedule import NUM_TRAIN_TIMESTEPS, add_noise, make_schedule
 from . import dist as distributed
 from .components import build_text_encoder, build_vae, pretrain_vae, with_scaling_factor
@@ -43,7 +45,6 @@ from .data import VideoClips, read_captions, to_model_pixels
 log = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
-DEFAULTS_FILE = "cinemo_rt.json"  # the pipeline reads height / width / frames from it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,8 +59,7 @@ def diffusion_loss(unet: nn.Module, z: torch.Tensor, text: torch.Tensor, motion_
     high_noise_weight = W > 0 weights each sample by clamp((1 - a_t) / a_t, 1, W): the eps error's weight
     in the error of DDIM's predicted x0 (x0 error = sqrt((1 - a_t) / a_t) eps error), capped. The paper's
     objective is W = 0 (plain eps MSE)."""
-    z1 = z[:, :, :1]  # (B, 4, 1, h, w)
-    residual = z[:, :, 1:] - z1  # (B, 4, N-1, h, w): M, the motion residuals (SPEC 6)
+    z1, residual = residuals_from_frames(z)  # (B, 4, 1, h, w), M (B, 4, N-1, h, w)
     alpha_bar_t = alphas_cumprod[t.cpu()].view(-1, 1, 1, 1, 1)  # float64
     m_t = add_noise(residual, noise, alpha_bar_t.to(residual.device))
     out = unet(m_t, t, text, z1, motion_id)  # the UNet forms cat([z1, z1 + M_t]) and drops frame 0
@@ -173,7 +173,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 def write_defaults(folder: Path, cfg: TrainConfig, step: int) -> None:
     data = {"height": cfg.height, "width": cfg.width, "frames": cfg.num_frames - 1, **dict(cfg.defaults),
             "trained_steps": step}
-    (folder / DEFAULTS_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    (folder / SIZE_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def save_training_checkpoint(folder: Path, cfg: TrainConfig, models: Models, ema: EMA, optimizer,

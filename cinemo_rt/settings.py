@@ -1,0 +1,34 @@
+"""Facts of the released pipeline that the runtime, the export and the training all need, written once."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SIZE_FILE = "cinemo_rt.json"  # optional per-folder default size: {"height", "width", "frames"}
+DECODE_CHUNK = 14  # frames the temporal VAE decoder sees at a time, as the reference (14 + 2 for 16)
+DCT_FRACTION = 0.23  # DCTInit's low-pass box, a fraction of each spatial side (SPEC 2)
+DCT_TAU = 975  # DCTInit's noise level of the low frequencies kept from z1 (SPEC 2)
+
+
+@dataclass(frozen=True)
+class Size:
+    """Output size: height x width pixels and *generated* frames (the video has frames + 1, z1 first)."""
+
+    height: int = 320
+    width: int = 512
+    frames: int = 15
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike | None) -> "Size":
+        """The folder's `cinemo_rt.json` (a checkpoint's or an engines folder's), else the released size."""
+        path = Path(folder) / SIZE_FILE if folder else None
+        if path is None or not path.is_file():
+            return cls()
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(**{k: int(v) for k, v in data.items() if k in ("height", "width", "frames")})
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
