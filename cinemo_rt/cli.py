@@ -13,6 +13,11 @@ from pathlib import Path
 
 log = logging.getLogger("cinemo_rt")
 
+from .backends.registry import BACKENDS, CHOICES
+from .request import Request
+from .samplers import SAMPLERS
+from .settings import DCT_FRACTION, DCT_TAU
+
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -50,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     motion.add_argument("--motion-id", type=float, default=None,
                         help="raw motion id for other checkpoints (the released model uses 99 - bucket)")
     run.add_argument("--negative-prompt", default="", help="what to steer away from (default empty)")
-    run.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
-    run.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
+    run.add_argument("--steps", type=_positive_int, default=Request.steps, help="sampling steps (default 50)")
+    run.add_argument("--sampler", choices=tuple(SAMPLERS), default=Request.sampler,
+                     help="ddim (default, the original's) or dpmpp-2m (DPM-Solver++(2M): fewer steps)")
+    run.add_argument("--guidance", type=float, default=Request.guidance,
+                     help="classifier-free guidance scale (1 = off)")
     run.add_argument("--seed", type=int, default=None, help="random seed (bit-reproducible per backend)")
     run.add_argument("--frames", type=_positive_int, default=None, help="frames to generate (default: model's)")
     run.add_argument("--height", type=_positive_int, default=None, help="output height, divisible by 8")
@@ -59,12 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--segments", type=_positive_int, default=1,
                      help="chain N segments, each starting from the previous last frame")
     run.add_argument("--no-dct", action="store_true", help="plain Gaussian initial noise instead of DCTInit")
-    run.add_argument("--dct-fraction", type=float, default=0.23, help="DCTInit low-pass box fraction")
-    run.add_argument("--dct-tau", type=int, default=975, help="DCTInit noise level of the kept frequencies")
+    run.add_argument("--dct-fraction", type=float, default=DCT_FRACTION, help="DCTInit low-pass box fraction")
+    run.add_argument("--dct-tau", type=int, default=DCT_TAU, help="DCTInit noise level of the kept frequencies")
     source = run.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", default=None, help="checkpoint folder in the released layout")
     source.add_argument("--engines", default=None, help="folder built by `python -m export.build_engines`")
-    run.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch", "torch-fast"), default="auto")
+    run.add_argument("--backend", choices=CHOICES, default="auto",
+                     help="; ".join(f"{e.name}: {e.summary} ({e.source})" for e in BACKENDS.values()))
     run.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     run.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                      help="PyTorch backend precision (default fp16 on CUDA, fp32 on CPU)")
@@ -97,18 +106,22 @@ def _open_animator(args):
     from .pipeline import Animator
 
     if args.engines:
-        backend = "auto" if args.backend in ("torch", "torch-fast") else args.backend
-        return Animator.from_engines(args.engines, backend=backend, device=args.device)
-    if args.backend in ("tensorrt", "onnxruntime"):
-        from .image import InputError
-
-        raise InputError(f"--backend {args.backend} runs exported graphs: pass --engines DIR "
-                         "(build it with `python -m export.build_engines`)")
+        return Animator.from_engines(args.engines, backend=args.backend, device=args.device)
     folder = args.checkpoint
     if folder is None:
         folder = default_checkpoint()
         log.info("no --checkpoint or --engines given: using the embedded demo checkpoint %s", folder)
     return Animator.from_checkpoint(folder, backend=args.backend, device=args.device, dtype=args.dtype)
+
+
+def build_request(args):
+    """The one place the CLI's flags become a `Request`."""
+    from .request import DCTInit
+
+    return Request.create(args.prompt, None if args.motion_id is not None else args.bucket, args.motion_id,
+                          negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                          frames=args.frames, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                          sampler=args.sampler, dct=None if args.no_dct else DCTInit(args.dct_fraction, args.dct_tau))
 
 
 def cmd_run(args) -> int:
@@ -119,18 +132,12 @@ def cmd_run(args) -> int:
 
     _check_output(args)
     image = load_image(args.image)  # validated before any model is loaded
+    request = build_request(args)
     animator = _open_animator(args)
     log.info("backend: %s on %s (%s)", animator.backend.name, animator.backend.device,
              str(animator.backend.dtype).removeprefix("torch."))
-    total = args.steps * args.segments
-    with tqdm(total=total, desc="denoising", unit="step", disable=None) as bar:
-        options = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                       height=args.height, width=args.width, frames=args.frames, motion_id=args.motion_id,
-                       use_dct=not args.no_dct, dct_fraction=args.dct_fraction, dct_tau=args.dct_tau,
-                       callback=lambda i, t, x: bar.update(1))
-        bucket = None if args.motion_id is not None else args.bucket
-        video = animator.animate_segments(image, args.prompt, args.segments, seed=args.seed, bucket=bucket,
-                                          **options)
+    with tqdm(total=request.steps * args.segments, desc="denoising", unit="step", disable=None) as bar:
+        video = animator.run_segments(image, request, args.segments, callback=lambda i, t, x: bar.update(1))
     path = write_video(video, args.out, fps=args.fps, format=args.format)
     for stage, seconds in animator.last_timings.items():
         log.info("  %-16s %8.3f s", stage, seconds)
@@ -140,7 +147,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .backends.select import backend_report
+    from .backends.registry import backend_report
 
     for line in backend_report():
         print(line)
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     from .checkpoint import CheckpointError
-    from .image import InputError
+    from .errors import InputError
     from .video import OutputError
 
     try:

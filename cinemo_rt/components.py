@@ -19,7 +19,8 @@ TEXT_LENGTH = 77  # CLIP's context length; Cinemo pads every prompt to it
 
 @dataclass
 class VAE:
-    """Posterior moments for encoding, chunked decoding, in the released conventions.
+    """The VAE and what the pipeline must know of it; its graphs are `cinemo_rt.graphs`' VAE encoder and
+    decoder, and the decode policy (scaling, chunks) is `cinemo_rt.stages.decode_latents`.
 
     `temporal=True` is the SVD `AutoencoderKLTemporalDecoder` (default in the release): chunks of 14 frames,
     each decoded with `num_frames` = chunk length, uint8 by truncation. `temporal=False` is the SD
@@ -62,27 +63,6 @@ class VAE:
         dtype = next(encoder.parameters()).dtype
         posterior = encoder.encode(image.to(self.device, dtype)).latent_dist
         return posterior.mean, posterior.std
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, chunk: int | None = 14) -> torch.Tensor:
-        """Scaled latents (B, 4, F, h, w) -> images (B, 3, F, H, W) in about [-1, 1].
-
-        The temporal decoder sees `chunk` frames at a time, exactly as the reference (14 + 2 for 16 frames):
-        its temporal layers never look across a chunk boundary."""
-        b, c, f, h, w = latents.shape
-        flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(self.device, self.dtype)
-        flat = flat / self.scaling_factor
-        if not self.temporal:
-            images = self.model.decode(flat).sample
-        else:
-            step = chunk or f
-            parts = []
-            for start in range(0, b * f, step):
-                part = flat[start:start + step]
-                parts.append(self.model.decode(part, num_frames=part.shape[0]).sample)
-            images = torch.cat(parts)
-        _, c_out, hh, ww = images.shape
-        return images.view(b, f, c_out, hh, ww).permute(0, 2, 1, 3, 4)
 
 
 def images_to_uint8(images: torch.Tensor, rounding: bool = False) -> torch.Tensor:

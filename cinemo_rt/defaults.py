@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from .pipeline import DEFAULTS_FILE
+from .settings import SIZE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def default_checkpoint() -> Path:
     if not (folder / "unet" / "config.json").is_file():
         make_tiny_checkpoint(folder, seed=0)
         # A small default size keeps the untrained stand-in quick (seconds, not minutes, on a CPU).
-        (folder / DEFAULTS_FILE).write_text(json.dumps(TINY_DEFAULTS) + "\n")
+        (folder / SIZE_FILE).write_text(json.dumps(TINY_DEFAULTS) + "\n")
     log.warning("the demo checkpoint is not bundled in this build; using an untrained tiny random "
                 "checkpoint (%s): the video will be noise", folder)
     return folder

@@ -1,53 +1,34 @@
-"""The animation pipeline: image + prompt + motion bucket -> 16 uint8 frames (SPEC section 1).
+"""The animation pipeline: image + request -> 16 uint8 frames (SPEC section 1).
 
-Orchestration reads as numbered stages, each a call; the backend (PyTorch, ONNX Runtime, TensorRT) is
-chosen once, when the `Animator` is built, and the denoising loop only sees its UNet function.
+`Animator.run(image, request)` reads as numbered stages, each a call into `cinemo_rt.stages`; the backend
+(PyTorch, ONNX Runtime, TensorRT) is chosen once, when the `Animator` is built (`backends.registry`), and
+the denoising loop only sees its UNet function. `Animator.__call__` keeps the loose-keyword API as a thin
+layer that builds a `Request`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
+import dataclasses
 import os
-import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from . import stages
 from .backends.base import Backend
-from .components import images_to_uint8, tokenize
 from .dctinit import select_dct_init
-from .image import InputError, load_image, preprocess
-from .motion import bucket_to_motion_id
-from .sampling import sample
+from .errors import InputError
+from .image import load_image, preprocess
+from .request import DCTInit, Request
+from .residuals import frames_from_residuals
 from .schedule import make_schedule
+from .settings import DCT_FRACTION, DCT_TAU, Size
 
-log = logging.getLogger(__name__)
-
-DCT_TAU = 975  # noise level of the low frequencies kept from z1 (SPEC 2)
-DCT_FRACTION = 0.23
-DECODE_CHUNK = 14
-DEFAULTS_FILE = "cinemo_rt.json"  # optional per-checkpoint defaults: {"height", "width", "frames"}
-
-
-@dataclass(frozen=True)
-class Defaults:
-    height: int = 320
-    width: int = 512
-    frames: int = 15
-
-    @classmethod
-    def from_folder(cls, folder: str | os.PathLike | None) -> "Defaults":
-        path = Path(folder) / DEFAULTS_FILE if folder else None
-        if path is None or not path.is_file():
-            return cls()
-        data = json.loads(path.read_text())
-        return cls(**{k: int(v) for k, v in data.items() if k in ("height", "width", "frames")})
+Defaults = Size  # the name this class had before issue 14
 
 
 @dataclass
@@ -66,31 +47,10 @@ class StageTimer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device} was asked for but CUDA is not available; use --device cpu")
-    return device
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32  # fp16 as the original, on GPUs
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if dtype not in names:
-        raise InputError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16")
-    return names[dtype]
-
-
 class Animator:
     """`Animator.from_checkpoint(folder)(image, prompt, bucket)` -> uint8 video (frames + 1, H, W, 3)."""
 
-    def __init__(self, backend: Backend, tokenizer, defaults: Defaults = Defaults()):
+    def __init__(self, backend: Backend, tokenizer, defaults: Size = Size()):
         self.backend = backend
         self.tokenizer = tokenizer
         self.defaults = defaults
@@ -102,120 +62,87 @@ class Animator:
     @classmethod
     def from_checkpoint(cls, folder: str | os.PathLike, backend: str = "auto", device=None, dtype=None,
                         **load_options) -> "Animator":
-        """A PyTorch backend over a checkpoint folder in the released layout: "torch" is the reference,
-        "torch-fast" the optimised path (issue 7). "auto" is the reference for now: the fast path's CUDA
-        graphs and compile have passed CPU parity only, and become the CUDA default once measured on a GPU."""
-        from .checkpoint import load_checkpoint
+        """A PyTorch backend over a checkpoint folder in the released layout ("torch", "torch-fast")."""
+        from .backends.registry import open_checkpoint
 
-        if backend not in ("auto", "torch", "torch-fast"):
-            raise InputError(f"backend {backend!r} runs exported engines: use Animator.from_engines / --engines DIR")
-        device = resolve_device(device)
-        checkpoint = load_checkpoint(folder, device=device, dtype=resolve_dtype(dtype, device), **load_options)
-        if backend == "torch-fast":
-            from .backends.fast_torch import FastTorchBackend as chosen
-        else:
-            from .backends.torch_backend import TorchBackend as chosen
-        return cls(chosen(checkpoint), checkpoint.text_encoder.tokenizer, Defaults.from_folder(folder))
+        opened, tokenizer = open_checkpoint(folder, backend, device, dtype, **load_options)
+        return cls(opened, tokenizer, Size.from_folder(folder))
 
     @classmethod
     def from_engines(cls, folder: str | os.PathLike, backend: str = "auto", device=None, dtype=None) -> "Animator":
         """Exported graphs / engines built by `python -m export.build_engines`: TensorRT when its library,
         a GPU and engines are present, ONNX Runtime otherwise (`backend` forces one)."""
-        from .backends.select import open_engines
+        from .backends.registry import open_engines
 
-        # device None stays None: each engine backend picks what it can run on (ORT without its CUDA
-        # provider runs on the CPU even where a GPU exists).
-        engine_backend, tokenizer = open_engines(folder, backend, None if device is None else resolve_device(device))
-        return cls(engine_backend, tokenizer, Defaults.from_folder(folder))
+        opened, tokenizer = open_engines(folder, backend, device)
+        return cls(opened, tokenizer, Size.from_folder(folder))
 
     # -- the job --------------------------------------------------------------------------------------
+    def run(self, image, request: Request, callback: Callable[[int, int, torch.Tensor], None] | None = None
+            ) -> np.ndarray:
+        request = request.resolve(self.defaults)
+        generator = torch.Generator("cpu").manual_seed(request.seed)  # one CPU stream of draws: reproducible
+        backend = self.backend
+        timer = StageTimer(backend.device)
+        with timer.stage("1 preprocess"):
+            pixels = preprocess(load_image(image), request.height, request.width)
+        with timer.stage("2 encode image"):
+            z1 = stages.encode_z1(backend, pixels, generator)
+        with timer.stage("3 encode text"):
+            text, text_uncond = stages.encode_prompts(backend, self.tokenizer, request.prompt,
+                                                      request.negative_prompt, request.guidance)
+            conditioning = stages.Conditioning(z1, text, text_uncond, stages.motion_ids(backend, request))
+        with timer.stage("4 initial noise"):
+            x_T = self.initial_noise(z1, request.frames, generator, request.dct)
+        with timer.stage("5 denoise"):
+            x_0 = stages.denoise(backend, conditioning, x_T, request, generator, callback)
+        with timer.stage("6 decode"):
+            images = stages.decode_latents(backend, frames_from_residuals(z1.to(x_0.dtype), x_0))
+        with timer.stage("7 to uint8"):
+            video = stages.to_uint8(backend, images)[0].cpu().numpy()
+        self.last_timings = timer.seconds
+        return video
+
     def __call__(self, image, prompt: str, bucket: int | None = 9, *, negative_prompt: str = "", steps: int = 50,
                  guidance: float = 7.5, seed: int | None = None, height: int | None = None,
                  width: int | None = None, frames: int | None = None, motion_id: float | None = None,
                  use_dct: bool = True, dct_fraction: float = DCT_FRACTION, dct_tau: int = DCT_TAU,
-                 eta: float = 0.0, callback: Callable[[int, int, torch.Tensor], None] | None = None) -> np.ndarray:
-        height = height or self.defaults.height
-        width = width or self.defaults.width
-        frames = frames or self.defaults.frames
-        motion = float(motion_id) if motion_id is not None else bucket_to_motion_id(bucket)
-        if steps < 1:
-            raise InputError(f"steps must be at least 1; got {steps}")
-        if frames < 1:
-            raise InputError(f"frames must be at least 1; got {frames}")
-        if not 0 < dct_fraction <= 1 or not 0 <= dct_tau < len(self.alphas_cumprod):
-            raise InputError("DCTInit fraction must be in (0, 1] and tau in 0..999")
-        if not prompt or not prompt.strip():
-            log.warning("empty prompt: the animation is guided by the image and motion bucket only")
-        if seed is None:
-            seed = random.SystemRandom().randrange(2**31)
-            log.info("seed %d (pass --seed %d to reproduce this video)", seed, seed)
-        generator = torch.Generator("cpu").manual_seed(seed)  # one CPU stream of draws: bit-reproducible
-        timer = StageTimer(self.backend.device)
+                 eta: float = 0.0, sampler: str = "ddim",
+                 callback: Callable[[int, int, torch.Tensor], None] | None = None) -> np.ndarray:
+        """The keyword API: builds a `Request` and runs it."""
+        request = Request.create(prompt, bucket, motion_id, negative_prompt=negative_prompt, steps=steps,
+                                 guidance=guidance, seed=seed, height=height, width=width, frames=frames,
+                                 eta=eta, sampler=sampler, dct=DCTInit(dct_fraction, dct_tau) if use_dct else None)
+        return self.run(image, request, callback)
 
-        with timer.stage("1 preprocess"):
-            pixels = preprocess(load_image(image), height, width)
-        with timer.stage("2 encode image"):
-            z1 = self.encode_z1(pixels, generator)
-        with timer.stage("3 encode text"):
-            text, text_uncond = self.encode_prompts(prompt, negative_prompt, guidance)
-        with timer.stage("4 initial noise"):
-            x_T = self.initial_noise(z1, frames, generator, use_dct, dct_fraction, dct_tau)
-        with timer.stage("5 denoise"):
-            dtype, device = self.backend.dtype, self.backend.device
-            motion_ids = torch.full((1,), motion, dtype=torch.float32, device=device)
-            x_0 = sample(self.backend.unet, x_T.to(device, dtype), z1=z1.to(device, dtype), text=text,
-                         text_uncond=text_uncond, motion_id=motion_ids, steps=steps, guidance=guidance, eta=eta,
-                         generator=generator, callback=callback,
-                         prediction_type=self.backend.info.prediction_type)
-        with timer.stage("6 decode"):
-            latents = reconstruct(z1.to(x_0.dtype), x_0)
-            chunk = DECODE_CHUNK if self.backend.info.temporal_vae else None
-            images = self.backend.decode(latents, chunk=chunk)
-        with timer.stage("7 to uint8"):
-            video = images_to_uint8(images, rounding=not self.backend.info.temporal_vae)[0].cpu().numpy()
-        self.last_timings = timer.seconds
-        return video
-
-    # -- stages -----------------------------------------------------------------------------------------
+    # -- stages, bound to this animator (tests and tools call them) ------------------------------------
     def encode_z1(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Posterior *sample* (as the reference's `.sample()`), scaled: (1, 4, 1, h, w)."""
-        mean, std = self.backend.encode_image(pixels.to(self.backend.device))
-        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-        return ((mean + std * eps) * self.backend.info.scaling_factor).unsqueeze(2)
+        return stages.encode_z1(self.backend, pixels, generator)
 
     def encode_prompts(self, prompt: str, negative_prompt: str, guidance: float):
-        """-> (text, text_uncond) each (1, 77, D); uncond is None when guidance is 1 (no CFG)."""
-        prompts = [prompt] if guidance == 1.0 else [negative_prompt or "", prompt]
-        ids, _ = tokenize(self.tokenizer, prompts)
-        embeddings = self.backend.encode_text(ids).to(self.backend.dtype)
-        if guidance == 1.0:
-            return embeddings, None
-        return embeddings[1:], embeddings[:1]
+        return stages.encode_prompts(self.backend, self.tokenizer, prompt, negative_prompt, guidance)
 
-    def initial_noise(self, z1: torch.Tensor, frames: int, generator: torch.Generator, use_dct: bool,
-                      fraction: float, tau: int) -> torch.Tensor:
-        b, c, _, h, w = z1.shape
-        # Drawn on the CPU generator whatever the device, so a seed means the same video everywhere.
-        noise = torch.randn((b, c, frames, h, w), generator=generator, dtype=torch.float32).to(z1.device)
-        if not use_dct:
-            return noise
-        return self.dct_init(z1.float(), noise, float(self.alphas_cumprod[tau]), fraction)
+    def initial_noise(self, z1: torch.Tensor, frames: int, generator: torch.Generator,
+                      dct: DCTInit | None = DCTInit()) -> torch.Tensor:
+        return stages.initial_noise(z1, frames, generator, dct, self.dct_init, self.alphas_cumprod)
 
     # -- long videos ------------------------------------------------------------------------------------
     def animate_segments(self, image, prompt: str, segments: int, *, seed: int | None = None,
-                         **options) -> np.ndarray:
+                         callback=None, **options) -> np.ndarray:
         """Chain `segments` animations, the last frame of one becoming the input of the next (the authors'
         answer to requests for longer videos, Cinemo issues #9, #13, #14). Returns all frames, the shared
-        boundary frames once."""
+        boundary frames once. `options` are `__call__`'s keywords."""
         if segments < 1:
             raise InputError(f"segments must be at least 1; got {segments}")
-        if seed is None:
-            seed = random.SystemRandom().randrange(2**31)
-            log.info("seed %d (pass --seed %d to reproduce this video)", seed, seed)
+        request = Request.create(prompt, seed=seed, **_request_fields(options)).resolve(self.defaults)
+        return self.run_segments(image, request, segments, callback)
+
+    def run_segments(self, image, request: Request, segments: int, callback=None) -> np.ndarray:
         parts, timings = [], {}
         current = image
+        request = request.resolve(self.defaults)
         for index in range(segments):
-            video = self(current, prompt, seed=seed + index, **options)
+            video = self.run(current, dataclasses.replace(request, seed=request.seed + index), callback)
             parts.append(video if index == 0 else video[1:])
             current = video[-1]
             for name, sec in self.last_timings.items():
@@ -224,6 +151,9 @@ class Animator:
         return np.concatenate(parts)
 
 
-def reconstruct(z1: torch.Tensor, x_0: torch.Tensor) -> torch.Tensor:
-    """Residuals back to frames: [z1, z1 + x_0] over the frame axis -> (B, 4, 1 + F, h, w)."""
-    return torch.cat([z1, z1 + x_0], dim=2)
+def _request_fields(options: dict) -> dict:
+    """`__call__`'s keywords -> `Request.create`'s (DCTInit's three become one `dct`)."""
+    options = dict(options)
+    use_dct = options.pop("use_dct", True)
+    fraction, tau = options.pop("dct_fraction", DCT_FRACTION), options.pop("dct_tau", DCT_TAU)
+    return {**options, "dct": DCTInit(fraction, tau) if use_dct else None}

@@ -5,7 +5,7 @@ and t (B,) long. Model functions are built by wrapping: `cfg_model_fn` turns Cin
 `unet_fn(x_t, t, text, z1, motion_id)` (any backend's `unet`) into one, `epsilon_model_fn` turns a
 v-predicting one into an eps-predicting one; further wrappers (step caching, guidance truncation) stack
 the same way. A sampler is a free function `(model_fn, x_T, steps, alphas_cumprod, *, eta, generator,
-callback) -> x_0` registered in `SAMPLERS`: DDIM (default, the original's) and DPM-Solver++(2M).
+callback) -> x_0` registered in `samplers.SAMPLERS`: DDIM (default, the original's) and DPM-Solver++(2M).
 
 Settings in force in the original (`DDIMScheduler` as configured by Cinemo): epsilon prediction, no
 clipping or thresholding, final alpha = alphas_cumprod[0] (set_alpha_to_one=False), eta 0. A checkpoint whose
@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .dpm_solver import dpmpp_2m_sample
+from .samplers import DEFAULT_SAMPLER, SAMPLERS, load_sampler, needs_unconditional
 from .schedule import PREDICTION_TYPES, ddim_timesteps, make_schedule
 
 __all__ = ["ddim_timesteps", "ddim_step", "ddim_sample", "cfg_model_fn", "epsilon_model_fn", "sample",
@@ -138,15 +138,6 @@ def ddim(model_fn: ModelFn, x_T: torch.Tensor, steps: int, alphas_cumprod: torch
                        eta=eta, generator=generator, callback=callback)
 
 
-# name -> sampler; `--sampler` choices and the request's validation read this.
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": ddim, "dpmpp-2m": dpmpp_2m_sample}
-
-
-def needs_unconditional(guidance: float) -> bool:
-    """Guidance 1 is eps_c exactly: no unconditional half is encoded or run."""
-    return guidance != 1.0
-
-
 def cfg_model_fn(
     unet_fn: UNetFn,
     *,
@@ -192,17 +183,15 @@ def sample(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     prediction_type: str = "epsilon",
-    sampler: str = "ddim",
+    sampler: str = DEFAULT_SAMPLER,
 ) -> torch.Tensor:
     """Cinemo's denoising loop: `sampler` (DDIM by default) with `steps` steps and CFG of scale `guidance`.
 
     x_T (B, 4, F, h, w) initial noise (DCTInit output); z1 (B, 4, 1, h, w); text, text_uncond
     (B, 77, D); motion_id (B,) float. Returns the residual latents x_0 (B, 4, F, h, w)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    run = load_sampler(sampler)
     alphas_cumprod = make_schedule()
     model_fn = cfg_model_fn(unet_fn, text=text, text_uncond=text_uncond, z1=z1, motion_id=motion_id,
                             guidance=guidance)
     model_fn = epsilon_model_fn(model_fn, prediction_type, alphas_cumprod)
-    return SAMPLERS[sampler](model_fn, x_T, steps, alphas_cumprod, eta=eta, generator=generator,
-                             callback=callback)
+    return run(model_fn, x_T, steps, alphas_cumprod, eta=eta, generator=generator, callback=callback)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-NUM_TRAIN_TIMESTEPS = 1000
+from .settings import NUM_TRAIN_TIMESTEPS
+
 BETA_START = 1e-4
 BETA_END = 0.02
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a UNet may return (its scheduler config says which)

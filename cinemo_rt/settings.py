@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+NUM_TRAIN_TIMESTEPS = 1000  # the noise schedule's length (SPEC 1)
 SIZE_FILE = "cinemo_rt.json"  # optional per-folder default size: {"height", "width", "frames"}
 DECODE_CHUNK = 14  # frames the temporal VAE decoder sees at a time, as the reference (14 + 2 for 16)
 DCT_FRACTION = 0.23  # DCTInit's low-pass box, a fraction of each spatial side (SPEC 2)

@@ -9,9 +9,10 @@ step, so an interrupted build leaves complete artifacts or none, and the next ru
 
 Exit codes: 0 ok, 1 parity failure, 2 bad input (checkpoint, sizes, targets).
 
-TensorRT (issue 5) plugs in through `export.tensorrt_build.build_engine(component, onnx_path, out_dir,
-profiles, options, onnx_sha256) -> EngineEntry` (idempotent itself, with its own `tensorrt/engines.json`),
-called only when that module exists and `--targets` names tensorrt.
+The folder's record is the one typed manifest of `cinemo_rt.manifest` (the runtime reads the same
+module). With `--targets onnx,tensorrt`, `export.tensorrt_build.build_engine(...) -> EngineEntry` builds
+(or reuses) each engine, the manifest records it once, and the engine is verified against PyTorch like
+the ONNX graph (TensorRT needs its library and a GPU; without them the target is refused up front).
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-from cinemo_rt.backends.engines_dir import MANIFEST
-from cinemo_rt.files import give_default_mode
-from cinemo_rt.pipeline import DEFAULTS_FILE
+from cinemo_rt.files import file_sha256, give_default_mode
+from cinemo_rt.manifest import Component, Manifest, OnnxArtifact, write_json_atomic
+from cinemo_rt.settings import SIZE_FILE, Size
 
-from .onnx_export import OPSET, export_onnx, module_bytes, prepare_module
+from .onnx_export import EXTERNAL_DATA_BYTES, OPSET, export_onnx, module_bytes, prepare_module
 from .optimize import optimize_file
 from .specs import PRECISIONS, SPECS, Dims, ExportSpec, dims_for
 from .verify import ParityError, verify
@@ -51,9 +52,9 @@ class BuildOptions:
     checkpoint: Path
     out: Path
     precision: str = "fp32"
-    height: int = 320
-    width: int = 512
-    frames: int = 15
+    height: int = Size.height
+    width: int = Size.width
+    frames: int = Size.frames
     targets: tuple[str, ...] = ("onnx",)
     components: tuple[str, ...] = tuple(SPECS)
     verify: bool = True
@@ -93,27 +94,13 @@ def artifact_key(spec: ExportSpec, weights: str, dims: Dims, precision: str, ver
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def read_manifest_or_empty(out: Path) -> dict:
-    path = out / MANIFEST
-    if path.is_file():
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            log.warning("%s is unreadable; rebuilding everything", path)
-    return {"components": {}}
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def read_manifest_or_new(out: Path) -> Manifest:
     try:
-        give_default_mode(tmp)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return Manifest.read(out)
+    except ValueError as err:  # none yet, unreadable, or from another format: everything is rebuilt
+        if (out / "manifest.json").exists():
+            log.warning("%s; rebuilding everything", err)
+        return Manifest()
 
 
 def copy_folder_atomic(src: Path, dst: Path) -> None:
@@ -129,14 +116,14 @@ def copy_folder_atomic(src: Path, dst: Path) -> None:
         raise
 
 
-def _files_exist(out: Path, entry: dict | None) -> bool:
-    return bool(entry) and all((out / f).is_file() for f in [entry["file"], *entry.get("extra_files", [])])
+def _files_exist(out: Path, onnx: OnnxArtifact | None) -> bool:
+    return onnx is not None and all((out / f).is_file() for f in [onnx.file, *onnx.extra_files])
 
 
 # ---------------------------------------------------------------------------------------------
 # The build
 # ---------------------------------------------------------------------------------------------
-def build(options: BuildOptions) -> dict:
+def build(options: BuildOptions) -> Manifest:
     """Run the build; returns the manifest. Raises ParityError, CheckpointError, ValueError."""
     from cinemo_rt.checkpoint import load_checkpoint
 
@@ -146,15 +133,13 @@ def build(options: BuildOptions) -> dict:
     checkpoint = load_checkpoint(options.checkpoint)
     dims = dims_for(checkpoint, options.height, options.width, options.frames)
     versions = library_versions()
-    manifest = read_manifest_or_empty(out)
-    manifest.update({"format": 1, "precision": options.precision, "opset": OPSET, "versions": versions,
-                     "dims": {"height": dims.height, "width": dims.width, "frames": dims.frames},
-                     "model": {"info": dims.info.__dict__, "vocab_size": dims.vocab_size}})
-    manifest.setdefault("components", {})
+    manifest = read_manifest_or_new(out)
+    manifest.precision, manifest.opset, manifest.versions = options.precision, OPSET, versions
+    manifest.size, manifest.info, manifest.vocab_size = dims.size, dims.info, dims.vocab_size
     _copy_side_files(options.checkpoint, out, manifest)
     # The pipeline's defaults for this folder: the sizes the graphs were built for.
-    write_json_atomic(out / DEFAULTS_FILE, {"height": dims.height, "width": dims.width, "frames": dims.frames})
-    save = lambda: write_json_atomic(out / MANIFEST, manifest)  # noqa: E731
+    write_json_atomic(out / SIZE_FILE, dims.size.as_dict())
+    save = lambda: manifest.write(out)  # noqa: E731
     save()
 
     from tqdm import tqdm
@@ -163,48 +148,55 @@ def build(options: BuildOptions) -> dict:
         spec = SPECS[name]
         weights = weights_digest(spec.weights_fn(checkpoint))
         key = artifact_key(spec, weights, dims, options.precision, versions)
-        entry = manifest["components"].get(name, {})
-        fresh = entry.get("key") == key and _files_exist(out, entry.get("onnx"))
-        reference = None
-        if fresh:
+        entry = manifest.components.get(name)
+        if entry is not None and entry.key == key and _files_exist(out, entry.onnx):
             log.info("%s: onnx up to date (%s)", name, key[:12])
         else:
-            entry = {"key": key, "weights_sha256": weights}
             module = prepare_module(spec, checkpoint, options.precision)
-            entry["onnx"] = export_and_optimize(spec, module, dims, options.precision, out)
+            entry = Component(key, weights, export_and_optimize(spec, module, dims, options.precision, out))
             del module
-            manifest["components"][name] = entry
+            manifest.components[name] = entry
             save()
-
+        runtimes = {"onnxruntime": (key, None, None)}
         if trt is not None:
-            entry["tensorrt"] = _build_tensorrt(trt, spec, dims, options, out, entry)
+            engine = _build_tensorrt(trt, spec, dims, options, out, manifest)
             save()
-
-        if options.verify and entry.get("parity", {}).get("key") != key:
-            reference = prepare_module(spec, checkpoint, "fp32")
-            shapes = spec.shapes(dims)
-            t0 = time.perf_counter()
-            try:
-                results = verify(spec, out / entry["onnx"]["file"], reference, dims, options.precision)
-            except ParityError as err:
-                entry["parity"] = {"key": None, "ok": False, "outputs": [f.as_dict() for f in err.failures]}
-                save()
-                raise
-            entry["parity"] = {"key": key, "ok": True, "reference": "pytorch fp32, cpu",
-                               "runtime": "onnxruntime CPUExecutionProvider", "shapes": shapes,
-                               "seconds": round(time.perf_counter() - t0, 2),
-                               "outputs": [r.as_dict() for r in results]}
-            save()
-        elif options.verify:
-            log.info("%s: parity up to date", name)
-        del reference
+            runtimes["tensorrt"] = (engine.key.digest(), lambda: trt.engine_runner(out, manifest, engine),
+                                    trt.profile_batches(engine))
+        if options.verify:
+            _verify(spec, checkpoint, dims, options.precision, out, entry, runtimes, save)
     return manifest
 
 
-def export_and_optimize(spec: ExportSpec, module, dims: Dims, precision: str, out: Path) -> dict:
-    """Export to a scratch folder inside `out`, optimise into `out/<name>.onnx`; returns the manifest entry."""
+def _verify(spec: ExportSpec, checkpoint, dims: Dims, precision: str, out: Path, entry: Component,
+            runtimes: dict, save) -> None:
+    """Parity of each runtime's graph against fp32 PyTorch, once per artifact key (recorded in the manifest).
+    `runtimes`: name -> (key of what it runs, a function making its runner (None: ONNX Runtime on the CPU),
+    the batches it can run (None: the spec's))."""
+    reference = None
+    for runtime, (key, make_runner, batches) in runtimes.items():
+        if entry.parity.get(runtime, {}).get("key") == key:
+            log.info("%s: %s parity up to date", spec.name, runtime)
+            continue
+        reference = reference or prepare_module(spec, checkpoint, "fp32")
+        t0 = time.perf_counter()
+        try:
+            results = verify(spec, out / entry.onnx.file, reference, dims, precision, batches, runtime=runtime,
+                             runner=make_runner() if make_runner else None)
+        except ParityError as err:
+            entry.parity[runtime] = {"key": None, "ok": False, "outputs": [f.as_dict() for f in err.failures]}
+            save()
+            raise
+        entry.parity[runtime] = {"key": key, "ok": True, "reference": "pytorch fp32, cpu",
+                                 "shapes": spec.shapes(dims), "seconds": round(time.perf_counter() - t0, 2),
+                                 "outputs": [r.as_dict() for r in results]}
+        save()
+
+
+def export_and_optimize(spec: ExportSpec, module, dims: Dims, precision: str, out: Path) -> OnnxArtifact:
+    """Export to a scratch folder inside `out`, optimise into `out/<name>.onnx`; returns its manifest record."""
     final = out / f"{spec.name}.onnx"
-    external = module_bytes(module) > 1_500_000_000
+    external = module_bytes(module) > EXTERNAL_DATA_BYTES
     scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}.export.", dir=out))
     try:
         t0 = time.perf_counter()
@@ -218,36 +210,28 @@ def export_and_optimize(spec: ExportSpec, module, dims: Dims, precision: str, ou
         shutil.rmtree(scratch, ignore_errors=True)
     top = ", ".join(f"{op} {n}" for op, n in list(graph.ops.items())[:8])
     log.info("%s: %d nodes, opset %d; top ops: %s", spec.name, graph.nodes, graph.opset, top)
-    return {"file": final.name, "sha256": file_sha256(final),
-            "extra_files": [final.name + ".data"] if external else [],
-            "exporter": raw.exporter, "external_data": external, "precision": precision,
-            "shapes": spec.shapes(dims), "profile": spec.profile(dims),
-            "dynamic": {k: {str(a): list(v) for a, v in d.items()} for k, d in spec.dynamic.items()},
-            "inputs": list(spec.inputs), "outputs": list(spec.outputs),
-            "seconds": {"export": round(t_export, 1), "optimize": round(t_opt, 1)}, "graph": graph.as_dict()}
+    return OnnxArtifact(final.name, file_sha256(final), [final.name + ".data"] if external else [], {
+        "exporter": raw.exporter, "external_data": external, "precision": precision,
+        "shapes": spec.shapes(dims), "profile": spec.profile(dims),
+        "dynamic": {k: {str(a): list(v) for a, v in d.items()} for k, d in spec.dynamic.items()},
+        "inputs": list(spec.inputs), "outputs": list(spec.outputs),
+        "seconds": {"export": round(t_export, 1), "optimize": round(t_opt, 1)}, "graph": graph.as_dict()})
 
 
-def _build_tensorrt(trt, spec: ExportSpec, dims: Dims, options: BuildOptions, out: Path, entry: dict) -> dict:
-    """Profiles from the spec's shapes; the engine is keyed by TensorRT's builder on the ONNX file's hash."""
-    onnx_entry = entry["onnx"]
+def _build_tensorrt(trt, spec: ExportSpec, dims: Dims, options: BuildOptions, out: Path, manifest: Manifest):
+    """Profiles from the spec's shapes; the engine is keyed on the ONNX file's hash and recorded once."""
+    onnx = manifest.components[spec.name].onnx
     trt_options = trt.BuildOptions(precision=options.precision, workspace_bytes=options.trt_workspace,
                                    refit=options.trt_refit)
-    engine = trt.build_engine(spec.name, out / onnx_entry["file"], out,
+    engine = trt.build_engine(spec.name, out / onnx.file, out,
                               trt.profiles_for(spec, dims, dynamic=options.trt_dynamic), trt_options,
-                              onnx_sha256=onnx_entry["sha256"])
-    return {"file": f"tensorrt/{engine.file}", "engine_sha256": engine.engine_sha256,
-            "onnx_sha256": onnx_entry["sha256"]}
+                              onnx_sha256=onnx.sha256, existing=manifest.engines)
+    for stale in manifest.upsert_engine(engine):  # replaced builds for this GPU
+        (out / trt.ENGINE_SUBDIR / stale.file).unlink(missing_ok=True)
+    return engine
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _copy_side_files(checkpoint: Path, out: Path, manifest: dict) -> None:
+def _copy_side_files(checkpoint: Path, out: Path, manifest: Manifest) -> None:
     """Tokenizer and scheduler config, so the engines folder is all the runtime needs."""
     for part in ("tokenizer", "scheduler"):
         src = checkpoint / part
@@ -258,22 +242,22 @@ def _copy_side_files(checkpoint: Path, out: Path, manifest: dict) -> None:
             digest.update(f.relative_to(src).as_posix().encode())
             digest.update(f.read_bytes())
         key = digest.hexdigest()
-        if manifest.get(part, {}).get("key") == key and (out / part).is_dir():
+        if manifest.side_files.get(part) == key and (out / part).is_dir():
             continue
         copy_folder_atomic(src, out / part)
-        manifest[part] = {"key": key, "folder": part}
+        manifest.side_files[part] = key
 
 
 def _tensorrt_hook(targets: tuple[str, ...]):
     if "tensorrt" not in targets:
         return None
-    if importlib.util.find_spec("export.tensorrt_build") is None:
-        raise ValueError("--targets tensorrt: export.tensorrt_build is not available in this version "
-                         "(TensorRT engine building is issue 5); use --targets onnx")
     if importlib.util.find_spec("tensorrt") is None:
         raise ValueError("--targets tensorrt: the TensorRT Python package is not installed here "
                          "(pip install 'cinemo-rt[tensorrt]' on a machine with a CUDA GPU); use --targets onnx")
-    return importlib.import_module("export.tensorrt_build")
+    if not torch.cuda.is_available():
+        raise ValueError("--targets tensorrt: no CUDA GPU here (engines are built on the GPU they run on); "
+                         "use --targets onnx")
+    return importlib.import_module(".tensorrt_build", __package__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,9 +268,9 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (released layout)")
     p.add_argument("--out", required=True, type=Path, help="engines folder to create or update")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp16")
-    p.add_argument("--height", type=int, default=320)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--frames", type=int, default=15, help="generated frames, x_t's F (the video has one more)")
+    p.add_argument("--height", type=int, default=Size.height)
+    p.add_argument("--width", type=int, default=Size.width)
+    p.add_argument("--frames", type=int, default=Size.frames, help="generated frames, x_t's F (the video has one more)")
     p.add_argument("--targets", default="onnx", help="comma-separated: onnx,tensorrt")
     p.add_argument("--components", default=",".join(SPECS), help="comma-separated subset of " + ",".join(SPECS))
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")
@@ -322,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         return 2
     log.info("engines folder %s complete (%s, %s)", options.out, options.precision,
-             ", ".join(f"{n}: {'ok' if c.get('parity', {}).get('ok') else 'unverified'}"
-                       for n, c in manifest["components"].items()))
+             ", ".join(f"{n}: " + (", ".join(f"{r} ok" for r, p in c.parity.items() if p.get("ok")) or "unverified")
+                       for n, c in manifest.components.items()))
     return 0
 
 

@@ -1,7 +1,8 @@
 """One export description per ONNX component (STYLE direction 5).
 
-Each `ExportSpec` owns its I/O names, dtypes, dynamic axes and a single `shapes(...)`; sample inputs, the
-TensorRT optimisation profiles (`profile(...)`) and the tests all derive from it.
+Each `ExportSpec` takes a graph's contract (names, dtypes: `cinemo_rt.graphs`, which the runtime feeds) and
+adds its dynamic axes and a single `shapes(...)`; sample inputs, the TensorRT optimisation profiles
+(`profile(...)`) and the tests all derive from it.
 
 Decisions recorded here (issue 4):
 - Spatial sizes are static per build (`--height/--width`): the graphs then hold no Shape/Gather chains for
@@ -12,9 +13,9 @@ Decisions recorded here (issue 4):
 - Batch is dynamic for the text encoder and the UNet (2 with CFG, 1 without) and the VAE encoder.
 - The SVD temporal decoder reshapes by `num_frames` only symbolically (diffusers' TemporalDecoder,
   SpatioTemporalResBlock), so one graph with a dynamic frame count N serves the 14- and 2-frame chunks;
-  the backend keeps the reference's chunking, so temporal layers never see across a chunk boundary.
-  Its input is *unscaled* latents (what `vae.model.decode` takes): the backend divides by the scaling
-  factor on the host, exactly where `VAE.decode` does it.
+  the pipeline keeps the reference's chunking, so temporal layers never see across a chunk boundary.
+  Its input is *unscaled* latents (what `vae.model.decode` takes): `cinemo_rt.stages.decode_latents`
+  divides by the scaling factor on the host, in fp32, for every backend.
 - Float inputs and outputs are in the graph's precision, except `motion_id`, which stays fp32 as the
   reference's sinusoidal embedding is computed in fp32; token ids and timesteps are int64.
 """
@@ -29,13 +30,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from cinemo_rt import graphs
 from cinemo_rt.backends.base import ModelInfo, model_info
 from cinemo_rt.components import TEXT_LENGTH
+from cinemo_rt.graphs import FIXED_DTYPES, TextEncoderGraph, VAEDecoderGraph, VAEEncoderGraph
+from cinemo_rt.settings import DECODE_CHUNK, Size
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
-# Dtype codes used in specs: "float" is the graph's precision, the rest are fixed.
-FIXED_DTYPES = {"float32": torch.float32, "int64": torch.int64}
-CHUNK = 14  # the reference's temporal-decoder chunk (SPEC 1, step 8)
 MAX_BATCH = 2  # CFG doubles the batch
 
 
@@ -43,9 +44,9 @@ MAX_BATCH = 2  # CFG doubles the batch
 class Dims:
     """The build's geometry: video size in pixels, video frames, and the model's fixed sizes."""
 
-    height: int = 320
-    width: int = 512
-    frames: int = 15  # generated frames (x_t's F); the video has frames + 1
+    height: int = Size.height
+    width: int = Size.width
+    frames: int = Size.frames  # generated frames (x_t's F); the video has frames + 1
     info: ModelInfo = field(default_factory=ModelInfo)
     vocab_size: int = 49408
 
@@ -58,49 +59,13 @@ class Dims:
         f = self.info.vae_factor
         return self.height // f, self.width // f
 
+    @property
+    def size(self) -> Size:
+        return Size(self.height, self.width, self.frames)
+
     def as_dict(self) -> dict:
         return {"height": self.height, "width": self.width, "frames": self.frames,
                 "info": self.info.__dict__, "vocab_size": self.vocab_size}
-
-
-# ---------------------------------------------------------------------------------------------
-# Wrappers: the exact calls the backends make, as modules with positional tensor I/O
-# ---------------------------------------------------------------------------------------------
-class TextEncoderGraph(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids)[0]  # last hidden state (B, 77, D), no attention mask (SPEC 1, step 5)
-
-
-class VAEEncoderGraph(nn.Module):
-    """image (B, 3, H, W) -> posterior mean, std (B, 4, h, w), unscaled. The random sample is taken on the
-    host with an explicit noise tensor (SPEC 7), so the graph is deterministic."""
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.vae.encode(image).latent_dist
-        return dist.mean, dist.std
-
-
-class VAEDecoderGraph(nn.Module):
-    """unscaled latents (N, 4, h, w) of one chunk -> images (N, 3, H, W); the temporal decoder gets
-    num_frames = N, exactly as `VAE.decode` calls it per chunk."""
-
-    def __init__(self, vae: nn.Module, temporal: bool):
-        super().__init__()
-        self.vae = vae
-        self.temporal = temporal
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.temporal:
-            return self.vae.decode(latents, num_frames=latents.shape[0]).sample
-        return self.vae.decode(latents).sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,28 +181,31 @@ def _vae_decoder_shapes(d: Dims, n: int):
     return {"latents": (n, d.info.latent_channels, h, w)}
 
 
+def _io(graph: graphs.GraphIO) -> dict:
+    return {"name": graph.name, "inputs": graph.inputs, "input_dtypes": graph.input_dtypes, "outputs": graph.outputs}
+
+
 TEXT_ENCODER = ExportSpec(
-    name="text_encoder", inputs=("ids",), input_dtypes=("int64",), outputs=("text",),
+    **_io(graphs.TEXT_ENCODER),
     dynamic={"ids": {0: ("batch", 1, MAX_BATCH)}}, shapes_fn=_text_shapes, nominal_batch=2,
     module_fn=lambda ck: TextEncoderGraph(ck.text_encoder.model), weights_fn=lambda ck: ck.text_encoder.model)
 
 UNET = ExportSpec(
-    name="unet", inputs=("x_t", "t", "text", "z1", "motion_id"),
-    input_dtypes=("float", "int64", "float", "float", "float32"), outputs=("eps",),
+    **_io(graphs.UNET),
     dynamic={n: {0: ("batch", 1, MAX_BATCH)} for n in ("x_t", "t", "text", "z1", "motion_id")},
     shapes_fn=_unet_shapes, module_fn=lambda ck: ck.unet, weights_fn=lambda ck: ck.unet, nominal_batch=2)
 
 VAE_ENCODER = ExportSpec(
-    name="vae_encoder", inputs=("image",), input_dtypes=("float",), outputs=("mean", "std"),
+    **_io(graphs.VAE_ENCODER),
     dynamic={"image": {0: ("batch", 1, MAX_BATCH)}}, shapes_fn=_vae_encoder_shapes,
     module_fn=lambda ck: VAEEncoderGraph(ck.vae.model), weights_fn=lambda ck: ck.vae.model,
     exporter="torchscript")
 
 VAE_DECODER = ExportSpec(
-    name="vae_decoder", inputs=("latents",), input_dtypes=("float",), outputs=("images",),
-    dynamic={"latents": {0: ("frames", 1, CHUNK)}}, shapes_fn=_vae_decoder_shapes,
+    **_io(graphs.VAE_DECODER),
+    dynamic={"latents": {0: ("frames", 1, DECODE_CHUNK)}}, shapes_fn=_vae_decoder_shapes,
     module_fn=lambda ck: VAEDecoderGraph(ck.vae.model, ck.vae.temporal), weights_fn=lambda ck: ck.vae.model,
-    nominal_batch=CHUNK)
+    nominal_batch=DECODE_CHUNK)
 
 SPECS: dict[str, ExportSpec] = {s.name: s for s in (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)}
 

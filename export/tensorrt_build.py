@@ -12,8 +12,8 @@
   flag and pins normalisation layers to fp32 (OBEY_PRECISION_CONSTRAINTS). "fp32" disables TF32 too.
 - A persistent timing cache per TensorRT version and GPU in `<out>/tensorrt/`, a workspace limit and
   refittable engines as options.
-- The engine is written atomically under a name carrying its key's digest, and recorded in
-  `<out>/tensorrt/engines.json` (see cinemo_rt.backends.tensorrt_backend for the key and its checks).
+- The engine is written atomically under a name carrying its key's digest; the build loop records the
+  returned `EngineEntry` in the folder's one manifest (`cinemo_rt.manifest`: the key and its checks).
 
 TensorRT 10 Python API only (`tensorrt` is imported inside the functions that need it).
 """
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from cinemo_rt.backends.tensorrt_backend import (
-    ENGINE_SUBDIR, TORCH_DTYPE_NAMES, EngineEntry, EngineKey, Platform, Profile, canonical_profiles,
-    file_sha256, read_engine_manifest, upsert_entry, write_engine_manifest,
+from cinemo_rt.files import file_sha256
+from cinemo_rt.manifest import (
+    ENGINE_SUBDIR, TORCH_DTYPE_NAMES, EngineEntry, EngineKey, Manifest, Platform, Profile, canonical_profiles,
 )
 
 log = logging.getLogger(__name__)
@@ -136,14 +136,6 @@ def write_atomic(path: Path, data: bytes) -> None:
 # -------------------------------------------------------------------------------------------------
 # Building (needs tensorrt and a CUDA GPU)
 # -------------------------------------------------------------------------------------------------
-def _platform(device_index: int = 0) -> Platform:
-    import tensorrt as trt
-    import torch
-
-    props = torch.cuda.get_device_properties(device_index)
-    return Platform(str(trt.__version__), str(props.name), f"{props.major}.{props.minor}")
-
-
 def _parse(trt, builder, logger, onnx_path: Path, strongly_typed: bool):
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
@@ -188,7 +180,7 @@ def _normalization_compute_fp32(trt, network) -> int:
 
 
 def _network_io(trt, network) -> tuple[dict[str, tuple], dict[str, str], dict[str, str]]:
-    from cinemo_rt.backends.tensorrt_backend import torch_dtype_of
+    from cinemo_rt.backends.tensorrt_backend import torch_dtype_of  # the runtime's dtype table
 
     def describe(tensor):
         return TORCH_DTYPE_NAMES.get(torch_dtype_of(tensor.dtype), str(tensor.dtype))
@@ -236,19 +228,21 @@ def _attach_timing_cache(config, path: Path):
 
 def build_engine(component: str, onnx_path: str | os.PathLike, out_dir: str | os.PathLike,
                  profiles: Sequence[Profile], options: BuildOptions = BuildOptions(),
-                 onnx_sha256: str | None = None) -> EngineEntry:
-    """Build (or reuse) the engine of one component; returns its manifest entry, also written to
-    `<out_dir>/tensorrt/engines.json`. Idempotent: an engine whose key and file hash match is kept."""
+                 onnx_sha256: str | None = None, existing: Sequence[EngineEntry] = ()) -> EngineEntry:
+    """Build (or reuse) the engine of one component; returns its manifest entry (the caller records it).
+    Idempotent: an engine among `existing` whose key and file hash match is kept."""
     import tensorrt as trt
+    import torch
 
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     engine_dir = out_dir / ENGINE_SUBDIR
     engine_dir.mkdir(parents=True, exist_ok=True)
     onnx_sha256 = onnx_sha256 or file_sha256(onnx_path)
-    platform = _platform()
+    from cinemo_rt.backends.tensorrt_backend import current_platform
+
+    platform = current_platform(torch.device("cuda", torch.cuda.current_device()))
     key = engine_key(component, onnx_sha256, platform, profiles, options)
-    entries = read_engine_manifest(out_dir)
-    for entry in entries:
+    for entry in existing:
         path = engine_dir / entry.file
         if (entry.key == key and not options.force and path.is_file()
                 and path.stat().st_size == entry.engine_bytes and file_sha256(path) == entry.engine_sha256):
@@ -283,10 +277,26 @@ def build_engine(component: str, onnx_path: str | os.PathLike, out_dir: str | os
                                "optimization_level": options.optimization_level,
                                "timing_cache": cache_path.name if cache is not None else None,
                                "onnx": onnx_path.name})
-    kept = upsert_entry(entries, entry)
-    write_engine_manifest(out_dir, kept)
-    for stale in {e.file for e in entries} - {e.file for e in kept}:  # replaced builds for this GPU
-        (engine_dir / stale).unlink(missing_ok=True)
     log.info("%s: built %s (%.1f MiB) in %.0f s for %s", component, path.name, len(data) / 2**20, seconds,
              platform.describe())
     return entry
+
+
+def engine_runner(out_dir: str | os.PathLike, manifest: Manifest, entry: EngineEntry):
+    """The runtime's runner over one just-built engine, for the build's parity check."""
+    import tensorrt as trt
+    import torch
+
+    from cinemo_rt.backends.engines_dir import EnginesDir
+    from cinemo_rt.backends.tensorrt_backend import open_runners
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    runner = open_runners(trt, EnginesDir(Path(out_dir), manifest), {entry.component: entry}, device)[entry.component]
+    runner.activation_memory = torch.empty(max(runner.activation_bytes, 1), dtype=torch.uint8, device=device)
+    runner.bind_activation_memory(runner.activation_memory)
+    return runner
+
+
+def profile_batches(entry: EngineEntry) -> tuple[int, ...]:
+    """The batch (axis 0 of the first input) of each profile's opt shapes: what parity can run."""
+    return tuple(dict.fromkeys(next(iter(p.values()))[1][0] for p in entry.profiles))

@@ -1,4 +1,5 @@
-"""Build-time parity: run an exported graph with ONNX Runtime and compare it with fp32 PyTorch.
+"""Build-time parity: run an exported graph (ONNX Runtime, or a TensorRT engine where one was built) and
+compare it with fp32 PyTorch.
 
 Every output is held to the tolerance named by the graph's precision in `cinemo_rt.parity.TOLERANCES`
 (relative L2; max abs error is measured and recorded beside it). The reference is always the fp32 module
@@ -38,26 +39,31 @@ class OutputParity:
 
 
 class ParityError(RuntimeError):
-    def __init__(self, component: str, failures: list[OutputParity]):
+    def __init__(self, component: str, failures: list[OutputParity], runtime: str = "onnxruntime"):
         self.failures = failures
         lines = "; ".join(f"{f.output} (batch {f.batch}): rel L2 {f.relative_l2:.3e} > {f.tolerance:.0e}, "
                           f"max abs {f.max_abs:.3e}" for f in failures)
-        super().__init__(f"{component}: ONNX Runtime output differs from PyTorch: {lines}")
+        super().__init__(f"{component}: {runtime} output differs from PyTorch: {lines}")
 
 
 def ort_session(path, providers=("CPUExecutionProvider",)):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about unfoldable CastLike etc. are noise here
-    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    from cinemo_rt.backends.onnxruntime_backend import session_options
+
+    return ort.InferenceSession(str(path), sess_options=session_options(), providers=list(providers))
 
 
 def verify(spec: ExportSpec, onnx_path, reference: torch.nn.Module, dims: Dims, precision: str,
-           batches: tuple[int, ...] | None = None, seed: int = 1, session=None) -> list[OutputParity]:
+           batches: tuple[int, ...] | None = None, seed: int = 1, session=None, runner=None,
+           runtime: str = "onnxruntime") -> list[OutputParity]:
     """Compare every output at each batch (default: the nominal one and, if dynamic, the smallest).
-    Raises `ParityError` with the numbers when any output is out of tolerance."""
-    session = session or ort_session(onnx_path)
+    `runner(feeds) -> outputs` runs the graph (a backend's runner, e.g. a TensorRT engine); by default an
+    ONNX Runtime CPU session over `onnx_path`. Raises `ParityError` with the numbers when any output is out
+    of tolerance."""
+    if runner is None:
+        session = session or ort_session(onnx_path)
+        runner = lambda feeds: session.run(list(spec.outputs), {k: v.numpy() for k, v in feeds.items()})  # noqa: E731
     tolerance = TOLERANCES[precision].relative_l2
     if batches is None:
         lows = [r[1] for axes in spec.dynamic.values() for r in axes.values()]
@@ -65,17 +71,17 @@ def verify(spec: ExportSpec, onnx_path, reference: torch.nn.Module, dims: Dims, 
     results = []
     for batch in batches:
         feeds = spec.sample_inputs(dims, precision, batch=batch, seed=seed)
-        outputs = session.run(list(spec.outputs), {k: v.numpy() for k, v in feeds.items()})
+        outputs = [torch.as_tensor(o).float().cpu() for o in runner(feeds)]
         with torch.no_grad():
             ref = reference(*[v.float() if v.is_floating_point() else v for v in feeds.values()])
         ref = ref if isinstance(ref, tuple) else (ref,)
         for name, actual, expected in zip(spec.outputs, outputs, ref):
             r = OutputParity(name, batch, relative_error(actual, expected), max_abs_error(actual, expected),
                              tolerance)
-            log.info("%s %s: %s batch %d rel L2 %.3e max abs %.3e (tol %.0e) %s", spec.name, precision, name,
-                     batch, r.relative_l2, r.max_abs, tolerance, "ok" if r.ok else "FAIL")
+            log.info("%s %s %s: %s batch %d rel L2 %.3e max abs %.3e (tol %.0e) %s", spec.name, runtime, precision,
+                     name, batch, r.relative_l2, r.max_abs, tolerance, "ok" if r.ok else "FAIL")
             results.append(r)
     failures = [r for r in results if not r.ok]
     if failures:
-        raise ParityError(spec.name, failures)
+        raise ParityError(spec.name, failures, runtime)
     return results

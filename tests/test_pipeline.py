@@ -6,9 +6,11 @@ import pytest
 import torch
 from scipy.fft import dctn, idctn
 
-from cinemo_rt.image import InputError, load_image, preprocess
+from cinemo_rt.errors import InputError
+from cinemo_rt.image import load_image, preprocess
 from cinemo_rt.parity import TOLERANCES, relative_error
-from cinemo_rt.pipeline import Animator, reconstruct
+from cinemo_rt.pipeline import Animator
+from cinemo_rt.residuals import frames_from_residuals
 
 SMALL = dict(height=64, width=64, frames=3, steps=3)
 
@@ -151,7 +153,7 @@ def test_denoising_matches_reference_algorithm(animator, photo):
         ref = _reference_x0(checkpoint, z1, text, text_uncond, motion, noise, 4, 7.5)
     # diffusers keeps alphas in float32, we in float64: agreement to fp32 rounding.
     assert relative_error(ours, ref) < 1e-4
-    frames = reconstruct(z1, ours)
+    frames = frames_from_residuals(z1, ours)
     assert frames.shape == (1, 4, 4, 8, 8) and torch.equal(frames[:, :, 0], z1[:, :, 0])
 
 

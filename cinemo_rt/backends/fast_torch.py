@@ -20,9 +20,8 @@ forward, numerically the same function (parity tests/test_fast_torch.py), with t
 - Optionally `torch.compile` (fuses GroupNorm+SiLU, GEGLU, residual adds) and, on CUDA, one CUDA graph per
   input shape for the whole UNet call (replayed each step; static input buffers).
 
-`FastTorchBackend` wraps this behind the unchanged Backend protocol: `unet(x_t, t, text, z1, motion_id)`
-detects that it is handed the same `text` tensor as last time (the CFG closure builds it once per video) and
-reuses the cached K/V.
+`FastTorchBackend` runs it as the UNet graph of a `Backend`: the runner detects that it is handed the same
+`text` tensor as last time (the CFG closure builds it once per video) and reuses the cached K/V.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ from ..model.attention import BasicTransformerBlock
 from ..model.config import ROTARY_DIM
 from ..model.unet import UNet3D, sinusoidal_embedding
 from ..residuals import frames_from_residuals
-from .torch_backend import TorchBackend
+from .torch_backend import TorchBackend, module_runners
 
 log = logging.getLogger(__name__)
 
@@ -368,16 +367,17 @@ def _version_of(tensor: torch.Tensor) -> int:
 
 
 class FastTorchBackend(TorchBackend):
-    """Backend protocol over a Checkpoint (loaded at its target device/dtype, e.g. fp16 on CUDA), with the
-    UNet run by `FastUNet`. The backend owns the checkpoint: its UNet weights are re-laid-out in place.
+    """A Backend over a Checkpoint (loaded at its target device/dtype, e.g. fp16 on CUDA) whose UNet graph is
+    run by `FastUNet`; the other graphs are the reference modules. The backend owns the checkpoint: its UNet
+    weights are re-laid-out in place.
 
     cuda_graph: capture one graph per input shape (default: on for CUDA). compile_mode: a `torch.compile`
     mode for the UNet forward (None: eager; off by default, benchmarks/latency.py measures whether it helps)."""
 
-    name = "torch-fast"
-
     def __init__(self, checkpoint: Checkpoint, cuda_graph: bool | None = None, compile_mode: str | None = None):
-        super().__init__(checkpoint)
+        runners = module_runners(checkpoint)
+        runners["unet"] = _FastUNetRunner(self, runners["unet"].inputs)
+        super().__init__(checkpoint, name="torch-fast", runners=runners)
         self.fast_unet = optimize_unet(checkpoint.unet)
         if cuda_graph is None:
             cuda_graph = self.device.type == "cuda"
@@ -398,7 +398,9 @@ class FastTorchBackend(TorchBackend):
 
     # -- UNet -----------------------------------------------------------------------------------------
     def context_for(self, text: torch.Tensor) -> CrossContext:
-        """Cached cross-attention K/V: recomputed only when handed a different (or modified) text tensor."""
+        """Cached cross-attention K/V: recomputed only when handed a different (or modified) text tensor.
+        The CFG wrapper doubles `text` once per video and hands the same tensor to every step (`Backend.unet`'s
+        cast passes a tensor already in the UNet's dtype and device through as the same object)."""
         version = _version_of(text)
         if self._text_ref is None or self._text_ref() is not text or self._text_version != version:
             self._context = self.fast_unet.prepare(text)
@@ -407,13 +409,8 @@ class FastTorchBackend(TorchBackend):
         return self._context
 
     @torch.no_grad()
-    def unet(self, x_t, t, text, z1, motion_id):
+    def run_fast_unet(self, x_t, t, text, z1, motion_id) -> torch.Tensor:
         context = self.context_for(text)
-        t = torch.as_tensor(t, device=self.device)
-        t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
-        motion_id = torch.as_tensor(motion_id, device=self.device, dtype=torch.float32)
-        motion_id = motion_id.expand(x_t.shape[0]) if motion_id.dim() == 0 else motion_id
-        x_t, z1 = x_t.to(self.dtype), z1.to(self.dtype)
         if not self.cuda_graph:
             return self._forward(x_t, t, context, z1, motion_id)
         key = (tuple(x_t.shape), tuple(z1.shape), tuple(context.keys_values[0][0].shape), t.dtype)
@@ -427,8 +424,17 @@ class FastTorchBackend(TorchBackend):
             self._graph_text[key] = self._serial
         return graph(x_t, t, z1, motion_id)
 
-    # encode_image, encode_text, decode: the reference backend's (VAE and CLIP are not optimised yet)
-
     def close(self) -> None:
         self._graphs.clear()
         self._context = None
+        super().close()
+
+
+class _FastUNetRunner:
+    """The UNet graph's runner: same ports as the reference module, run by the backend's FastUNet."""
+
+    def __init__(self, backend: FastTorchBackend, inputs):
+        self.backend, self.inputs = backend, inputs
+
+    def __call__(self, feeds):
+        return (self.backend.run_fast_unet(feeds["x_t"], feeds["t"], feeds["text"], feeds["z1"], feeds["motion_id"]),)

@@ -2,33 +2,36 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
+from torch import nn
 
 from ..checkpoint import Checkpoint
-from .base import model_info
+from ..graphs import GRAPHS, graph_modules
+from .base import Backend, model_info, ports_for
 
 
-class TorchBackend:
-    name = "torch"
+class ModuleRunner:
+    """One graph as a PyTorch module: named feeds in, the outputs as a tuple, no autograd."""
 
-    def __init__(self, checkpoint: Checkpoint):
-        self.checkpoint = checkpoint
-        self.device = checkpoint.unet.conv_in.weight.device
-        self.dtype = checkpoint.unet.dtype
-        self.info = model_info(checkpoint)
+    def __init__(self, graph: str, module: nn.Module):
+        self.graph, self.module = graph, module
+        self.inputs = ports_for(graph, next(module.parameters()).dtype)
 
     @torch.no_grad()
-    def unet(self, x_t, t, text, z1, motion_id):
-        return self.checkpoint.unet(x_t, t, text, z1, motion_id)
+    def __call__(self, feeds: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        out = self.module(*(feeds[p.name] for p in self.inputs))
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
-    def encode_image(self, image):
-        return self.checkpoint.vae.encode(image)
 
-    def encode_text(self, ids):
-        return self.checkpoint.text_encoder.encode_ids(ids)
+def module_runners(checkpoint: Checkpoint) -> dict[str, ModuleRunner]:
+    return {name: ModuleRunner(name, module) for name, module in graph_modules(checkpoint).items()
+            if name in GRAPHS}
 
-    def decode(self, latents, chunk=14):
-        return self.checkpoint.vae.decode(latents, chunk=chunk)
 
-    def close(self) -> None:
-        pass
+class TorchBackend(Backend):
+    def __init__(self, checkpoint: Checkpoint, name: str = "torch", runners: Mapping | None = None):
+        self.checkpoint = checkpoint
+        super().__init__(name, runners or module_runners(checkpoint), checkpoint.unet.conv_in.weight.device,
+                         model_info(checkpoint))

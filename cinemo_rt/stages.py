@@ -1,0 +1,106 @@
+"""The pipeline's stages over any `Backend`: condition -> initial noise -> sample -> decode (SPEC 1).
+
+Each is a plain function, so a new mode recombines them: video editing supplies its own initial latents and
+first frame to `denoise`; serving stacks several requests' `Conditioning` along the batch (every stage works
+on a batch B) and runs their CFG halves in one UNet call. Pipeline policy lives here, once, above the
+backends: the posterior sample and the latent scaling, the decoder's chunking, uint8 conversion.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .backends.base import Backend
+from .components import images_to_uint8, tokenize
+from .residuals import frames_from_residuals
+from .request import DCTInit, Request
+from .sampling import needs_unconditional, sample
+from .settings import DECODE_CHUNK
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Everything the UNet is conditioned on, on the backend's device: z1 (B, 4, 1, h, w) scaled, at the VAE
+    encoder's precision (DCTInit mixes it in float64), text and text_uncond (B, 77, D) in the UNet's dtype
+    (text_uncond None without CFG), motion_id (B,) float32."""
+
+    z1: torch.Tensor
+    text: torch.Tensor
+    text_uncond: torch.Tensor | None
+    motion_id: torch.Tensor
+
+
+def encode_z1(backend: Backend, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Posterior *sample* (as the reference's `.sample()`), scaled: (B, 4, 1, h, w)."""
+    mean, std = backend.vae_encoder(pixels)
+    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+    return ((mean + std * eps) * backend.info.scaling_factor).unsqueeze(2)
+
+
+def encode_prompts(backend: Backend, tokenizer, prompt: str, negative_prompt: str, guidance: float):
+    """-> (text, text_uncond) each (1, 77, D); text_uncond is None when guidance needs no unconditional half."""
+    if not prompt or not prompt.strip():
+        log.warning("empty prompt: the animation is guided by the image and motion bucket only")
+    uncond = needs_unconditional(guidance)
+    ids, _ = tokenize(tokenizer, [negative_prompt or "", prompt] if uncond else [prompt])
+    embeddings = backend.text_encoder(ids).to(backend.dtype)
+    return (embeddings[1:], embeddings[:1]) if uncond else (embeddings, None)
+
+
+def motion_ids(backend: Backend, request: Request, batch: int = 1) -> torch.Tensor:
+    return torch.full((batch,), request.motion_id, dtype=torch.float32, device=backend.device)
+
+
+def condition(backend: Backend, tokenizer, pixels: torch.Tensor, request: Request,
+              generator: torch.Generator) -> Conditioning:
+    """The first stage in one call (the Animator calls its parts separately, to time them)."""
+    z1 = encode_z1(backend, pixels, generator)
+    text, text_uncond = encode_prompts(backend, tokenizer, request.prompt, request.negative_prompt,
+                                       request.guidance)
+    return Conditioning(z1, text, text_uncond, motion_ids(backend, request, z1.shape[0]))
+
+
+def initial_noise(z1: torch.Tensor, frames: int, generator: torch.Generator, dct: DCTInit | None,
+                  dct_init: Callable, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Gaussian noise (B, 4, frames, h, w), with DCTInit's low frequencies from z1 unless `dct` is None."""
+    b, c, _, h, w = z1.shape
+    # Drawn on the CPU generator whatever the device, so a seed means the same video everywhere.
+    noise = torch.randn((b, c, frames, h, w), generator=generator, dtype=torch.float32).to(z1.device)
+    if dct is None:
+        return noise
+    return dct_init(z1.float(), noise, float(alphas_cumprod[dct.tau]), dct.fraction)
+
+
+def denoise(backend: Backend, conditioning: Conditioning, x_T: torch.Tensor, request: Request,
+            generator: torch.Generator, callback=None) -> torch.Tensor:
+    """The sampler named by the request over the backend's UNet with CFG -> residual latents x_0."""
+    c = conditioning
+    dtype = backend.dtype
+    return sample(backend.unet, x_T.to(backend.device, dtype), z1=c.z1.to(dtype), text=c.text,
+                  text_uncond=c.text_uncond, motion_id=c.motion_id, steps=request.steps, guidance=request.guidance,
+                  eta=request.eta, generator=generator, callback=callback,
+                  prediction_type=backend.info.prediction_type, sampler=request.sampler)
+
+
+def decode_latents(backend: Backend, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (B, 4, F, h, w) -> images (B, 3, F, H, W) in about [-1, 1]. The division by the
+    scaling factor is done in fp32; the temporal decoder sees DECODE_CHUNK frames at a time (14 + 2 for 16),
+    exactly as the reference, the SD decoder all frames at once."""
+    b, c, f, h, w = latents.shape
+    flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).float() / backend.info.scaling_factor
+    step = DECODE_CHUNK if backend.info.temporal_vae else b * f
+    images = torch.cat([backend.vae_decoder(flat[s:s + step]) for s in range(0, b * f, step)])
+    _, c_out, hh, ww = images.shape
+    return images.view(b, f, c_out, hh, ww).permute(0, 2, 1, 3, 4)
+
+
+def to_uint8(backend: Backend, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, F, H, W) -> uint8 (B, F, H, W, 3): truncation after the temporal decoder, rounding after the SD
+    one, as the two reference code paths."""
+    return images_to_uint8(images, rounding=not backend.info.temporal_vae)
