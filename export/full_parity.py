@@ -45,14 +45,14 @@ def main(argv: list[str] | None = None) -> dict:
     dims = Dims(height=a.height, width=a.width, frames=a.frames, info=ModelInfo(text_dim=768))
     unet = full_unet()
     t0 = time.perf_counter()
-    entry = export_and_optimize(UNET, unet, dims, "fp32", a.out)
+    onnx = export_and_optimize(UNET, unet, dims, "fp32", a.out)
     result = {"dims": [a.height, a.width, a.frames], "export_and_optimize_s": round(time.perf_counter() - t0, 1),
-              "graph": {k: entry["graph"][k] for k in ("nodes", "opset", "ops", "inputs", "outputs")},
-              "files": {f: (a.out / f).stat().st_size for f in [entry["file"], *entry["extra_files"]]}}
+              "graph": {k: onnx.details["graph"][k] for k in ("nodes", "opset", "ops", "inputs", "outputs")},
+              "files": {f: (a.out / f).stat().st_size for f in [onnx.file, *onnx.extra_files]}}
     if not a.no_run:
         t0 = time.perf_counter()
-        session = ort_session(a.out / entry["file"])
-        parity = verify(UNET, a.out / entry["file"], unet, dims, "fp32", batches=(a.batch,), session=session)
+        session = ort_session(a.out / onnx.file)
+        parity = verify(UNET, a.out / onnx.file, unet, dims, "fp32", batches=(a.batch,), session=session)
         result["parity"] = [r.as_dict() for r in parity]
         result["ort_session_and_run_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result))

@@ -21,7 +21,12 @@ from export.onnx_export import prepare_module  # noqa: E402
 from export.specs import SPECS, UNET, dims_for  # noqa: E402
 from export.verify import verify  # noqa: E402
 
-from conftest import ENGINE_SIZE as SIZE, build_tiny_engines as _build  # noqa: E402
+from conftest import ENGINE_SIZE as SIZE, build_tiny_engines  # noqa: E402
+
+
+def _build(*args, **kwargs) -> dict:
+    """The build, and its manifest as written (JSON)."""
+    return build_tiny_engines(*args, **kwargs).to_json()
 
 
 def _manifest(folder):
@@ -56,7 +61,7 @@ def test_every_component_matches_pytorch_through_onnxruntime(precision, request,
     worst = {}
     for name, spec in SPECS.items():
         entry = manifest["components"][name]
-        assert entry["parity"]["ok"] and entry["onnx"]["precision"] == precision
+        assert entry["parity"]["onnxruntime"]["ok"] and entry["onnx"]["precision"] == precision
         results = verify(spec, folder / entry["onnx"]["file"], prepare_module(spec, checkpoint, "fp32"), dims,
                          precision, seed=7)
         assert {r.output for r in results} == set(spec.outputs)
@@ -90,19 +95,20 @@ def test_graphs_are_clean(engines_fp32, engines_fp16):
 
 
 def test_engines_folder_is_self_contained(engines_fp32):
-    from cinemo_rt.backends.engines_dir import load_engines_tokenizer, model_info, read_manifest
+    from cinemo_rt.backends.engines_dir import EnginesDir
 
-    manifest = read_manifest(engines_fp32)
-    assert model_info(manifest).temporal_vae and model_info(manifest).text_dim == 32
-    assert load_engines_tokenizer(engines_fp32)("a cat")["input_ids"]
+    engines = EnginesDir.open(engines_fp32)
+    assert engines.manifest.info.temporal_vae and engines.manifest.info.text_dim == 32
+    assert engines.tokenizer()("a cat")["input_ids"]
     assert json.loads((engines_fp32 / "cinemo_rt.json").read_text()) == SIZE
-    assert manifest["versions"]["torch"] == torch.__version__
+    assert engines.manifest.size.as_dict() == SIZE
+    assert engines.manifest.versions["torch"] == torch.__version__
 
 
 # -- caching: keyed on what each artifact consumes -----------------------------------------------
 def test_rebuild_with_nothing_changed_does_no_work(tiny_checkpoint_dir, engines_fp32, monkeypatch, caplog):
     calls = []
-    monkeypatch.setattr(build_engines, "export_and_optimize", lambda *a, **k: calls.append(a) or {})
+    monkeypatch.setattr(build_engines, "export_and_optimize", lambda *a, **k: calls.append(a))
     monkeypatch.setattr(build_engines, "verify", lambda *a, **k: calls.append(a) or [])
     before = {p.name: p.stat().st_mtime_ns for p in engines_fp32.glob("*.onnx")}
     with caplog.at_level(logging.INFO, logger="export.build_engines"):
@@ -128,7 +134,7 @@ def test_changing_one_weight_rebuilds_only_that_component(tiny_checkpoint_dir, e
     rebuilt = {n for n in SPECS if after[n]["key"] != before[n]["key"]}
     assert rebuilt == {"text_encoder"}
     assert {p.name for p in out.glob("*.onnx") if p.stat().st_mtime_ns != mtimes[p.name]} == {"text_encoder.onnx"}
-    assert after["text_encoder"]["parity"]["ok"]
+    assert after["text_encoder"]["parity"]["onnxruntime"]["ok"]
 
 
 def test_interrupted_build_leaves_no_partial_artifact(tiny_checkpoint_dir, tmp_path, monkeypatch):
@@ -145,7 +151,7 @@ def test_interrupted_build_leaves_no_partial_artifact(tiny_checkpoint_dir, tmp_p
     assert "text_encoder" not in _manifest(out)["components"]
     monkeypatch.undo()
     manifest = _build(tiny_checkpoint_dir, out, "fp32", components=("text_encoder",))
-    assert manifest["components"]["text_encoder"]["parity"]["ok"]
+    assert manifest["components"]["text_encoder"]["parity"]["onnxruntime"]["ok"]
 
 
 def test_cli_exit_codes(tiny_checkpoint_dir, tmp_path):
@@ -169,7 +175,7 @@ def test_parity_failure_stops_the_build_with_the_numbers(tiny_checkpoint_dir, tm
                                "--precision", "fp32", "--height", "64", "--width", "64",
                                "--components", "text_encoder"])
     assert code == 1
-    failed = _manifest(tmp_path / "o")["components"]["text_encoder"]["parity"]
+    failed = _manifest(tmp_path / "o")["components"]["text_encoder"]["parity"]["onnxruntime"]
     assert not failed["ok"] and failed["outputs"][0]["relative_l2"] > 1e-12
 
 

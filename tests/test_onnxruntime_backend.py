@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend against the PyTorch reference backend, call by call and for a whole video,
+"""The ONNX Runtime backend against the PyTorch reference backend, graph by graph and for a whole video,
 and its input checks against the sessions' own metadata."""
 
 import numpy as np
@@ -8,10 +8,12 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx_graphsurgeon")
 
-from cinemo_rt.backends.engines_dir import EnginesDirError  # noqa: E402
-from cinemo_rt.backends.onnxruntime_backend import InputError, OnnxRuntimeBackend  # noqa: E402
+from cinemo_rt.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from cinemo_rt.backends.torch_backend import TorchBackend  # noqa: E402
 from cinemo_rt.checkpoint import load_checkpoint  # noqa: E402
+from cinemo_rt.errors import InputError  # noqa: E402
+from cinemo_rt.manifest import EnginesDirError  # noqa: E402
+from cinemo_rt.stages import decode_latents  # noqa: E402
 from cinemo_rt.parity import TOLERANCES, psnr, relative_error  # noqa: E402
 
 from conftest import ENGINE_SIZE as SIZE  # noqa: E402
@@ -38,32 +40,31 @@ def test_every_call_matches_the_torch_backend(backends):
     errors["unet scalar t"] = relative_error(ours.unet(x_t[:1], torch.tensor(901), text[:1], z1[:1], 90.0),
                                              ref.unet(*[a[:1] for a in args]))
     image = torch.rand(1, 3, SIZE["height"], SIZE["width"], generator=g) * 2 - 1
-    for got, want, what in zip(ours.encode_image(image), ref.encode_image(image), ("mean", "std")):
+    for got, want, what in zip(ours.vae_encoder(image), ref.vae_encoder(image), ("mean", "std")):
         errors[f"encode {what}"] = relative_error(got, want)
     ids = torch.randint(0, 300, (2, 77), generator=g)
-    errors["text"] = relative_error(ours.encode_text(ids), ref.encode_text(ids))
+    errors["text"] = relative_error(ours.text_encoder(ids), ref.text_encoder(ids))
     latents = torch.randn(1, 4, F + 1, H, W, generator=g)  # 16 frames: chunks of 14 + 2
-    decoded = ours.decode(latents, chunk=14)
+    decoded = decode_latents(ours, latents)
     assert decoded.shape == (1, 3, F + 1, SIZE["height"], SIZE["width"])
-    errors["decode 14+2"] = relative_error(decoded, ref.decode(latents, chunk=14))
+    errors["decode 14+2"] = relative_error(decoded, decode_latents(ref, latents))
     print("\nORT fp32 vs torch, relative L2: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     assert max(errors.values()) <= TOLERANCES["fp32"].relative_l2
 
 
 def test_inputs_are_checked_against_the_session_metadata(backends):
     ours, _ = backends
-    unet = ours._runners["unet"]
     good = dict(x_t=torch.zeros(1, 4, F, H, W), t=torch.zeros(1, dtype=torch.int64),
                 text=torch.zeros(1, 77, 32), z1=torch.zeros(1, 4, 1, H, W), motion_id=torch.zeros(1))
-    unet.check(good)
+    assert ours.run("unet", good)[0].shape == (1, 4, F, H, W)
     with pytest.raises(InputError, match=r"axis 3 is fixed at 8 .*rebuild with --height"):
-        unet(**{**good, "x_t": torch.zeros(1, 4, F, 16, W)})
+        ours.run("unet", {**good, "x_t": torch.zeros(1, 4, F, 16, W)})
     with pytest.raises(InputError, match="'t' must be torch.int64, got torch.float32"):
-        unet(**{**good, "t": torch.zeros(1)})
+        ours.run("unet", {**good, "t": torch.zeros(1)})
     with pytest.raises(InputError, match="'z1' must have rank 5"):
-        unet(**{**good, "z1": torch.zeros(1, 4, H, W)})
+        ours.run("unet", {**good, "z1": torch.zeros(1, 4, H, W)})
     with pytest.raises(InputError, match="takes inputs"):
-        unet(**{k: v for k, v in good.items() if k != "motion_id"})
+        ours.run("unet", {k: v for k, v in good.items() if k != "motion_id"})
     with pytest.raises(InputError, match="'x_t' axis 2 is fixed at 15"):
         ours.unet(torch.zeros(1, 4, 7, H, W), torch.tensor(1), torch.zeros(1, 77, 32), torch.zeros(1, 4, 1, H, W),
                   90.0)
@@ -80,7 +81,7 @@ def test_fp16_engines_run_in_fp16(engines_fp16, backends):
     ours16, ref = OnnxRuntimeBackend(engines_fp16, device="cpu"), backends[1]
     assert ours16.dtype == torch.float16
     latents = torch.randn(1, 4, F + 1, H, W)
-    err = relative_error(ours16.decode(latents), ref.decode(latents))
+    err = relative_error(decode_latents(ours16, latents), decode_latents(ref, latents))
     print(f"\nORT fp16 decode vs torch fp32: relative L2 {err:.1e}")
     assert err <= TOLERANCES["fp16"].relative_l2
 
