@@ -205,10 +205,12 @@ def main() -> int:
                 dct[key]["jerk"].append(jerk(video))
                 dct[key]["drift_psnr"].append(float(np.mean([psnr(f, video[0]) for f in video[1:]])))
         with torch.no_grad():
-            mean, _ = animator.backend.encode_image(preprocess(img, d.height, d.width))
+            mean, _ = animator.backend.vae_encoder(preprocess(img, d.height, d.width))
             z = (mean * animator.backend.info.scaling_factor).unsqueeze(2)  # (1, 4, 1, h, w)
-            rec = animator.backend.decode(z, chunk=None)
             from cinemo_rt.components import images_to_uint8
+            from cinemo_rt.stages import decode_latents
+
+            rec = decode_latents(animator.backend, z)
 
             vae_ceiling.append(psnr(images_to_uint8(rec, rounding=True)[0, 0].cpu().numpy(), pix))
     results["frame0"] = {"psnr_db": round(float(np.mean(frame0)), 2),

@@ -46,11 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flops import count_unet_flops  # noqa: E402
 
 from cinemo_rt.checkpoint import Checkpoint, default_scheduler_config  # noqa: E402
+from cinemo_rt.backends.registry import BACKENDS  # noqa: E402
 from cinemo_rt.parity import relative_error  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TORCH_BACKENDS = ("torch-fp32", "torch-fp16", "torch-fast", "torch-fast-compile")
-ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
+ENGINE_BACKENDS = tuple(name for name, entry in BACKENDS.items() if entry.source == "engines")
 STAGES = ("text_encode", "vae_encode", "dct_init", "unet_call", "denoise_loop", "vae_decode", "end_to_end")
 LONG_STAGES = ("denoise_loop", "end_to_end")
 GUIDANCE = 7.5
@@ -121,13 +122,11 @@ def make_backend(name: str, args, device: torch.device):
     if name in ENGINE_BACKENDS:
         if not args.engines:
             raise RuntimeError("no --engines DIR given")
-        from cinemo_rt.backends.engines_dir import load_engines_tokenizer
+        from cinemo_rt.backends.engines_dir import EnginesDir
+        from cinemo_rt.backends.registry import backend_class
 
-        if name == "tensorrt":
-            from cinemo_rt.backends.tensorrt_backend import TensorRTBackend as cls
-        else:
-            from cinemo_rt.backends.onnxruntime_backend import OnnxRuntimeBackend as cls
-        return cls(args.engines, device=device), load_engines_tokenizer(args.engines)
+        engines = EnginesDir.open(args.engines)
+        return backend_class(name)(engines, device=device), engines.tokenizer()
     on_cpu = device.type == "cpu"
     if name == "torch-fp32":
         dtype = torch.float32
@@ -291,10 +290,12 @@ def profile_blocks(backend, inputs: tuple, clock: Clock, repeats: int) -> dict:
 def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_per_call: int,
                 ceiling: dict, reference: dict | None) -> dict:
     from cinemo_rt.dctinit import select_dct_init
-    from cinemo_rt.pipeline import Animator, Defaults
+    from cinemo_rt.pipeline import Animator
     from cinemo_rt.sampling import sample
+    from cinemo_rt.settings import DCT_FRACTION, DCT_TAU, Size
+    from cinemo_rt.stages import decode_latents
     from cinemo_rt.schedule import make_schedule
-    from cinemo_rt.testing import write_tokenizer
+    from cinemo_rt.small_clip import write_tokenizer
 
     clock = Clock(device)
     if device.type == "cuda":
@@ -314,20 +315,20 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
     motion = torch.full((1,), 90.0, device=device)
     motion2 = torch.full((2,), 90.0, device=device)
     dct_init = select_dct_init(device)
-    alpha_tau = float(make_schedule()[975])
+    alpha_tau = float(make_schedule()[DCT_TAU])
 
     with torch.no_grad():
-        text_both = backend.encode_text(ids).to(dtype)  # (2, 77, D): uncond, cond
+        text_both = backend.text_encoder(ids).to(dtype)  # (2, 77, D): uncond, cond
     text, text_uncond = text_both[1:], text_both[:1]
     z1_dev, z1_both = z1.to(device, dtype), z1.to(device, dtype).expand(2, -1, -1, -1, -1).contiguous()
-    x_T = dct_init(z1, noise, alpha_tau, 0.23).to(device, dtype)
+    x_T = dct_init(z1, noise, alpha_tau, DCT_FRACTION).to(device, dtype)
     latents = torch.cat([z1, z1 + noise], dim=2).to(device, dtype)
     if tokenizer is None:  # random-weight full model: any CLIP BPE tokenizer will do for timing
         tokenizer_dir = write_tokenizer(Path(tempfile.mkdtemp()) / "tokenizer")
         from transformers import CLIPTokenizer
 
         tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    animator = Animator(backend, tokenizer, Defaults(shape.height, shape.width, shape.frames))
+    animator = Animator(backend, tokenizer, Size(shape.height, shape.width, shape.frames))
     image = (np.random.default_rng(args.seed).random((shape.height, shape.width, 3)) * 255).astype(np.uint8)
 
     def loop():
@@ -335,12 +336,12 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
                       steps=shape.steps, guidance=GUIDANCE, prediction_type=backend.info.prediction_type)
 
     stage_fns = {
-        "text_encode": lambda: backend.encode_text(ids),
-        "vae_encode": lambda: backend.encode_image(pixels),
-        "dct_init": lambda: dct_init(z1.to(device), noise.to(device), alpha_tau, 0.23),
+        "text_encode": lambda: backend.text_encoder(ids),
+        "vae_encode": lambda: backend.vae_encoder(pixels),
+        "dct_init": lambda: dct_init(z1.to(device), noise.to(device), alpha_tau, DCT_FRACTION),
         "unet_call": lambda: backend.unet(x2, t2, text_both, z1_both, motion2),
         "denoise_loop": loop,
-        "vae_decode": lambda: backend.decode(latents, chunk=14 if info.temporal_vae else None),
+        "vae_decode": lambda: decode_latents(backend, latents),
         "end_to_end": lambda: animator(image, "a boat on the sea", steps=shape.steps, seed=args.seed),
     }
     stages = {}
@@ -349,8 +350,8 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
             long = stage in LONG_STAGES
             stages[stage] = clock.measure(fn, warmup=1 if long else args.warmup,
                                           repeats=args.loop_repeats if long else args.repeats)
-        outputs = {"text": backend.encode_text(ids), "eps": backend.unet(x2, t2, text_both, z1_both, motion2),
-                   "x_0": loop(), "decoded": backend.decode(latents, chunk=14 if info.temporal_vae else None)}
+        outputs = {"text": backend.text_encoder(ids), "eps": backend.unet(x2, t2, text_both, z1_both, motion2),
+                   "x_0": loop(), "decoded": decode_latents(backend, latents)}
         outputs = {k: v.detach().float().cpu() for k, v in outputs.items()}
         profile = profile_blocks(backend, (x2, t2, text_both, z1_both, motion2), clock, max(args.repeats // 2, 1))
 

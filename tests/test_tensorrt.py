@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cinemo_rt import manifest as mf
 from cinemo_rt.backends import tensorrt_backend as tb
 
 OPS_FILE = Path(__file__).resolve().parents[1] / "export" / "trt_onnx_ops.json"
@@ -29,10 +30,8 @@ TINY = dict(height=64, width=64, frames=15)
 @pytest.fixture(scope="module")
 def tiny_graphs(engines_fp32):
     """The fp32 graphs of the tiny checkpoint, as the build flow exported and cleaned them."""
-    from cinemo_rt.backends.engines_dir import component_file, read_manifest
-
-    manifest = read_manifest(engines_fp32)
-    return {name: component_file(engines_fp32, manifest, name) for name in manifest["components"]}
+    manifest = mf.Manifest.read(engines_fp32)
+    return {name: manifest.onnx_path(engines_fp32, name) for name in manifest.components}
 
 
 def _ops_table():
@@ -131,20 +130,28 @@ def test_profiles_from_the_export_spec():
 
 
 # ---------------------------------------------------------------------------------------------
-# Keys and manifest (pure Python)
+# Keys and the one manifest (pure Python)
 # ---------------------------------------------------------------------------------------------
-H100 = tb.Platform("10.7.0", "NVIDIA H100 80GB HBM3", "9.0")
+H100 = mf.Platform("10.7.0", "NVIDIA H100 80GB HBM3", "9.0")
 
 
-def _entry(folder: Path, component="unet", platform=H100, onnx="a" * 64, payload=b"engine-bytes") -> tb.EngineEntry:
+def _entry(folder: Path, component="unet", platform=H100, onnx="a" * 64, payload=b"engine-bytes") -> mf.EngineEntry:
+    from cinemo_rt.files import file_sha256
     from export.tensorrt_build import BuildOptions, engine_file_name, engine_key, write_atomic
 
     key = engine_key(component, onnx, platform, [STATIC2], BuildOptions())
-    path = folder / tb.ENGINE_SUBDIR / engine_file_name(key)
+    path = folder / mf.ENGINE_SUBDIR / engine_file_name(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, payload)
-    return tb.EngineEntry(key=key, file=path.name, engine_sha256=tb.file_sha256(path), engine_bytes=len(payload),
+    return mf.EngineEntry(key=key, file=path.name, engine_sha256=file_sha256(path), engine_bytes=len(payload),
                           inputs={"x": "float16"}, outputs={"y": "float16"})
+
+
+def _manifest_with(engines, onnx_sha256="a" * 64) -> mf.Manifest:
+    manifest = mf.Manifest(components={"unet": mf.Component("k", "w", mf.OnnxArtifact("unet.onnx", onnx_sha256))})
+    for entry in engines:
+        manifest.upsert_engine(entry)
+    return manifest
 
 
 def test_key_digest_changes_with_everything_it_depends_on(tmp_path):
@@ -152,8 +159,8 @@ def test_key_digest_changes_with_everything_it_depends_on(tmp_path):
 
     base = engine_key("unet", "a" * 64, H100, [STATIC2], BuildOptions())
     variants = [engine_key("unet", "b" * 64, H100, [STATIC2], BuildOptions()),
-                engine_key("unet", "a" * 64, tb.Platform("10.8.0", H100.gpu_name, "9.0"), [STATIC2], BuildOptions()),
-                engine_key("unet", "a" * 64, tb.Platform("10.7.0", "NVIDIA A100", "8.0"), [STATIC2], BuildOptions()),
+                engine_key("unet", "a" * 64, mf.Platform("10.8.0", H100.gpu_name, "9.0"), [STATIC2], BuildOptions()),
+                engine_key("unet", "a" * 64, mf.Platform("10.7.0", "NVIDIA A100", "8.0"), [STATIC2], BuildOptions()),
                 engine_key("unet", "a" * 64, H100, [DYNAMIC], BuildOptions()),
                 engine_key("unet", "a" * 64, H100, [STATIC2], BuildOptions(precision="fp16-flags")),
                 engine_key("unet", "a" * 64, H100, [STATIC2], BuildOptions(refit=True))]
@@ -163,52 +170,60 @@ def test_key_digest_changes_with_everything_it_depends_on(tmp_path):
 
 def test_manifest_roundtrip_and_selection(tmp_path):
     unet = _entry(tmp_path)
-    a100 = _entry(tmp_path, platform=tb.Platform("10.7.0", "NVIDIA A100-SXM4-80GB", "8.0"), payload=b"other")
-    tb.write_engine_manifest(tmp_path, tb.upsert_entry([unet], a100))
-    entries = tb.read_engine_manifest(tmp_path)
-    assert [e.key for e in entries] == [unet.key, a100.key]
-    chosen, problems = tb.select_engines(entries, H100, ["unet"], {"unet": "a" * 64})
+    a100 = _entry(tmp_path, platform=mf.Platform("10.7.0", "NVIDIA A100-SXM4-80GB", "8.0"), payload=b"other")
+    manifest = _manifest_with([unet, a100])
+    assert manifest.upsert_engine(_entry(tmp_path, onnx="b" * 64)) == [unet]  # same GPU: replaced
+    manifest.upsert_engine(unet)
+    manifest.write(tmp_path)
+    read = mf.Manifest.read(tmp_path)
+    assert read == manifest and [e.key for e in read.engines] == [a100.key, unet.key]
+    chosen, problems = read.select_engines(H100, ["unet"])
     assert chosen["unet"] == unet and problems == []
-    tb.verify_engine_file(tmp_path, chosen["unet"])
+    mf.verify_engine_file(tmp_path, chosen["unet"])
 
 
 def test_mismatches_are_explained(tmp_path):
-    entries = [_entry(tmp_path)]
-    _, problems = tb.select_engines(entries, tb.Platform("10.8.0", "NVIDIA L4", "8.9"), ["unet", "vae_decoder"])
+    manifest = _manifest_with([_entry(tmp_path)])
+    _, problems = manifest.select_engines(mf.Platform("10.8.0", "NVIDIA L4", "8.9"), ["unet", "vae_decoder"])
     text = " ".join(problems)
     assert "TensorRT 10.7.0 != installed 10.8.0" in text and "compute capability 9.0" in text
     assert "no TensorRT engine for 'vae_decoder'" in text
-    _, problems = tb.select_engines(entries, H100, ["unet"], {"unet": "c" * 64})
+    _, problems = _manifest_with([_entry(tmp_path)], onnx_sha256="c" * 64).select_engines(H100, ["unet"])
     assert "ONNX graph changed" in problems[0]
 
 
 def test_corrupt_or_edited_engines_are_detected_with_a_rebuild_hint(tmp_path):
     entry = _entry(tmp_path)
-    tb.write_engine_manifest(tmp_path, [entry])
-    path = tmp_path / tb.ENGINE_SUBDIR / entry.file
-    path.write_bytes(b"engine-bytez")  # same size, other bytes
-    with pytest.raises(tb.EngineMismatchError, match="SHA-256.*export.build_engines"):
-        tb.verify_engine_file(tmp_path, entry)
-    path.write_bytes(b"short")
-    with pytest.raises(tb.EngineMismatchError, match="truncated"):
-        tb.verify_engine_file(tmp_path, entry)
-    path.unlink()
-    with pytest.raises(tb.EngineMismatchError, match="missing"):
-        tb.verify_engine_file(tmp_path, entry)
-    data = json.loads(tb.manifest_path(tmp_path).read_text())
+    path = _manifest_with([entry]).write(tmp_path)
+    engine = tmp_path / mf.ENGINE_SUBDIR / entry.file
+    engine.write_bytes(b"engine-bytez")  # same size, other bytes
+    with pytest.raises(mf.EngineMismatchError, match="SHA-256.*export.build_engines"):
+        mf.verify_engine_file(tmp_path, entry)
+    engine.write_bytes(b"short")
+    with pytest.raises(mf.EngineMismatchError, match="truncated"):
+        mf.verify_engine_file(tmp_path, entry)
+    engine.unlink()
+    with pytest.raises(mf.EngineMismatchError, match="missing"):
+        mf.verify_engine_file(tmp_path, entry)
+    data = json.loads(path.read_text())
     data["engines"][0]["key"]["gpu_name"] = "NVIDIA H200"  # hand-edited key: digest no longer matches
-    tb.manifest_path(tmp_path).write_text(json.dumps(data))
-    with pytest.raises(tb.EngineMismatchError, match="edited"):
-        tb.read_engine_manifest(tmp_path)
-    tb.manifest_path(tmp_path).write_text("{not json")
-    with pytest.raises(tb.EngineMismatchError, match="unreadable"):
-        tb.read_engine_manifest(tmp_path)
+    path.write_text(json.dumps(data))
+    with pytest.raises(mf.EngineMismatchError, match="edited"):
+        mf.Manifest.read(tmp_path)
+    data["engines"][0]["file"] = "../../elsewhere.plan"
+    data["engines"][0]["key"]["gpu_name"] = H100.gpu_name
+    path.write_text(json.dumps(data))
+    with pytest.raises(mf.EnginesDirError, match="outside the folder"):
+        mf.verify_engine_file(tmp_path, mf.Manifest.read(tmp_path).engines[0])
+    path.write_text("{not json")
+    with pytest.raises(mf.EnginesDirError, match="unreadable"):
+        mf.Manifest.read(tmp_path)
 
 
 def test_dtype_names():
     assert tb.torch_dtype_of(type("D", (), {"name": "HALF"})()) is torch.float16
     assert tb.torch_dtype_of("DataType.INT64") is torch.int64
-    with pytest.raises(tb.EngineMismatchError):
+    with pytest.raises(mf.EngineMismatchError):
         tb.torch_dtype_of("DataType.FP8")
 
 
@@ -223,47 +238,54 @@ def test_unavailable_reason_without_a_gpu(tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_engines(tiny_checkpoint_dir, tmp_path_factory):
-    """fp16 graphs of the tiny checkpoint and one engine per component (static tiny profiles)."""
-    from cinemo_rt.checkpoint import load_checkpoint
-    from export.onnx_export import export_onnx, prepare_module
-    from export.specs import SPECS, dims_for
-    from export.tensorrt_build import BuildOptions, build_engine, profiles_for
+    """fp16 graphs of the tiny checkpoint and one engine per component (static tiny profiles), built by the
+    build flow, which also checks every engine against PyTorch (the manifest records the numbers)."""
+    from conftest import build_tiny_engines
 
-    checkpoint = load_checkpoint(tiny_checkpoint_dir, device="cpu", dtype=torch.float32)
-    dims = dims_for(checkpoint, **TINY)
     out = tmp_path_factory.mktemp("engines")
-    for name, spec in SPECS.items():
-        path = export_onnx(spec, prepare_module(spec, checkpoint, "fp16"), dims, "fp16", out / f"{name}.onnx").path
-        batches = (2, 1) if name == "unet" else None
-        build_engine(name, path, out, profiles_for(spec, dims, batches=batches), BuildOptions(precision="fp16"))
-    return out, checkpoint, dims
+    manifest = build_tiny_engines(tiny_checkpoint_dir, out, "fp16", targets=("onnx", "tensorrt"))
+    return out, manifest
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@needs_trt
+def test_build_flow_verified_every_engine(tiny_engines):
+    from cinemo_rt.parity import TOLERANCES
+
+    folder, manifest = tiny_engines
+    assert {e.component for e in manifest.engines} == set(manifest.components)
+    for name, component in manifest.components.items():
+        record = component.parity["tensorrt"]
+        assert record["ok"], name
+        assert max(o["relative_l2"] for o in record["outputs"]) <= TOLERANCES["fp16"].relative_l2
 
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 @needs_trt
 @pytest.mark.parametrize("component", ["text_encoder", "vae_encoder", "unet", "vae_decoder"])
-def test_engine_matches_pytorch(tiny_engines, component):
+def test_engine_matches_pytorch(tiny_engines, tiny_checkpoint_dir, component):
+    from cinemo_rt.checkpoint import load_checkpoint
     from cinemo_rt.parity import TOLERANCES, relative_error
-    from export.specs import SPECS
+    from export.specs import SPECS, dims_for
+    from export.tensorrt_build import engine_runner
 
-    folder, checkpoint, dims = tiny_engines
+    folder, manifest = tiny_engines
+    checkpoint = load_checkpoint(tiny_checkpoint_dir, device="cpu", dtype=torch.float32)
+    dims = dims_for(checkpoint, **TINY)
     spec = SPECS[component]
-    entry = next(e for e in tb.read_engine_manifest(folder) if e.component == component)
-    trt = tb._import_tensorrt()
-    runner = tb.EngineRunner(trt, trt.Runtime(trt.Logger(trt.Logger.WARNING)),
-                             tb.verify_engine_file(folder, entry), entry, torch.device("cuda"), folder)
-    memory = torch.empty(max(runner.activation_bytes, 1), dtype=torch.uint8, device="cuda")
-    runner.bind_activation_memory(memory)
+    entry = next(e for e in manifest.engines if e.component == component)
+    runner = engine_runner(folder, manifest, entry)
     for profile in entry.profiles:
         batch = next(iter(profile.values()))[1][0]
         feeds = spec.sample_inputs(dims, "fp32", batch=batch, seed=1)
         with torch.no_grad():
             reference = spec.module_fn(checkpoint).float()(*feeds.values())
         reference = reference if isinstance(reference, tuple) else (reference,)
-        out = runner(**{n: t.cuda() for n, t in feeds.items()})
-        for name, ref in zip(spec.outputs, reference):
-            err = relative_error(out[name].float().cpu(), ref)
+        out = runner({n: t.cuda() for n, t in feeds.items()})
+        for name, got, ref in zip(spec.outputs, out, reference):
+            err = relative_error(got.float().cpu(), ref)
             assert err <= TOLERANCES["fp16"].relative_l2, f"{component}.{name} batch {batch}: {err:.2e}"
 
 
@@ -274,7 +296,7 @@ def test_whole_video_through_tensorrt(tiny_engines, tiny_checkpoint_dir):
     from cinemo_rt.parity import TOLERANCES, relative_error
     from cinemo_rt.pipeline import Animator
 
-    folder, _, _ = tiny_engines
+    folder, _ = tiny_engines
     image = torch.rand(64, 64, 3).mul(255).to(torch.uint8).numpy()
     trt_animator = Animator.from_engines(folder, backend="tensorrt", device="cuda")
     assert trt_animator.backend.name == "tensorrt"
