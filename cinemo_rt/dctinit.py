@@ -9,7 +9,7 @@ temporal frequencies (the original mask has a frame dim of 1 that broadcasts ove
 
 The reference here runs in float64 with explicit DCT matrices (40x40, 64x64, FxF at the released size),
 which is exact to float64 rounding and has an obvious GPU/ONNX counterpart (three small matmuls).
-`select_dct_init` picks a CUDA implementation from `kernels.cupy_dct` when one is available.
+`select_dct_init` picks the CUDA implementation (`kernels/cupy_dct.py`) when one is available.
 """
 
 from __future__ import annotations
@@ -21,11 +21,27 @@ from typing import Callable
 import torch
 
 from .schedule import add_noise
+from .settings import DCT_FRACTION
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FRACTION = 0.23
+DEFAULT_FRACTION = DCT_FRACTION  # the name callers used before settings.py
 DCTInitFn = Callable[..., torch.Tensor]
+# The CUDA kernels' module: installed inside the cinemo_rt namespace, top-level `kernels` in a checkout.
+KERNEL_MODULES = ("cinemo_rt._kernels.cupy_dct", "kernels.cupy_dct")
+
+
+def import_kernels():
+    """The kernels module (CuPy imports lazily inside it); ImportError when neither name resolves."""
+    import importlib
+
+    for name in KERNEL_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name not in name:  # a missing dependency inside the module, not the module itself
+                raise
+    raise ImportError(f"the DCT kernels module is not installed ({' or '.join(KERNEL_MODULES)})")
 
 
 def dct_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -103,18 +119,18 @@ def dct_init(
 
 
 def select_dct_init(device: torch.device | str) -> DCTInitFn:
-    """Choose the DCTInit implementation once for `device`: the CUDA kernel from `kernels.cupy_dct` when the
+    """Choose the DCTInit implementation once for `device`: the CUDA kernel from `kernels/cupy_dct.py` when the
     device is CUDA and CuPy and that module import, else the float64 CPU reference `dct_init`."""
     device = torch.device(device)
     if device.type == "cuda":
         try:
             import cupy  # noqa: F401  (the kernel module needs it; fail here with a clear reason)
 
-            from kernels.cupy_dct import dct_init_cuda
+            kernels = import_kernels()
         except ImportError as err:
             log.info("DCTInit: CPU float64 reference (CUDA kernel unavailable: %s)", err)
             return dct_init
-        log.info("DCTInit: CUDA kernel kernels.cupy_dct.dct_init_cuda on %s", device)
-        return dct_init_cuda
+        log.info("DCTInit: CUDA kernel %s.dct_init_cuda on %s", kernels.__name__, device)
+        return kernels.dct_init_cuda
     log.info("DCTInit: CPU float64 reference (device %s)", device)
     return dct_init

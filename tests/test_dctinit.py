@@ -126,10 +126,13 @@ def test_select_cuda_uses_kernel_when_importable(monkeypatch, caplog):
     def fake_cuda_kernel(z1, noise, alpha_bar_tau, fraction=0.23):
         return noise
 
-    kernel_module = types.ModuleType("kernels.cupy_dct")
+    from cinemo_rt.dctinit import KERNEL_MODULES
+
+    kernel_module = types.ModuleType("cupy_dct")
     kernel_module.dct_init_cuda = fake_cuda_kernel
     monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))
-    monkeypatch.setitem(sys.modules, "kernels.cupy_dct", kernel_module)
+    for name in KERNEL_MODULES:  # installed or checkout layout, whichever this run has
+        monkeypatch.setitem(sys.modules, name, kernel_module)
     with caplog.at_level(logging.INFO, logger="cinemo_rt.dctinit"):
         assert select_dct_init(torch.device("cuda")) is fake_cuda_kernel
     assert "cupy_dct" in caplog.text
