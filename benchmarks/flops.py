@@ -87,9 +87,11 @@ def count_unet_flops(config: UNetConfig | None = None, batch: int = 2, frames: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2, help="2 = one classifier-free-guidance call")
-    parser.add_argument("--frames", type=int, default=15, help="residual frames (the z1 frame is added)")
-    parser.add_argument("--height", type=int, default=320)
-    parser.add_argument("--width", type=int, default=512)
+    from cinemo_rt.settings import Size
+
+    parser.add_argument("--frames", type=int, default=Size.frames, help="residual frames (the z1 frame is added)")
+    parser.add_argument("--height", type=int, default=Size.height)
+    parser.add_argument("--width", type=int, default=Size.width)
     args = parser.parse_args(argv)
     flops = count_unet_flops(batch=args.batch, frames=args.frames, latent_h=args.height // LATENT_FACTOR,
                              latent_w=args.width // LATENT_FACTOR)

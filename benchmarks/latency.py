@@ -48,6 +48,7 @@ from flops import count_unet_flops  # noqa: E402
 from cinemo_rt.checkpoint import Checkpoint, default_scheduler_config  # noqa: E402
 from cinemo_rt.backends.registry import BACKENDS  # noqa: E402
 from cinemo_rt.parity import relative_error  # noqa: E402
+from cinemo_rt.settings import Size  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TORCH_BACKENDS = ("torch-fp32", "torch-fp16", "torch-fast", "torch-fast-compile")
@@ -72,7 +73,7 @@ class JobShape:
         return self.height // 8, self.width // 8
 
 
-FULL = JobShape(frames=15, height=320, width=512, steps=50)  # the released job: 16 frames at 320x512
+FULL = JobShape(frames=Size.frames, height=Size.height, width=Size.width, steps=50)  # released: 16 x 320 x 512
 TINY = JobShape(frames=3, height=64, width=64, steps=2)
 
 
@@ -292,7 +293,7 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
     from cinemo_rt.dctinit import select_dct_init
     from cinemo_rt.pipeline import Animator
     from cinemo_rt.sampling import sample
-    from cinemo_rt.settings import DCT_FRACTION, DCT_TAU, Size
+    from cinemo_rt.settings import DCT_FRACTION, DCT_TAU
     from cinemo_rt.stages import decode_latents
     from cinemo_rt.schedule import make_schedule
     from cinemo_rt.small_clip import write_tokenizer

@@ -9,7 +9,7 @@ from cinemo_rt.backends.base import model_info
 from cinemo_rt.checkpoint import load_checkpoint
 from cinemo_rt.cli import main
 from cinemo_rt.defaults import DEMO_CHECKPOINT, EXAMPLE_IMAGE
-from cinemo_rt.pipeline import Defaults
+from cinemo_rt.settings import Size
 from cinemo_rt.video import read_video
 
 MAX_BYTES = 20 * 2**20  # the size limit for the embedded checkpoint
@@ -23,7 +23,7 @@ def test_bundled_demo_is_small_and_loads():
     ckpt = load_checkpoint(DEMO_CHECKPOINT)
     assert model_info(ckpt).prediction_type == "v_prediction"
     assert not any(p.suffix in (".bin", ".pt") for p in DEMO_CHECKPOINT.rglob("*"))  # safetensors only
-    defaults = Defaults.from_folder(DEMO_CHECKPOINT)
+    defaults = Size.from_folder(DEMO_CHECKPOINT)
     assert (defaults.height, defaults.width) == (32, 32)
 
 
@@ -35,7 +35,7 @@ def test_default_run_animates_the_example_with_the_demo(tmp_path, caplog):
     assert code == 0
     assert "embedded demo checkpoint" in caplog.text and "untrained" not in caplog.text
     video = read_video(out)
-    defaults = Defaults.from_folder(DEMO_CHECKPOINT)
+    defaults = Size.from_folder(DEMO_CHECKPOINT)
     assert video.shape == (defaults.frames + 1, defaults.height, defaults.width, 3)
     # It moves: the last frame differs visibly from the first (an unmoving model gives ~0 here).
     change = np.abs(video[-1].astype(np.int16) - video[0].astype(np.int16)).mean()

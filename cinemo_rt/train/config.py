@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from ..schedule import PREDICTION_TYPES
+from ..settings import Size
 
 
 @dataclass(frozen=True)
@@ -22,10 +23,10 @@ class TrainConfig:
     make_demo_data: bool = False                # write the demo dataset into data_dir if it is missing
     demo_clips: int = 600
     demo_seed: int = 0
-    num_frames: int = 16                        # frames per sample: z1 + (num_frames - 1) residual frames
+    num_frames: int = Size.frames + 1           # frames per sample: z1 + (num_frames - 1) residual frames
     frame_interval: tuple[int, int] = (3, 10)   # inclusive range of the random frame stride (paper 4.1)
-    height: int = 320
-    width: int = 512
+    height: int = Size.height
+    width: int = Size.width
     text_dropout: float = 0.5                   # empty prompt with this probability (for guidance)
     cache_latents: bool = False                 # encode every frame once (valid: the crop is deterministic)
     # -- model --------------------------------------------------------------------------------------
