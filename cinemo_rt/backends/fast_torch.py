@@ -155,6 +155,12 @@ class FastUNet(nn.Module):
             kv.append((k, v))
         return CrossContext(tuple(kv))
 
+    def temporal_consts(self, frames: int, device: torch.device) -> _TemporalConsts:
+        """Rotary tables and relative-position biases for `frames` (z1 included). Built eagerly, before a
+        compiled or graph-captured forward sees them: filling this cache inside a compiled forward would
+        change what dynamo guarded on and trigger a second compile (inside CUDA-graph capture on a GPU)."""
+        return self._temporal_consts(frames, self.dtype, torch.device(device))
+
     def _temporal_consts(self, frames: int, dtype: torch.dtype, device: torch.device) -> _TemporalConsts:
         key = (frames, dtype, device)
         if key not in self._consts:
@@ -367,6 +373,17 @@ def _version_of(tensor: torch.Tensor) -> int:
         return 0
 
 
+# Inductor modes that capture CUDA graphs of their own -> the same mode without them. Used when the backend
+# captures its manual graph of the whole call: Inductor's graphs nested inside that capture would fail or
+# double-capture (reduce-overhead is the default mode plus cudagraph trees).
+_WITHOUT_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def inductor_mode(compile_mode: str, manual_graph: bool) -> str:
+    """The `torch.compile` mode to use: `compile_mode`, minus Inductor's CUDA graphs when we capture our own."""
+    return _WITHOUT_CUDAGRAPHS.get(compile_mode, compile_mode) if manual_graph else compile_mode
+
+
 class FastTorchBackend(TorchBackend):
     """Backend protocol over a Checkpoint (loaded at its target device/dtype, e.g. fp16 on CUDA), with the
     UNet run by `FastUNet`. The backend owns the checkpoint: its UNet weights are re-laid-out in place.
@@ -386,9 +403,7 @@ class FastTorchBackend(TorchBackend):
         self.cuda_graph = cuda_graph
         self._forward = self.fast_unet
         if compile_mode is not None:
-            # No graphs from Inductor when we capture our own (the capture wraps the compiled kernels).
-            mode = "max-autotune-no-cudagraphs" if cuda_graph and compile_mode == "max-autotune" else compile_mode
-            self._forward = torch.compile(self.fast_unet, mode=mode, dynamic=False)
+            self._forward = torch.compile(self.fast_unet, mode=inductor_mode(compile_mode, cuda_graph), dynamic=False)
         self._text_ref = None  # weak reference to the last text tensor seen, its version and its K/V
         self._text_version = -1
         self._context: CrossContext | None = None
@@ -414,6 +429,7 @@ class FastTorchBackend(TorchBackend):
         motion_id = torch.as_tensor(motion_id, device=self.device, dtype=torch.float32)
         motion_id = motion_id.expand(x_t.shape[0]) if motion_id.dim() == 0 else motion_id
         x_t, z1 = x_t.to(self.dtype), z1.to(self.dtype)
+        self.fast_unet.temporal_consts(x_t.shape[2] + 1, self.device)  # eager, outside compile and capture
         if not self.cuda_graph:
             return self._forward(x_t, t, context, z1, motion_id)
         key = (tuple(x_t.shape), tuple(z1.shape), tuple(context.keys_values[0][0].shape), t.dtype)
