@@ -6,8 +6,8 @@ cinemo_rt/parity.py, and run a whole video through Animator.from_engines(..., ba
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,20 @@ from cinemo_rt.backends import tensorrt_backend as tb
 OPS_FILE = Path(__file__).resolve().parents[1] / "export" / "trt_onnx_ops.json"
 TRT_SKIP = ("needs the tensorrt Python package and a CUDA GPU; run `pytest tests/test_tensorrt.py` on a GPU "
             "machine with TensorRT 10")
-HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+def _tensorrt_runs() -> bool:
+    """Importing, not finding: PyPI's `tensorrt` stub and a broken CUDA install are found but do not import."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:  # ImportError, or the stub's RuntimeError, or a missing libnvinfer
+        return False
+    return True
+
+
+HAVE_TRT = _tensorrt_runs()
 needs_trt = pytest.mark.skipif(not HAVE_TRT, reason=TRT_SKIP)
 TINY = dict(height=64, width=64, frames=15)
 
@@ -156,7 +169,9 @@ def test_key_digest_changes_with_everything_it_depends_on(tmp_path):
                 engine_key("unet", "a" * 64, tb.Platform("10.7.0", "NVIDIA A100", "8.0"), [STATIC2], BuildOptions()),
                 engine_key("unet", "a" * 64, H100, [DYNAMIC], BuildOptions()),
                 engine_key("unet", "a" * 64, H100, [STATIC2], BuildOptions(precision="fp16-flags")),
-                engine_key("unet", "a" * 64, H100, [STATIC2], BuildOptions(refit=True))]
+                engine_key("unet", "a" * 64, H100, [STATIC2], BuildOptions(refit=True)),
+                engine_key("unet", "a" * 64, H100, [STATIC2], BuildOptions(optimization_level=5)),
+                engine_key("unet", "a" * 64, H100, [STATIC2], BuildOptions(workspace_bytes=4 << 30))]
     digests = {base.digest()} | {v.digest() for v in variants}
     assert len(digests) == 1 + len(variants)
 
@@ -212,6 +227,121 @@ def test_dtype_names():
         tb.torch_dtype_of("DataType.FP8")
 
 
+def test_timing_cache_is_per_gpu_model(tmp_path):
+    from export.tensorrt_build import timing_cache_path
+
+    h200 = tb.Platform("10.7.0", "NVIDIA H200", "9.0")
+    assert timing_cache_path(tmp_path, H100) != timing_cache_path(tmp_path, h200)  # both sm_90
+    assert timing_cache_path(tmp_path, H100).name == "timing-trt10.7.0-NVIDIA_H100_80GB_HBM3-sm9.0.cache"
+
+
+# ---------------------------------------------------------------------------------------------
+# Code paths that need the tensorrt module, run against a fake one (the real bindings' names)
+# ---------------------------------------------------------------------------------------------
+class FakeStream:
+    """Records `wait_stream` calls in a shared log; `cuda_stream` is the handle TensorRT is given."""
+
+    def __init__(self, name, handle, log):
+        self.name, self.cuda_stream, self.log = name, handle, log
+
+    def wait_stream(self, other):
+        self.log.append(("wait", self.name, other.name))
+
+
+class FakeContext:
+    def __init__(self, log):
+        self.log, self.shapes = log, {}
+
+    def set_optimization_profile_async(self, index, stream):
+        return True
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = shape
+        return True
+
+    def set_tensor_address(self, name, address):
+        pass
+
+    def get_tensor_shape(self, name):
+        return self.shapes["x"]
+
+    def execute_async_v3(self, stream_handle):
+        self.log.append(("enqueue", stream_handle))
+        return True
+
+
+def fake_tensorrt(log, version="10.7.0", compute_precision=True):
+    mode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+    half = types.SimpleNamespace(name="HALF")
+
+    class Engine:
+        num_io_tensors, num_optimization_profiles = 2, 1
+
+        def get_tensor_name(self, i):
+            return ("x", "y")[i]
+
+        def get_tensor_mode(self, name):
+            return mode.INPUT if name == "x" else mode.OUTPUT
+
+        def get_tensor_dtype(self, name):
+            return half
+
+        def create_execution_context(self, strategy):
+            return FakeContext(log)
+
+    class ILayer:
+        def __init__(self, kind):
+            self.type = kind
+
+    normalization = type("INormalizationLayer", (ILayer,), {"compute_precision": None} if compute_precision else {})
+    network = types.SimpleNamespace(num_layers=2, layers=[ILayer("NORMALIZATION"), ILayer("CONVOLUTION")])
+    network.get_layer = lambda i: network.layers[i]
+    return types.SimpleNamespace(
+        __version__=version, TensorIOMode=mode, ExecutionContextAllocationStrategy=types.SimpleNamespace(
+            USER_MANAGED="USER_MANAGED"), LayerType=types.SimpleNamespace(NORMALIZATION="NORMALIZATION"),
+        INormalizationLayer=normalization, float32="float32", network=network,
+        runtime=types.SimpleNamespace(deserialize_cuda_engine=lambda data: Engine()))
+
+
+def test_engines_run_on_their_own_stream_ordered_by_events(tmp_path, monkeypatch):
+    """execute_async_v3 gets the runner's stream, never the caller's (or the legacy default, handle 0), and the
+    two streams are ordered both ways around the enqueue."""
+    log = []
+    trt = fake_tensorrt(log)
+    entry = _entry(tmp_path)
+    caller, own = FakeStream("caller", 0, log), FakeStream("tensorrt", 0x7E57, log)
+    monkeypatch.setattr(tb.torch.cuda, "current_stream", lambda device=None: caller)
+    runner = tb.EngineRunner(trt, trt.runtime, tb.verify_engine_file(tmp_path, entry), entry,
+                             torch.device("cpu"), tmp_path, stream=own)
+    out = runner(x=torch.ones(2, 4, 8))
+    assert out["y"].shape == (2, 4, 8) and out["y"].dtype == torch.float16
+    assert log == [("wait", "tensorrt", "caller"), ("enqueue", 0x7E57), ("wait", "caller", "tensorrt")]
+
+
+@pytest.mark.parametrize("has_compute_precision", [True, False])
+def test_normalization_compute_precision_is_guarded(has_compute_precision, caplog):
+    """TensorRT 10 sets INormalizationLayer.compute_precision; 11 removed it: the build goes on with a warning."""
+    from export.tensorrt_build import _normalization_compute_fp32
+
+    trt = fake_tensorrt([], version="11.0.0" if not has_compute_precision else "10.7.0",
+                        compute_precision=has_compute_precision)
+    count = _normalization_compute_fp32(trt, trt.network)
+    if has_compute_precision:
+        assert count == 1 and trt.network.layers[0].compute_precision == "float32"
+    else:
+        assert count == 0 and "compute_precision" in caplog.text
+
+
+def test_unavailable_reason_names_a_missing_engines_manifest(tmp_path, monkeypatch):
+    """engines.json present but manifest.json absent: a reason (EnginesDirError), not a traceback."""
+    tb.write_engine_manifest(tmp_path, [_entry(tmp_path)])
+    monkeypatch.setattr(tb.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tb, "_import_tensorrt", lambda: fake_tensorrt([]))
+    monkeypatch.setattr(tb, "current_platform", lambda device: H100)
+    reason = tb.tensorrt_unavailable_reason(tmp_path, torch.device("cuda", 0))
+    assert "manifest.json" in reason and "export.build_engines" in reason
+
+
 def test_unavailable_reason_without_a_gpu(tmp_path):
     assert "CUDA devices only" in tb.tensorrt_unavailable_reason(tmp_path, torch.device("cpu"))
     if not torch.cuda.is_available():
@@ -223,19 +353,19 @@ def test_unavailable_reason_without_a_gpu(tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_engines(tiny_checkpoint_dir, tmp_path_factory):
-    """fp16 graphs of the tiny checkpoint and one engine per component (static tiny profiles)."""
-    from cinemo_rt.checkpoint import load_checkpoint
-    from export.onnx_export import export_onnx, prepare_module
-    from export.specs import SPECS, dims_for
-    from export.tensorrt_build import BuildOptions, build_engine, profiles_for
+    """A complete engines folder of the tiny checkpoint, built as users build it (export.build_engines with
+    --targets onnx,tensorrt: manifest, tokenizer, scheduler, fp16 graphs, one engine per component)."""
+    from conftest import build_tiny_engines
 
+    from cinemo_rt.checkpoint import load_checkpoint
+    from export.specs import dims_for
+
+    if not HAVE_TRT:
+        pytest.skip(TRT_SKIP)
     checkpoint = load_checkpoint(tiny_checkpoint_dir, device="cpu", dtype=torch.float32)
     dims = dims_for(checkpoint, **TINY)
     out = tmp_path_factory.mktemp("engines")
-    for name, spec in SPECS.items():
-        path = export_onnx(spec, prepare_module(spec, checkpoint, "fp16"), dims, "fp16", out / f"{name}.onnx").path
-        batches = (2, 1) if name == "unet" else None
-        build_engine(name, path, out, profiles_for(spec, dims, batches=batches), BuildOptions(precision="fp16"))
+    build_tiny_engines(tiny_checkpoint_dir, out, "fp16", targets=("onnx", "tensorrt"))
     return out, checkpoint, dims
 
 

@@ -10,7 +10,8 @@ the engines and records each in `<engines>/tensorrt/engines.json` with its cache
 3. creates one execution context per engine with user-managed activation memory, all pointing at one shared
    buffer as large as the largest engine needs (the components run one after another on one stream);
 4. binds torch CUDA tensors by tensor name (`set_input_shape`, `set_tensor_address`) and enqueues on the
-   pipeline's current stream, so nothing here synchronises the host;
+   backend's own stream, ordered after the caller's stream and before its next work by events (on the legacy
+   default stream TensorRT would synchronise every call), so nothing here synchronises the host;
 5. optionally captures the UNet call in a CUDA graph (static shapes only) and replays it every step.
 
 Everything above the `TensorRTBackend` class is pure Python (no `tensorrt` import) and unit-tested on CPU:
@@ -30,12 +31,13 @@ from typing import Mapping, Sequence
 import torch
 
 from .base import ModelInfo
+from .engines_dir import EnginesDirError
 
 log = logging.getLogger(__name__)
 
 ENGINE_SUBDIR = "tensorrt"  # engines, their manifest and the timing cache live in <engines>/tensorrt/
 ENGINE_MANIFEST = "engines.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: keys carry the optimisation level and workspace limit
 MIN_TENSORRT_MAJOR = 10  # the named-tensor API (execute_async_v3, set_tensor_address) and INT64 I/O
 
 Shape = tuple[int, ...]
@@ -143,6 +145,9 @@ class EngineKey:
     precision: str  # "fp16" (strongly typed from the fp16 graph), "fp16-flags" or "fp32"
     profiles: str  # canonical JSON of the optimisation profiles
     refit: bool = False
+    # Both change which tactics the builder may pick (a smaller workspace rules out some kernels).
+    optimization_level: int | None = None  # None: TensorRT's default
+    workspace_bytes: int | None = None  # None: TensorRT's default (the GPU's memory)
 
     @property
     def platform(self) -> Platform:
@@ -334,6 +339,8 @@ def _import_tensorrt():
     return tensorrt
 
 
+
+
 def current_platform(device: torch.device) -> Platform:
     trt = _import_tensorrt()
     props = torch.cuda.get_device_properties(device)
@@ -350,7 +357,7 @@ def tensorrt_unavailable_reason(folder: str | os.PathLike, device: torch.device)
     try:
         trt = _import_tensorrt()
     except Exception as err:  # a broken CUDA install raises more than ImportError
-        return f"the tensorrt Python package does not import ({type(err).__name__}: {err}); pip install 'tensorrt>=10'"
+        return f"the tensorrt Python package does not import ({type(err).__name__}: {err}); pip install 'tensorrt>=10,<11'"
     major = int(str(trt.__version__).split(".")[0])
     if major < MIN_TENSORRT_MAJOR:
         return f"TensorRT {trt.__version__} is too old: the engines need TensorRT {MIN_TENSORRT_MAJOR} or newer"
@@ -363,7 +370,7 @@ def tensorrt_unavailable_reason(folder: str | os.PathLike, device: torch.device)
         if problems:
             return f"{'; '.join(problems)} (this machine: {platform.describe()}); {rebuild_hint(folder)}"
         return None
-    except EngineMismatchError as err:
+    except (EngineMismatchError, EnginesDirError) as err:  # engines.json or manifest.json missing or malformed
         return str(err)
 
 
@@ -389,11 +396,23 @@ class _TrtLogger:
         return cls.instance
 
 
-class EngineRunner:
-    """One deserialised engine and its one execution context, run by tensor name on a given stream."""
+def enqueue_ordered(stream, caller, enqueue) -> None:
+    """Run `enqueue()` (work on `stream`) after the caller's pending work and before its next, by events
+    (`wait_stream` records an event and waits on it, on the device): no host synchronisation. The caller's
+    tensors handed in stay valid: they are freed on the caller's stream, which waits for `stream` first."""
+    stream.wait_stream(caller)
+    enqueue()
+    caller.wait_stream(stream)
 
-    def __init__(self, trt, runtime, path: Path, entry: EngineEntry, device: torch.device, folder):
+
+class EngineRunner:
+    """One deserialised engine and its one execution context, run by tensor name on its own stream (one
+    stream shared by all engines of a backend: they share activation memory)."""
+
+    def __init__(self, trt, runtime, path: Path, entry: EngineEntry, device: torch.device, folder,
+                 stream=None):
         self.trt, self.entry, self.device = trt, entry, device
+        self.stream = stream if stream is not None else torch.cuda.Stream(device)
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise EngineMismatchError(f"TensorRT could not deserialise {path} (corrupt, or built by another "
@@ -459,11 +478,10 @@ class EngineRunner:
             raise RuntimeError(f"TensorRT failed to enqueue {self.entry.component} (see the TensorRT log above)")
 
     def __call__(self, **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        stream = torch.cuda.current_stream(self.device)  # the pipeline's stream: ordered, no host sync
+        caller = torch.cuda.current_stream(self.device)  # the pipeline's stream
         feeds = self.cast_feeds(feeds)
-        outputs = self.prepare(feeds, stream)
-        self.enqueue(stream)
-        # The caching allocator may hand `feeds` to later work only on this same stream, after this enqueue.
+        outputs = self.prepare(feeds, self.stream)  # outputs are allocated on the caller's stream
+        enqueue_ordered(self.stream, caller, lambda: self.enqueue(self.stream))
         return outputs
 
 
@@ -491,13 +509,12 @@ class UNetGraph:
     def _capture(self, feeds: Mapping[str, torch.Tensor]):
         runner = self.runner
         static_in = {name: tensor.clone() for name, tensor in feeds.items()}
-        stream = torch.cuda.current_stream(runner.device)
-        static_out = runner.prepare(static_in, stream)
+        static_out = runner.prepare(static_in, runner.stream)
         # TensorRT's developer guide (CUDA Graphs): enqueue once before capturing, so that deferred
         # shape-dependent work is done outside the capture.
-        runner.enqueue(stream)
+        enqueue_ordered(runner.stream, torch.cuda.current_stream(runner.device), lambda: runner.enqueue(runner.stream))
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph):  # captured on torch's capture stream (not the legacy default one)
             runner.enqueue(torch.cuda.current_stream(runner.device))
         log.info("captured the TensorRT UNet call in a CUDA graph for %s",
                  ", ".join(f"{n}={_dims(t.shape)}" for n, t in static_in.items()))
@@ -524,8 +541,9 @@ class TensorRTBackend:
                                    onnx_hashes(self.folder))
         runtime = trt.Runtime(_TrtLogger.get(trt))
         with torch.cuda.device(self.device):
+            self.stream = torch.cuda.Stream(self.device)  # TensorRT's own: never the legacy default stream
             self.runners = {component: EngineRunner(trt, runtime, verify_engine_file(self.folder, entry, check_hash),
-                                                    entry, self.device, self.folder)
+                                                    entry, self.device, self.folder, self.stream)
                             for component, entry in chosen.items()}
             # One activation buffer for all engines: they run one after another on one stream.
             size = max(r.activation_bytes for r in self.runners.values())
