@@ -147,7 +147,8 @@ def make_backend(name: str, args, device: torch.device):
         from cinemo_rt.backends.fast_torch import FastTorchBackend
 
         compile_mode = args.compile_mode if name == "torch-fast-compile" else None
-        backend = FastTorchBackend(ckpt, cuda_graph=not on_cpu, compile_mode=compile_mode)
+        backend = FastTorchBackend(ckpt, cuda_graph=not on_cpu, compile_mode=compile_mode,
+                                   compile_backend=args.compile_backend)
     else:
         from cinemo_rt.backends.torch_backend import TorchBackend
 
@@ -509,6 +510,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50, tiny 2)")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode for torch-fast-compile (max-autotune: minutes more of compilation)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend for torch-fast-compile (eager: dynamo alone, seconds; a rehearsal)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and Markdown results")
     args = p.parse_args(argv)

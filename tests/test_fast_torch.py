@@ -18,11 +18,11 @@ def components():
     return make_tiny_components(seed=0)
 
 
-def _fast(components, dtype=torch.float32) -> FastTorchBackend:
+def _fast(components, dtype=torch.float32, **kw) -> FastTorchBackend:
     """A backend over its own copy: it owns and re-lays-out the UNet it is given."""
     ckpt = Checkpoint(unet=copy.deepcopy(components.unet).to(dtype), vae=components.vae,
                       text_encoder=components.text_encoder)
-    return FastTorchBackend(ckpt)
+    return FastTorchBackend(ckpt, **kw)
 
 
 def _inputs(seed, batch=2, frames=5, h=8, w=16, text_dim=32):
@@ -106,9 +106,8 @@ def test_compiled_forward_is_one_graph(components):
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
-    backend = _fast(components)
     counter = CompileCounter()  # counts graphs handed to the compiler backend, runs them eagerly
-    backend._forward = torch.compile(backend.fast_unet, backend=counter, dynamic=False)
+    backend = _fast(components, compile_mode="default", compile_backend=counter)
     inputs = _inputs(4)
     other_text = _inputs(5)[2]
     with torch.no_grad():

@@ -389,11 +389,13 @@ class FastTorchBackend(TorchBackend):
     UNet run by `FastUNet`. The backend owns the checkpoint: its UNet weights are re-laid-out in place.
 
     cuda_graph: capture one graph per input shape (default: on for CUDA). compile_mode: a `torch.compile`
-    mode for the UNet forward (None: eager; off by default, benchmarks/latency.py measures whether it helps)."""
+    mode for the UNet forward (None: eager; off by default, benchmarks/latency.py measures whether it helps).
+    compile_backend: the `torch.compile` backend (Inductor; "eager" runs dynamo alone, for rehearsals)."""
 
     name = "torch-fast"
 
-    def __init__(self, checkpoint: Checkpoint, cuda_graph: bool | None = None, compile_mode: str | None = None):
+    def __init__(self, checkpoint: Checkpoint, cuda_graph: bool | None = None, compile_mode: str | None = None,
+                 compile_backend="inductor"):
         super().__init__(checkpoint)
         self.fast_unet = optimize_unet(checkpoint.unet)
         if cuda_graph is None:
@@ -403,7 +405,9 @@ class FastTorchBackend(TorchBackend):
         self.cuda_graph = cuda_graph
         self._forward = self.fast_unet
         if compile_mode is not None:
-            self._forward = torch.compile(self.fast_unet, mode=inductor_mode(compile_mode, cuda_graph), dynamic=False)
+            # Modes are Inductor's: other backends take none.
+            mode = inductor_mode(compile_mode, cuda_graph) if compile_backend == "inductor" else None
+            self._forward = torch.compile(self.fast_unet, backend=compile_backend, mode=mode, dynamic=False)
         self._text_ref = None  # weak reference to the last text tensor seen, its version and its K/V
         self._text_version = -1
         self._context: CrossContext | None = None
