@@ -332,6 +332,97 @@ def test_normalization_compute_precision_is_guarded(has_compute_precision, caplo
         assert count == 0 and "compute_precision" in caplog.text
 
 
+def fake_builder(calls, version="10.7.0"):
+    """fake_tensorrt plus the builder side: a network with input x (-1, 4, 8) and output y, a config that records
+    what it is told, and a build that returns fixed bytes."""
+    trt = fake_tensorrt([], version=version)
+    half = types.SimpleNamespace(name="HALF")
+    net = trt.network
+    net.num_inputs = net.num_outputs = 1
+    net.get_input = lambda i: types.SimpleNamespace(name="x", shape=(-1, 4, 8), dtype=half)
+    net.get_output = lambda i: types.SimpleNamespace(name="y", shape=(-1, 4, 8), dtype=half)
+
+    class Config:
+        def set_memory_pool_limit(self, pool, size):
+            calls.append(("workspace", size))
+
+        def set_flag(self, flag):
+            calls.append(("flag", flag))
+
+        def __setattr__(self, name, value):
+            calls.append((name, value))
+
+        def add_optimization_profile(self, profile):
+            calls.append(("profile", profile.shapes))
+
+        def create_timing_cache(self, data):
+            return types.SimpleNamespace(serialize=lambda: b"timing-cache")
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            return True
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = (lo, opt, hi)
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return net
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            calls.append(("build",))
+            return b"plan-bytes"
+
+    parser = types.SimpleNamespace(set_flag=lambda flag: None, parse_from_file=lambda path: True)
+    trt.Logger = type("Logger", (), {"WARNING": "WARNING", "__init__": lambda self, level: None})
+    trt.Builder, trt.OnnxParser = Builder, lambda network, logger: parser
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+    trt.OnnxParserFlag = types.SimpleNamespace(NATIVE_INSTANCENORM="NATIVE_INSTANCENORM")
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", REFIT="REFIT", TF32="TF32",
+                                            OBEY_PRECISION_CONSTRAINTS="OBEY_PRECISION_CONSTRAINTS")
+    return trt
+
+
+def test_build_keys_engines_on_optimisation_level_and_workspace(tmp_path, monkeypatch):
+    """build_engine against a fake TensorRT: the config gets the workspace and optimisation level, the key records
+    them, an unchanged key is not rebuilt, a changed level is, and the timing cache is named by the GPU."""
+    import sys
+
+    from export import tensorrt_build as build
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_builder(calls))
+    monkeypatch.setattr(build, "_platform", lambda device_index=0: H100)
+    onnx = tmp_path / "unet.onnx"
+    onnx.write_bytes(b"graph")
+    options = build.BuildOptions(workspace_bytes=1 << 30, optimization_level=4)
+    entry = build.build_engine("unet", onnx, tmp_path, [DYNAMIC], options)
+    assert entry.key.workspace_bytes == 1 << 30 and entry.key.optimization_level == 4
+    assert ("workspace", 1 << 30) in calls and ("builder_optimization_level", 4) in calls
+    assert ("profile", DYNAMIC) in calls and calls.count(("build",)) == 1
+    assert build.timing_cache_path(tmp_path, H100).read_bytes() == b"timing-cache"
+    assert tb.verify_engine_file(tmp_path, entry).read_bytes() == b"plan-bytes"
+    assert build.build_engine("unet", onnx, tmp_path, [DYNAMIC], options) == entry  # up to date
+    assert calls.count(("build",)) == 1
+    other = build.build_engine("unet", onnx, tmp_path, [DYNAMIC], build.BuildOptions(workspace_bytes=1 << 30))
+    assert calls.count(("build",)) == 2 and other.key.digest() != entry.key.digest()
+    assert [e.key for e in tb.read_engine_manifest(tmp_path)] == [other.key]  # replaced for this GPU
+    assert not (tmp_path / tb.ENGINE_SUBDIR / entry.file).exists()
+
+
 def test_unavailable_reason_names_a_missing_engines_manifest(tmp_path, monkeypatch):
     """engines.json present but manifest.json absent: a reason (EnginesDirError), not a traceback."""
     tb.write_engine_manifest(tmp_path, [_entry(tmp_path)])
