@@ -496,6 +496,18 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_report(report: dict, out: Path, tag: str) -> None:
+    """<out>/latency-<tag>.json and .md, with the speed-ups of what has been measured so far."""
+    base_fp16 = report["backends"].get("torch-fp16")
+    if base_fp16:
+        for name, r in report["backends"].items():
+            report["speedup_vs_torch_fp16"][name] = (base_fp16["stages"]["end_to_end"]["median_ms"]
+                                                     / r["stages"]["end_to_end"]["median_ms"])
+    write_atomic(out / f"latency-{tag}.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out / f"latency-{tag}.md", markdown(report))
+    print(f"wrote {out / f'latency-{tag}.json'} and .md", file=sys.stderr)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny random model on the CPU: smoke test, not timings")
@@ -570,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     reference = None
     order = sorted(args.backends, key=lambda n: n != "torch-fp32")  # the fp32 reference first: parity baseline
+    tag = "tiny-cpu" if args.tiny else report["environment"]["device"].replace(" ", "_")
     for name in order:
         try:
             result, outputs = run_backend(name, args, shape, device, flops.total, ceiling, reference)
@@ -585,16 +598,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: unet {result['stages']['unet_call']['median_ms']:.2f} ms, loop "
               f"{result['stages']['denoise_loop']['median_ms']:.1f} ms, end to end "
               f"{result['stages']['end_to_end']['median_ms']:.1f} ms", file=sys.stderr)
-    base_fp16 = report["backends"].get("torch-fp16")
-    if base_fp16:
-        for name, r in report["backends"].items():
-            report["speedup_vs_torch_fp16"][name] = (base_fp16["stages"]["end_to_end"]["median_ms"]
-                                                     / r["stages"]["end_to_end"]["median_ms"])
-    tag = "tiny-cpu" if args.tiny else report["environment"]["device"].replace(" ", "_")
-    out = Path(args.out)
-    write_atomic(out / f"latency-{tag}.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(out / f"latency-{tag}.md", markdown(report))
-    print(f"wrote {out / f'latency-{tag}.json'} and .md", file=sys.stderr)
+        write_report(report, Path(args.out), tag)  # after every backend: a time limit keeps what was measured
+    write_report(report, Path(args.out), tag)
     if report["failed"]:
         print(f"benchmarks/latency.py: {len(report['failed'])} backend(s) failed: {', '.join(report['failed'])}",
               file=sys.stderr)
