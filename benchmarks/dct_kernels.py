@@ -1,10 +1,10 @@
 """Microbenchmark of the DCT kernels (issue 6): median CUDA-event time, achieved bandwidth vs copy.
 
-    python benchmarks/dct_kernels.py [--repeats 100] [--warmup 10] [--dtype float32 float64]
+    python benchmarks/dct_kernels.py [--repeats 100] [--warmup 10] [--dtype float32 float64] [--out DIR]
 
 Ceiling: a device-to-device copy of the same tensor (read + write of N elements) on this device.
 Baselines: cupyx.scipy.fft.dctn along the same axis and a torch matrix-multiply DCT.
-Writes benchmarks/results/dct_kernels-<device>.json and .md. GPU only: exits 2 without CuPy/CUDA.
+Writes <out>/dct_kernels-<device>.json and .md (default benchmarks/results/). GPU only: exits 2 without CuPy/CUDA.
 """
 
 from __future__ import annotations
@@ -100,9 +100,9 @@ def environment(argv) -> dict:
     }
 
 
-def write(env: dict, rows: list[dict]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"dct_kernels-{env['device'].replace(' ', '_')}"
+def write(env: dict, rows: list[dict], out: Path = RESULTS) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"dct_kernels-{env['device'].replace(' ', '_')}"
     stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
     lines = [f"# DCT kernels on {env['device']}", "",
              "  ".join(f"{k}: {v}" for k, v in env.items()), "",
@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--dtype", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and Markdown results")
     args = parser.parse_args(argv)
     try:
         import cupy as cp
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
         print(f"dct_kernels: needs CuPy and a CUDA GPU ({exc}); run on the GPU machine", file=sys.stderr)
         return 2
     rows = [r for shape in SHAPES for dtype in args.dtype for r in bench_shape(shape, dtype, args.warmup, args.repeats)]
-    stem = write(environment(sys.argv[1:] if argv is None else argv), rows)
+    stem = write(environment(sys.argv[1:] if argv is None else argv), rows, args.out)
     for r in rows:
         print(f"{'x'.join(map(str, r['shape'])):>16} {r['dtype']:>8} {r['kernel']:<26} {r['median_ms']:8.4f} ms "
               f"{r['GB_per_s']:8.1f} GB/s {r['fraction_of_copy']:6.0%}")

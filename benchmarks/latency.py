@@ -9,6 +9,7 @@ Backends (each built fresh with the same weights, measured one after another in 
   torch-fast               FastTorchBackend: fp16, token layout, fused q/k/v, SDPA, K/V once per video, CUDA graph
   torch-fast-compile       the same plus torch.compile of the UNet forward
   onnxruntime, tensorrt    engines from --engines DIR (skipped, with the reason, when absent or not importable)
+A backend that fails while being measured (or a named one that is unavailable) makes the exit status 1.
 Stages: text encoding, VAE encode, DCTInit, one UNet call (CFG batch), the denoising loop, VAE decode, end to end
 (`Animator.__call__`). CUDA events on a GPU, perf_counter on the CPU; median, quartiles, min, max over repeats
 after warm-up. Writes <out>/latency-<device>.json and .md atomically.
@@ -51,12 +52,18 @@ from cinemo_rt.parity import relative_error  # noqa: E402
 from cinemo_rt.settings import Size  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+log = logging.getLogger("benchmarks.latency")
 TORCH_BACKENDS = ("torch-fp32", "torch-fp16", "torch-fast", "torch-fast-compile")
 ENGINE_BACKENDS = tuple(name for name, entry in BACKENDS.items() if entry.source == "engines")
 STAGES = ("text_encode", "vae_encode", "dct_init", "unet_call", "denoise_loop", "vae_decode", "end_to_end")
 LONG_STAGES = ("denoise_loop", "end_to_end")
 GUIDANCE = 7.5
 EXIT_NO_GPU = 2
+EXIT_BACKEND_FAILED = 1
+
+
+class Unavailable(RuntimeError):
+    """A backend this machine or these arguments cannot provide (no --engines folder): skipped, unless named."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,7 @@ def make_backend(name: str, args, device: torch.device):
     """-> (backend, tokenizer or None)."""
     if name in ENGINE_BACKENDS:
         if not args.engines:
-            raise RuntimeError("no --engines DIR given")
+            raise Unavailable("no --engines DIR given")
         from cinemo_rt.backends.engines_dir import EnginesDir
         from cinemo_rt.backends.registry import backend_class
 
@@ -140,7 +147,8 @@ def make_backend(name: str, args, device: torch.device):
         from cinemo_rt.backends.fast_torch import FastTorchBackend
 
         compile_mode = args.compile_mode if name == "torch-fast-compile" else None
-        backend = FastTorchBackend(ckpt, cuda_graph=not on_cpu, compile_mode=compile_mode)
+        backend = FastTorchBackend(ckpt, cuda_graph=not on_cpu, compile_mode=compile_mode,
+                                   compile_backend=args.compile_backend)
     else:
         from cinemo_rt.backends.torch_backend import TorchBackend
 
@@ -242,6 +250,10 @@ def profile_blocks(backend, inputs: tuple, clock: Clock, repeats: int) -> dict:
 
     totals: dict[str, float] = {}
     x_t, t, text, z1, motion = inputs
+    if isinstance(backend, FastTorchBackend) and backend._forward is not backend.fast_unet:
+        # Scopes inside a compiled graph are traced away: timing them would profile the eager path instead.
+        return {"note": "not profiled: per-block scopes do not exist inside the compiled graph "
+                        "(torch-fast's profile is the same code eager)"}
     if isinstance(backend, FastTorchBackend):
         fast = backend.fast_unet
         context = fast.prepare(text)
@@ -309,8 +321,9 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
 
     ids = torch.randint(0, 400, (2, 77), generator=g)
     pixels = (torch.rand(1, 3, shape.height, shape.width, generator=g) * 2 - 1).to(device)
-    z1 = torch.randn(1, info.latent_channels, 1, h, w, generator=g)
-    noise = torch.randn(1, info.latent_channels, shape.frames, h, w, generator=g)
+    # fp32 on the device once, outside every timed stage (the CUDA DCTInit kernel takes device tensors only).
+    z1 = torch.randn(1, info.latent_channels, 1, h, w, generator=g).to(device)
+    noise = torch.randn(1, info.latent_channels, shape.frames, h, w, generator=g).to(device)
     x2 = torch.randn(2, info.latent_channels, shape.frames, h, w, generator=g).to(device, dtype)
     t2 = torch.tensor([981, 981], device=device)
     motion = torch.full((1,), 90.0, device=device)
@@ -339,7 +352,7 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
     stage_fns = {
         "text_encode": lambda: backend.text_encoder(ids),
         "vae_encode": lambda: backend.vae_encoder(pixels),
-        "dct_init": lambda: dct_init(z1.to(device), noise.to(device), alpha_tau, DCT_FRACTION),
+        "dct_init": lambda: dct_init(z1, noise, alpha_tau, DCT_FRACTION),
         "unet_call": lambda: backend.unet(x2, t2, text_both, z1_both, motion2),
         "denoise_loop": loop,
         "vae_decode": lambda: decode_latents(backend, latents),
@@ -367,6 +380,7 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
         "loop_tflops": flops_per_call * shape.steps / loop_s / 1e12,
         "loop_fraction_of_ceiling": flops_per_call * shape.steps / loop_s / 1e12 / ceiling["tflops"],
         "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
+        "other_memory_gib": other_memory(device),
         "profile": profile,
     }
     if reference is not None and (args.checkpoint or name not in ENGINE_BACKENDS):
@@ -375,6 +389,19 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
     del backend, animator
     gc.collect()
     return result, outputs
+
+
+def other_memory(device: torch.device) -> dict | None:
+    """Device memory outside torch's allocator, which `peak_memory_gib` does not see: CuPy's pool (DCTInit's
+    bases and scratch) and, in `device_used`, everything (TensorRT's engine weights, CUDA contexts, torch's
+    cache) in use at the end of the backend's run. Not peaks: the first is the pool's size, the second a
+    snapshot."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    cupy = sys.modules.get("cupy")  # imported by the DCTInit kernel if it ran
+    return {"cupy_pool": cupy.get_default_memory_pool().total_bytes() / 2**30 if cupy else 0.0,
+            "device_used": (total - free) / 2**30}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +419,8 @@ def environment(device: torch.device) -> dict:
            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
-    for dist in ("diffusers", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cupy-cuda12x"):
+    for dist in ("diffusers", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cupy-cuda12x",
+                 "cupy-cuda13x", "cupy"):
         env[dist] = _version(dist)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -424,7 +452,7 @@ def markdown(report: dict) -> str:
              f"({report['matmul_ceiling']['n']}^3 {report['matmul_ceiling']['dtype']})", "",
              "Median ms (min-max) per stage:", "",
              "| backend | dtype | " + " | ".join(STAGES)
-             + " | UNet TFLOP/s | % ceiling | peak GiB | e2e speed-up vs torch-fp16 |",
+             + " | UNet TFLOP/s | % ceiling | peak GiB (torch) | e2e speed-up vs torch-fp16 |",
              "|---|---|" + "---|" * (len(STAGES) + 4)]
     for name, r in report["backends"].items():
         cells = [f"{r['stages'][s]['median_ms']:.2f} ({r['stages'][s]['min_ms']:.2f}-{r['stages'][s]['max_ms']:.2f})"
@@ -434,8 +462,15 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {r['dtype']} | " + " | ".join(cells) +
                      f" | {r['unet_tflops']:.2f} | {100 * r['unet_fraction_of_ceiling']:.1f} | {mem} | "
                      + ("-" if speed is None else f"{speed:.2f}x") + " |")
+    for name, reason in report["failed"].items():
+        lines.append(f"| {name} | FAILED: {reason} |" + " |" * (len(STAGES) + 4))
     for name, reason in report["skipped"].items():
         lines.append(f"| {name} | skipped: {reason} |" + " |" * (len(STAGES) + 4))
+    other = {n: r["other_memory_gib"] for n, r in report["backends"].items() if r.get("other_memory_gib")}
+    if other:
+        lines += ["", "Peak GiB counts torch's allocator only. Outside it (CuPy's pool size; all device memory in "
+                  "use at the end of the run, TensorRT's engines included): "
+                  + "; ".join(f"{n} {m['cupy_pool']:.2f} / {m['device_used']:.2f}" for n, m in other.items())]
     lines += ["", "Parity, relative L2 against torch-fp32 (same weights and inputs):", "",
               "| backend | text | eps (one UNet call) | x_0 (whole loop) | decoded |", "|---|---|---|---|---|"]
     for name, r in report["backends"].items():
@@ -447,7 +482,9 @@ def markdown(report: dict) -> str:
     lines += ["| backend | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
     for name, r in report["backends"].items():
         prof = r["profile"]
-        if prof:
+        if prof.get("note"):
+            lines.append(f"| {name} | {prof['note']} |" + " |" * (len(groups) - 1))
+        elif prof:
             lines.append(f"| {name} | " + " | ".join(
                 f"{prof['ms'].get(g, 0):.2f} ({100 * prof['share'].get(g, 0):.0f}%)" for g in groups) + " |")
     return "\n".join(lines) + "\n"
@@ -459,6 +496,18 @@ def write_atomic(path: Path, text: str) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def write_report(report: dict, out: Path, tag: str) -> None:
+    """<out>/latency-<tag>.json and .md, with the speed-ups of what has been measured so far."""
+    base_fp16 = report["backends"].get("torch-fp16")
+    if base_fp16:
+        for name, r in report["backends"].items():
+            report["speedup_vs_torch_fp16"][name] = (base_fp16["stages"]["end_to_end"]["median_ms"]
+                                                     / r["stages"]["end_to_end"]["median_ms"])
+    write_atomic(out / f"latency-{tag}.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out / f"latency-{tag}.md", markdown(report))
+    print(f"wrote {out / f'latency-{tag}.json'} and .md", file=sys.stderr)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -475,9 +524,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50, tiny 2)")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode for torch-fast-compile (max-autotune: minutes more of compilation)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend for torch-fast-compile (eager: dynamo alone, seconds; a rehearsal)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and Markdown results")
     args = p.parse_args(argv)
+    args.named = args.backends is not None  # named backends must run: unavailable is a failure then
     args.repeats = args.repeats or (2 if args.tiny else 20)
     args.loop_repeats = args.loop_repeats or (1 if args.tiny else 3)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
@@ -489,6 +541,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers").setLevel(logging.ERROR)  # dtype-cast notices on every VAE build
     if args.tiny:
         device = torch.device("cpu")
@@ -527,16 +580,19 @@ def main(argv: list[str] | None = None) -> int:
                      "timer": "cuda events" if device.type == "cuda" else "perf_counter"},
         "unet_flops": flops.as_dict(),
         "matmul_ceiling": ceiling,
-        "backends": {}, "skipped": {}, "speedup_vs_torch_fp16": {},
+        "backends": {}, "skipped": {}, "failed": {}, "speedup_vs_torch_fp16": {},
     }
     reference = None
     order = sorted(args.backends, key=lambda n: n != "torch-fp32")  # the fp32 reference first: parity baseline
+    tag = "tiny-cpu" if args.tiny else report["environment"]["device"].replace(" ", "_")
     for name in order:
         try:
             result, outputs = run_backend(name, args, shape, device, flops.total, ceiling, reference)
         except Exception as err:  # one backend failing must not lose the others' numbers
-            report["skipped"][name] = f"{type(err).__name__}: {err}"
-            print(f"{name}: skipped ({report['skipped'][name]})", file=sys.stderr)
+            failed = args.named or not isinstance(err, Unavailable)
+            report["failed" if failed else "skipped"][name] = f"{type(err).__name__}: {err}"
+            log.log(logging.ERROR if failed else logging.INFO, "%s: %s (%s: %s)", name,
+                    "FAILED" if failed else "skipped", type(err).__name__, err, exc_info=failed)
             continue
         report["backends"][name] = result
         if name == "torch-fp32":
@@ -544,16 +600,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: unet {result['stages']['unet_call']['median_ms']:.2f} ms, loop "
               f"{result['stages']['denoise_loop']['median_ms']:.1f} ms, end to end "
               f"{result['stages']['end_to_end']['median_ms']:.1f} ms", file=sys.stderr)
-    base_fp16 = report["backends"].get("torch-fp16")
-    if base_fp16:
-        for name, r in report["backends"].items():
-            report["speedup_vs_torch_fp16"][name] = (base_fp16["stages"]["end_to_end"]["median_ms"]
-                                                     / r["stages"]["end_to_end"]["median_ms"])
-    tag = "tiny-cpu" if args.tiny else report["environment"]["device"].replace(" ", "_")
-    out = Path(args.out)
-    write_atomic(out / f"latency-{tag}.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(out / f"latency-{tag}.md", markdown(report))
-    print(f"wrote {out / f'latency-{tag}.json'} and .md", file=sys.stderr)
+        write_report(report, Path(args.out), tag)  # after every backend: a time limit keeps what was measured
+    write_report(report, Path(args.out), tag)
+    if report["failed"]:
+        print(f"benchmarks/latency.py: {len(report['failed'])} backend(s) failed: {', '.join(report['failed'])}",
+              file=sys.stderr)
+        return EXIT_BACKEND_FAILED
     return 0
 
 

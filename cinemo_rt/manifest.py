@@ -128,6 +128,9 @@ class EngineKey:
     precision: str  # "fp16" (strongly typed from the fp16 graph), "fp16-flags" or "fp32"
     profiles: str  # canonical JSON of the optimisation profiles
     refit: bool = False
+    # Both change which tactics the builder may pick (a smaller workspace rules out some kernels).
+    optimization_level: int | None = None  # None: TensorRT's default
+    workspace_bytes: int | None = None  # None: TensorRT's default (the GPU's memory)
 
     @property
     def platform(self) -> Platform:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,8 @@ def engine_key(component: str, onnx_sha256: str, platform: Platform, profiles: S
                options: BuildOptions) -> EngineKey:
     return EngineKey(component=component, onnx_sha256=onnx_sha256, tensorrt_version=platform.tensorrt_version,
                      gpu_name=platform.gpu_name, compute_capability=platform.compute_capability,
-                     precision=options.precision, profiles=canonical_profiles(profiles), refit=options.refit)
+                     precision=options.precision, profiles=canonical_profiles(profiles), refit=options.refit,
+                     optimization_level=options.optimization_level, workspace_bytes=options.workspace_bytes)
 
 
 def engine_file_name(key: EngineKey) -> str:
@@ -120,8 +122,11 @@ def engine_file_name(key: EngineKey) -> str:
 
 
 def timing_cache_path(out_dir: str | os.PathLike, platform: Platform) -> Path:
-    """Timing caches are only valid for one TensorRT version and device: one file per pair."""
-    return Path(out_dir) / ENGINE_SUBDIR / f"timing-trt{platform.tensorrt_version}-sm{platform.compute_capability}.cache"
+    """Timing caches are only valid for one TensorRT version and GPU model: one file per pair, named by the GPU
+    as well as its compute capability (an H100 and an H200 are both sm_90 but time kernels differently)."""
+    gpu = re.sub(r"[^A-Za-z0-9.]+", "_", platform.gpu_name).strip("_")
+    return (Path(out_dir) / ENGINE_SUBDIR
+            / f"timing-trt{platform.tensorrt_version}-{gpu}-sm{platform.compute_capability}.cache")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -136,6 +141,15 @@ def write_atomic(path: Path, data: bytes) -> None:
 # -------------------------------------------------------------------------------------------------
 # Building (needs tensorrt and a CUDA GPU)
 # -------------------------------------------------------------------------------------------------
+def _platform() -> Platform:
+    """This machine's TensorRT version and GPU, as the runtime reads them (the tests replace this)."""
+    import torch
+
+    from cinemo_rt.backends.tensorrt_backend import current_platform
+
+    return current_platform(torch.device("cuda", torch.cuda.current_device()))
+
+
 def _parse(trt, builder, logger, onnx_path: Path, strongly_typed: bool):
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
@@ -169,6 +183,10 @@ def _normalization_compute_fp32(trt, network) -> int:
     is its own setting (INormalizationLayer.setComputePrecision); pin it to fp32 so that the mean/variance
     over ~410k fp16 elements per group accumulate in fp32. Layers are downcast to their class as
     Polygraphy does (`get_layer` returns the ILayer base)."""
+    if not hasattr(trt.INormalizationLayer, "compute_precision"):  # removed in TensorRT 11
+        log.warning("TensorRT %s has no INormalizationLayer.compute_precision: normalisation compute precision "
+                    "is left to the builder (check fp16 parity)", trt.__version__)
+        return 0
     count = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
@@ -232,15 +250,12 @@ def build_engine(component: str, onnx_path: str | os.PathLike, out_dir: str | os
     """Build (or reuse) the engine of one component; returns its manifest entry (the caller records it).
     Idempotent: an engine among `existing` whose key and file hash match is kept."""
     import tensorrt as trt
-    import torch
 
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     engine_dir = out_dir / ENGINE_SUBDIR
     engine_dir.mkdir(parents=True, exist_ok=True)
     onnx_sha256 = onnx_sha256 or file_sha256(onnx_path)
-    from cinemo_rt.backends.tensorrt_backend import current_platform
-
-    platform = current_platform(torch.device("cuda", torch.cuda.current_device()))
+    platform = _platform()
     key = engine_key(component, onnx_sha256, platform, profiles, options)
     for entry in existing:
         path = engine_dir / entry.file

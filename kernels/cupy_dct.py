@@ -2,7 +2,8 @@
 
 Inputs are torch CUDA tensors or cupy arrays, shared without copies through DLPack; torch inputs give
 torch outputs (allocated by torch's caching allocator) and run on torch's current stream unless a
-stream is given. CuPy is imported lazily so that `import kernels.cupy_dct` works on CPU-only machines.
+stream is given; then the torch tensors are recorded on that stream (`record_stream`). The caller orders
+the given stream after the work that produced the inputs (`stream.wait_stream(...)`). CuPy is imported lazily so that `import kernels.cupy_dct` works on CPU-only machines.
 
 The launch geometry lives in the pure functions `gemm_plan` and `init_plan`; tests/test_kernels.py
 replays the kernels' index arithmetic in numpy with the same plans, so they are checked without a GPU.
@@ -182,6 +183,18 @@ def _stream(stream, torch_input: bool, device_id: int):
     return stream  # a cupy stream
 
 
+def record_for_stream(tensors, stream_ptr: int, device_id: int) -> None:
+    """Torch tensors allocated on torch's current stream but used by a launch on another stream: tell the caching
+    allocator (`record_stream`), so their memory is not handed to new work before that stream is done with them."""
+    import torch
+
+    if stream_ptr == torch.cuda.current_stream(device_id).cuda_stream:
+        return
+    launch = torch.cuda.ExternalStream(stream_ptr, device=device_id)
+    for tensor in tensors:
+        tensor.record_stream(launch)
+
+
 def _basis(n: int, dtype, transpose: bool, device_id: int, stream):
     """D_N (or D_N^T) as a device array, built by dct_basis_* once per (device, N, dtype)."""
     cp = _cupy()
@@ -229,6 +242,8 @@ def dct(x, axis: int, inverse: bool = False, stream=None):
         with s:
             xc = cp.from_dlpack(x) if torch_input else x
             out_cp, out = _empty_like(x, xc, torch_input, cp)
+            if torch_input:
+                record_for_stream((x, out), s.ptr, device_id)
             if xc.size == 0:
                 return out
             plan = gemm_plan(tuple(xc.shape), axis, inverse)
@@ -267,6 +282,8 @@ def _dct_mix(z, noise, fraction: float, z_scale: float, noise_scale: float, stre
             zc = cp.from_dlpack(z) if torch_input else z
             xc = cp.from_dlpack(noise) if torch_input else noise
             out_cp, out = _empty_like(noise, xc, torch_input, cp)
+            if torch_input:
+                record_for_stream((z, noise, out), s.ptr, device_id)
             if xc.size == 0:
                 return out
             plan = init_plan(tuple(zc.shape), tuple(xc.shape), fraction, xc.dtype.itemsize)

@@ -66,3 +66,24 @@ def test_controls_direction_measure_has_the_training_sign():
     assert stats["mean_px_per_frame"] == pytest.approx(0.35)
     assert stats["sign_agreement"] == pytest.approx(0.75) and stats["n"] == 4
     assert stats["ci95"][0] < 0.35 < stats["ci95"][1]
+
+
+def test_latency_exits_nonzero_when_a_backend_fails(tmp_path, monkeypatch):
+    """A backend that raises while measured is a failure (exit 1, FAILED in the table), not a silent skip; a
+    named backend that is unavailable (no --engines) is one too."""
+    real = latency.run_backend
+
+    def failing(name, *args, **kw):
+        if name == "torch-fast":
+            raise RuntimeError("z1 is on cpu")
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(latency, "run_backend", failing)
+    base = ["--tiny", "--steps", "1", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]
+    assert latency.main(base) == latency.EXIT_BACKEND_FAILED
+    report = json.loads((tmp_path / "latency-tiny-cpu.json").read_text())
+    assert set(report["backends"]) == {"torch-fp32"} and "z1 is on cpu" in report["failed"]["torch-fast"]
+    assert "FAILED: RuntimeError: z1 is on cpu" in (tmp_path / "latency-tiny-cpu.md").read_text()
+    assert latency.main(base + ["--backends", "onnxruntime"]) == latency.EXIT_BACKEND_FAILED
+    report = json.loads((tmp_path / "latency-tiny-cpu.json").read_text())
+    assert "no --engines" in report["failed"]["onnxruntime"] and not report["skipped"]

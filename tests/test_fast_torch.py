@@ -18,11 +18,11 @@ def components():
     return make_tiny_components(seed=0)
 
 
-def _fast(components, dtype=torch.float32) -> FastTorchBackend:
+def _fast(components, dtype=torch.float32, **kw) -> FastTorchBackend:
     """A backend over its own copy: it owns and re-lays-out the UNet it is given."""
     ckpt = Checkpoint(unet=copy.deepcopy(components.unet).to(dtype), vae=components.vae,
                       text_encoder=components.text_encoder)
-    return FastTorchBackend(ckpt)
+    return FastTorchBackend(ckpt, **kw)
 
 
 def _inputs(seed, batch=2, frames=5, h=8, w=16, text_dim=32):
@@ -98,3 +98,31 @@ def test_from_checkpoint_backend_choice(tiny_checkpoint_dir):
     fast = Animator.from_checkpoint(tiny_checkpoint_dir, backend="torch-fast", device="cpu")
     assert fast.backend.name == "torch-fast"
     assert Animator.from_checkpoint(tiny_checkpoint_dir, device="cpu").backend.name == "torch"  # auto on the CPU
+
+
+def test_compiled_forward_is_one_graph(components):
+    """The temporal constants are built before the compiled forward runs: dynamo compiles the UNet once, also
+    for a new text of the same shape (on a GPU a second compile would land inside CUDA-graph capture)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()  # counts graphs handed to the compiler backend, runs them eagerly
+    backend = _fast(components, compile_mode="default", compile_backend=counter)
+    inputs = _inputs(4)
+    other_text = _inputs(5)[2]
+    with torch.no_grad():
+        reference = components.unet(*inputs)
+        for _ in range(2):
+            out = backend.unet(*inputs)
+        backend.unet(inputs[0], inputs[1], other_text, inputs[3], inputs[4])
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs compiled"
+    assert relative_error(out, reference) < TOLERANCES["fp32"].relative_l2
+
+
+@pytest.mark.parametrize("mode, manual_graph, expected", [
+    ("reduce-overhead", True, "default"), ("max-autotune", True, "max-autotune-no-cudagraphs"),
+    ("default", True, "default"), ("reduce-overhead", False, "reduce-overhead")])
+def test_inductor_graphs_off_under_the_manual_graph(mode, manual_graph, expected):
+    from cinemo_rt.backends.fast_torch import inductor_mode
+
+    assert inductor_mode(mode, manual_graph) == expected

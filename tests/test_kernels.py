@@ -232,6 +232,24 @@ def test_import_without_cupy_is_lazy():
     assert res.stdout.strip() == "ok", res.stderr
 
 
+def test_outputs_used_on_a_callers_stream_are_recorded(monkeypatch):
+    """A launch on a stream other than torch's current one records the torch tensors it uses on that stream."""
+    torch = pytest.importorskip("torch")
+    recorded = []
+
+    class Tensor:
+        def record_stream(self, stream):
+            recorded.append((self, stream))
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 11})())
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda ptr, device=None: ("stream", ptr, device))
+    a, b = Tensor(), Tensor()
+    cupy_dct.record_for_stream((a, b), 11, 0)  # torch's current stream: nothing to record
+    assert recorded == []
+    cupy_dct.record_for_stream((a, b), 22, 0)
+    assert recorded == [(a, ("stream", 22, 0)), (b, ("stream", 22, 0))]
+
+
 def test_cpu_torch_tensor_rejected_with_fix():
     torch = pytest.importorskip("torch")
     with pytest.raises(ValueError, match=r"\.cuda\(\)"):
@@ -350,9 +368,11 @@ def test_gpu_torch_zero_copy_and_stream():
     torch = pytest.importorskip("torch")
     x = torch.randn(1, 4, 15, 40, 64, device="cuda", dtype=torch.float64)
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # x was written on the default stream
     with torch.cuda.stream(side):  # default stream = torch's current one (side)
         y = cupy_dct.dct(x, -1)
         z = cupy_dct.dct(y, -1, inverse=True, stream=side)
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     assert rel_l2(z.cpu().numpy(), x.cpu().numpy()) < 1e-12
     import cupy

@@ -6,8 +6,8 @@ cinemo_rt/parity.py, and run a whole video through Animator.from_engines(..., ba
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -15,11 +15,25 @@ import torch
 
 from cinemo_rt import manifest as mf
 from cinemo_rt.backends import tensorrt_backend as tb
+from cinemo_rt.backends.base import Port
 
 OPS_FILE = Path(__file__).resolve().parents[1] / "export" / "trt_onnx_ops.json"
 TRT_SKIP = ("needs the tensorrt Python package and a CUDA GPU; run `pytest tests/test_tensorrt.py` on a GPU "
             "machine with TensorRT 10")
-HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+def _tensorrt_runs() -> bool:
+    """Importing, not finding: PyPI's `tensorrt` stub and a broken CUDA install are found but do not import."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:  # ImportError, or the stub's RuntimeError, or a missing libnvinfer
+        return False
+    return True
+
+
+HAVE_TRT = _tensorrt_runs()
 needs_trt = pytest.mark.skipif(not HAVE_TRT, reason=TRT_SKIP)
 TINY = dict(height=64, width=64, frames=15)
 
@@ -163,7 +177,9 @@ def test_key_digest_changes_with_everything_it_depends_on(tmp_path):
                 engine_key("unet", "a" * 64, mf.Platform("10.7.0", "NVIDIA A100", "8.0"), [STATIC2], BuildOptions()),
                 engine_key("unet", "a" * 64, H100, [DYNAMIC], BuildOptions()),
                 engine_key("unet", "a" * 64, H100, [STATIC2], BuildOptions(precision="fp16-flags")),
-                engine_key("unet", "a" * 64, H100, [STATIC2], BuildOptions(refit=True))]
+                engine_key("unet", "a" * 64, H100, [STATIC2], BuildOptions(refit=True)),
+                engine_key("unet", "a" * 64, H100, [STATIC2], BuildOptions(optimization_level=5)),
+                engine_key("unet", "a" * 64, H100, [STATIC2], BuildOptions(workspace_bytes=4 << 30))]
     digests = {base.digest()} | {v.digest() for v in variants}
     assert len(digests) == 1 + len(variants)
 
@@ -227,6 +243,220 @@ def test_dtype_names():
         tb.torch_dtype_of("DataType.FP8")
 
 
+def test_timing_cache_is_per_gpu_model(tmp_path):
+    from export.tensorrt_build import timing_cache_path
+
+    h200 = mf.Platform("10.7.0", "NVIDIA H200", "9.0")
+    assert timing_cache_path(tmp_path, H100) != timing_cache_path(tmp_path, h200)  # both sm_90
+    assert timing_cache_path(tmp_path, H100).name == "timing-trt10.7.0-NVIDIA_H100_80GB_HBM3-sm9.0.cache"
+
+
+# ---------------------------------------------------------------------------------------------
+# Code paths that need the tensorrt module, run against a fake one (the real bindings' names)
+# ---------------------------------------------------------------------------------------------
+class FakeStream:
+    """Records `wait_stream` calls in a shared log; `cuda_stream` is the handle TensorRT is given."""
+
+    def __init__(self, name, handle, log):
+        self.name, self.cuda_stream, self.log = name, handle, log
+
+    def wait_stream(self, other):
+        self.log.append(("wait", self.name, other.name))
+
+
+class FakeContext:
+    def __init__(self, log):
+        self.log, self.shapes = log, {}
+
+    def set_optimization_profile_async(self, index, stream):
+        return True
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = shape
+        return True
+
+    def set_tensor_address(self, name, address):
+        pass
+
+    def get_tensor_shape(self, name):
+        return self.shapes["x"]
+
+    def execute_async_v3(self, stream_handle):
+        self.log.append(("enqueue", stream_handle))
+        return True
+
+
+def fake_tensorrt(log, version="10.7.0", compute_precision=True):
+    mode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+    half = types.SimpleNamespace(name="HALF")
+
+    class Engine:
+        num_io_tensors, num_optimization_profiles = 2, 1
+
+        def get_tensor_name(self, i):
+            return ("x", "y")[i]
+
+        def get_tensor_mode(self, name):
+            return mode.INPUT if name == "x" else mode.OUTPUT
+
+        def get_tensor_dtype(self, name):
+            return half
+
+        def get_tensor_shape(self, name):
+            return (-1, 4, 8)
+
+        def create_execution_context(self, strategy):
+            return FakeContext(log)
+
+    class ILayer:
+        def __init__(self, kind):
+            self.type = kind
+
+    normalization = type("INormalizationLayer", (ILayer,), {"compute_precision": None} if compute_precision else {})
+    network = types.SimpleNamespace(num_layers=2, layers=[ILayer("NORMALIZATION"), ILayer("CONVOLUTION")])
+    network.get_layer = lambda i: network.layers[i]
+    return types.SimpleNamespace(
+        __version__=version, TensorIOMode=mode, ExecutionContextAllocationStrategy=types.SimpleNamespace(
+            USER_MANAGED="USER_MANAGED"), LayerType=types.SimpleNamespace(NORMALIZATION="NORMALIZATION"),
+        INormalizationLayer=normalization, float32="float32", network=network,
+        runtime=types.SimpleNamespace(deserialize_cuda_engine=lambda data: Engine()))
+
+
+def test_engines_run_on_their_own_stream_ordered_by_events(tmp_path, monkeypatch):
+    """execute_async_v3 gets the runner's stream, never the caller's (or the legacy default, handle 0), and the
+    two streams are ordered both ways around the enqueue."""
+    log = []
+    trt = fake_tensorrt(log)
+    entry = _entry(tmp_path)
+    caller, own = FakeStream("caller", 0, log), FakeStream("tensorrt", 0x7E57, log)
+    monkeypatch.setattr(tb.torch.cuda, "current_stream", lambda device=None: caller)
+    runner = tb.EngineRunner(trt, trt.runtime, mf.verify_engine_file(tmp_path, entry), entry,
+                             torch.device("cpu"), tmp_path, stream=own)
+    assert runner.inputs == (Port("x", torch.float16, (-1, 4, 8)),)
+    (out,) = runner({"x": torch.ones(2, 4, 8)})
+    assert out.shape == (2, 4, 8) and out.dtype == torch.float16
+    assert log == [("wait", "tensorrt", "caller"), ("enqueue", 0x7E57), ("wait", "caller", "tensorrt")]
+
+
+@pytest.mark.parametrize("has_compute_precision", [True, False])
+def test_normalization_compute_precision_is_guarded(has_compute_precision, caplog):
+    """TensorRT 10 sets INormalizationLayer.compute_precision; 11 removed it: the build goes on with a warning."""
+    from export.tensorrt_build import _normalization_compute_fp32
+
+    trt = fake_tensorrt([], version="11.0.0" if not has_compute_precision else "10.7.0",
+                        compute_precision=has_compute_precision)
+    count = _normalization_compute_fp32(trt, trt.network)
+    if has_compute_precision:
+        assert count == 1 and trt.network.layers[0].compute_precision == "float32"
+    else:
+        assert count == 0 and "compute_precision" in caplog.text
+
+
+def fake_builder(calls, version="10.7.0"):
+    """fake_tensorrt plus the builder side: a network with input x (-1, 4, 8) and output y, a config that records
+    what it is told, and a build that returns fixed bytes."""
+    trt = fake_tensorrt([], version=version)
+    half = types.SimpleNamespace(name="HALF")
+    net = trt.network
+    net.num_inputs = net.num_outputs = 1
+    net.get_input = lambda i: types.SimpleNamespace(name="x", shape=(-1, 4, 8), dtype=half)
+    net.get_output = lambda i: types.SimpleNamespace(name="y", shape=(-1, 4, 8), dtype=half)
+
+    class Config:
+        def set_memory_pool_limit(self, pool, size):
+            calls.append(("workspace", size))
+
+        def set_flag(self, flag):
+            calls.append(("flag", flag))
+
+        def __setattr__(self, name, value):
+            calls.append((name, value))
+
+        def add_optimization_profile(self, profile):
+            calls.append(("profile", profile.shapes))
+
+        def create_timing_cache(self, data):
+            return types.SimpleNamespace(serialize=lambda: b"timing-cache")
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            return True
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = (lo, opt, hi)
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return net
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            calls.append(("build",))
+            return b"plan-bytes"
+
+    parser = types.SimpleNamespace(set_flag=lambda flag: None, parse_from_file=lambda path: True)
+    trt.Logger = type("Logger", (), {"WARNING": "WARNING", "__init__": lambda self, level: None})
+    trt.Builder, trt.OnnxParser = Builder, lambda network, logger: parser
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+    trt.OnnxParserFlag = types.SimpleNamespace(NATIVE_INSTANCENORM="NATIVE_INSTANCENORM")
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", REFIT="REFIT", TF32="TF32",
+                                            OBEY_PRECISION_CONSTRAINTS="OBEY_PRECISION_CONSTRAINTS")
+    return trt
+
+
+def test_build_keys_engines_on_optimisation_level_and_workspace(tmp_path, monkeypatch):
+    """build_engine against a fake TensorRT: the config gets the workspace and optimisation level, the key records
+    them, an unchanged key is not rebuilt, a changed level is (and replaces the old engine in the manifest), and
+    the timing cache is named by the GPU."""
+    import sys
+
+    from export import tensorrt_build as build
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_builder(calls))
+    monkeypatch.setattr(build, "_platform", lambda device_index=0: H100)
+    onnx = tmp_path / "unet.onnx"
+    onnx.write_bytes(b"graph")
+    options = build.BuildOptions(workspace_bytes=1 << 30, optimization_level=4)
+    manifest = mf.Manifest()
+    entry = build.build_engine("unet", onnx, tmp_path, [DYNAMIC], options)
+    manifest.upsert_engine(entry)
+    assert entry.key.workspace_bytes == 1 << 30 and entry.key.optimization_level == 4
+    assert ("workspace", 1 << 30) in calls and ("builder_optimization_level", 4) in calls
+    assert ("profile", DYNAMIC) in calls and calls.count(("build",)) == 1
+    assert build.timing_cache_path(tmp_path, H100).read_bytes() == b"timing-cache"
+    assert mf.verify_engine_file(tmp_path, entry).read_bytes() == b"plan-bytes"
+    assert build.build_engine("unet", onnx, tmp_path, [DYNAMIC], options, existing=manifest.engines) == entry
+    assert calls.count(("build",)) == 1  # up to date
+    other = build.build_engine("unet", onnx, tmp_path, [DYNAMIC], build.BuildOptions(workspace_bytes=1 << 30),
+                               existing=manifest.engines)
+    assert calls.count(("build",)) == 2 and other.key.digest() != entry.key.digest()
+    assert manifest.upsert_engine(other) == [entry]  # replaced for this GPU: its file can go
+    assert [e.key for e in manifest.engines] == [other.key]
+
+
+def test_unavailable_reason_names_a_missing_engines_manifest(tmp_path, monkeypatch):
+    """An engines folder without manifest.json: a reason (EnginesDirError), not a traceback."""
+    _entry(tmp_path)  # an engine file, but no manifest recording it
+    monkeypatch.setattr(tb.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tb, "_import_tensorrt", lambda: fake_tensorrt([]))
+    monkeypatch.setattr(tb, "current_platform", lambda device: H100)
+    reason = tb.tensorrt_unavailable_reason(tmp_path, torch.device("cuda", 0))
+    assert "manifest.json" in reason and "export.build_engines" in reason
+
+
 def test_unavailable_reason_without_a_gpu(tmp_path):
     assert "CUDA devices only" in tb.tensorrt_unavailable_reason(tmp_path, torch.device("cpu"))
     if not torch.cuda.is_available():
@@ -242,6 +472,8 @@ def tiny_engines(tiny_checkpoint_dir, tmp_path_factory):
     build flow, which also checks every engine against PyTorch (the manifest records the numbers)."""
     from conftest import build_tiny_engines
 
+    if not HAVE_TRT:
+        pytest.skip(TRT_SKIP)
     out = tmp_path_factory.mktemp("engines")
     manifest = build_tiny_engines(tiny_checkpoint_dir, out, "fp16", targets=("onnx", "tensorrt"))
     return out, manifest

@@ -155,6 +155,12 @@ class FastUNet(nn.Module):
             kv.append((k, v))
         return CrossContext(tuple(kv))
 
+    def temporal_consts(self, frames: int, device: torch.device) -> _TemporalConsts:
+        """Rotary tables and relative-position biases for `frames` (z1 included). Built eagerly, before a
+        compiled or graph-captured forward sees them: filling this cache inside a compiled forward would
+        change what dynamo guarded on and trigger a second compile (inside CUDA-graph capture on a GPU)."""
+        return self._temporal_consts(frames, self.dtype, torch.device(device))
+
     def _temporal_consts(self, frames: int, dtype: torch.dtype, device: torch.device) -> _TemporalConsts:
         key = (frames, dtype, device)
         if key not in self._consts:
@@ -366,15 +372,28 @@ def _version_of(tensor: torch.Tensor) -> int:
         return 0
 
 
+# Inductor modes that capture CUDA graphs of their own -> the same mode without them. Used when the backend
+# captures its manual graph of the whole call: Inductor's graphs nested inside that capture would fail or
+# double-capture (reduce-overhead is the default mode plus cudagraph trees).
+_WITHOUT_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def inductor_mode(compile_mode: str, manual_graph: bool) -> str:
+    """The `torch.compile` mode to use: `compile_mode`, minus Inductor's CUDA graphs when we capture our own."""
+    return _WITHOUT_CUDAGRAPHS.get(compile_mode, compile_mode) if manual_graph else compile_mode
+
+
 class FastTorchBackend(TorchBackend):
     """A Backend over a Checkpoint (loaded at its target device/dtype, e.g. fp16 on CUDA) whose UNet graph is
     run by `FastUNet`; the other graphs are the reference modules. The backend owns the checkpoint: its UNet
     weights are re-laid-out in place.
 
     cuda_graph: capture one graph per input shape (default: on for CUDA). compile_mode: a `torch.compile`
-    mode for the UNet forward (None: eager; off by default, benchmarks/latency.py measures whether it helps)."""
+    mode for the UNet forward (None: eager; off by default, benchmarks/latency.py measures whether it helps).
+    compile_backend: the `torch.compile` backend (Inductor; "eager" runs dynamo alone, for rehearsals)."""
 
-    def __init__(self, checkpoint: Checkpoint, cuda_graph: bool | None = None, compile_mode: str | None = None):
+    def __init__(self, checkpoint: Checkpoint, cuda_graph: bool | None = None, compile_mode: str | None = None,
+                 compile_backend="inductor"):
         runners = module_runners(checkpoint)
         runners["unet"] = _FastUNetRunner(self, runners["unet"].inputs)
         super().__init__(checkpoint, name="torch-fast", runners=runners)
@@ -386,9 +405,9 @@ class FastTorchBackend(TorchBackend):
         self.cuda_graph = cuda_graph
         self._forward = self.fast_unet
         if compile_mode is not None:
-            # No graphs from Inductor when we capture our own (the capture wraps the compiled kernels).
-            mode = "max-autotune-no-cudagraphs" if cuda_graph and compile_mode == "max-autotune" else compile_mode
-            self._forward = torch.compile(self.fast_unet, mode=mode, dynamic=False)
+            # Modes are Inductor's: other backends take none.
+            mode = inductor_mode(compile_mode, cuda_graph) if compile_backend == "inductor" else None
+            self._forward = torch.compile(self.fast_unet, backend=compile_backend, mode=mode, dynamic=False)
         self._text_ref = None  # weak reference to the last text tensor seen, its version and its K/V
         self._text_version = -1
         self._context: CrossContext | None = None
@@ -411,6 +430,7 @@ class FastTorchBackend(TorchBackend):
     @torch.no_grad()
     def run_fast_unet(self, x_t, t, text, z1, motion_id) -> torch.Tensor:
         context = self.context_for(text)
+        self.fast_unet.temporal_consts(x_t.shape[2] + 1, self.device)  # eager, outside compile and capture
         if not self.cuda_graph:
             return self._forward(x_t, t, context, z1, motion_id)
         key = (tuple(x_t.shape), tuple(z1.shape), tuple(context.keys_values[0][0].shape), t.dtype)

@@ -11,7 +11,8 @@ selection, hashes); this file is the runner and the CUDA graph:
 3. creates one execution context per engine with user-managed activation memory, all pointing at one shared
    buffer as large as the largest engine needs (the components run one after another on one stream);
 4. binds torch CUDA tensors by tensor name (`set_input_shape`, `set_tensor_address`) and enqueues on the
-   pipeline's current stream, so nothing here synchronises the host;
+   backend's own stream, ordered after the caller's stream and before its next work by events (on the legacy
+   default stream TensorRT would synchronise every call), so nothing here synchronises the host;
 5. optionally captures the UNet call in a CUDA graph (static shapes only) and replays it every step.
 
 Profile selection and dtype names are pure Python, unit-tested on CPU; `tensorrt` is imported lazily.
@@ -27,7 +28,8 @@ from typing import Mapping, Sequence
 import torch
 
 from ..manifest import (
-    TORCH_DTYPE_NAMES, EngineEntry, EngineMismatchError, Platform, Profile, Shape, rebuild_hint, verify_engine_file,
+    TORCH_DTYPE_NAMES, EngineEntry, EngineMismatchError, EnginesDirError, Platform, Profile, Shape, rebuild_hint,
+    verify_engine_file,
 )
 from .base import Backend, Port
 from .engines_dir import EnginesDir, as_engines_dir
@@ -119,7 +121,7 @@ def tensorrt_unavailable_reason(engines: str | os.PathLike | EnginesDir, device:
     try:
         trt = _import_tensorrt()
     except Exception as err:  # a broken CUDA install raises more than ImportError
-        return f"the tensorrt Python package does not import ({type(err).__name__}: {err}); pip install 'tensorrt>=10'"
+        return f"the tensorrt Python package does not import ({type(err).__name__}: {err}); pip install 'tensorrt>=10,<11'"
     major = int(str(trt.__version__).split(".")[0])
     if major < MIN_TENSORRT_MAJOR:
         return f"TensorRT {trt.__version__} is too old: the engines need TensorRT {MIN_TENSORRT_MAJOR} or newer"
@@ -133,7 +135,7 @@ def tensorrt_unavailable_reason(engines: str | os.PathLike | EnginesDir, device:
         if problems:
             return f"{'; '.join(problems)} (this machine: {platform.describe()}); {rebuild_hint(engines.folder)}"
         return None
-    except EngineMismatchError as err:
+    except EnginesDirError as err:  # manifest.json missing or malformed, an engine that does not match
         return str(err)
 
 
@@ -159,11 +161,22 @@ class _TrtLogger:
         return cls.instance
 
 
-class EngineRunner:
-    """One deserialised engine and its one execution context, run by tensor name on the current stream."""
+def enqueue_ordered(stream, caller, enqueue) -> None:
+    """Run `enqueue()` (work on `stream`) after the caller's pending work and before its next, by events
+    (`wait_stream` records an event and waits on it, on the device): no host synchronisation. The caller's
+    tensors handed in stay valid: they are freed on the caller's stream, which waits for `stream` first."""
+    stream.wait_stream(caller)
+    enqueue()
+    caller.wait_stream(stream)
 
-    def __init__(self, trt, runtime, path: Path, entry: EngineEntry, device: torch.device, folder):
+
+class EngineRunner:
+    """One deserialised engine and its one execution context, run by tensor name on its own stream (one
+    stream shared by all engines of a backend: they share activation memory)."""
+
+    def __init__(self, trt, runtime, path: Path, entry: EngineEntry, device: torch.device, folder, stream=None):
         self.trt, self.entry, self.device = trt, entry, device
+        self.stream = stream if stream is not None else torch.cuda.Stream(device)
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise EngineMismatchError(f"TensorRT could not deserialise {path} (corrupt, or built by another "
@@ -229,10 +242,9 @@ class EngineRunner:
             raise RuntimeError(f"TensorRT failed to enqueue {self.entry.component} (see the TensorRT log above)")
 
     def __call__(self, feeds: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        stream = torch.cuda.current_stream(self.device)  # the pipeline's stream: ordered, no host sync
-        outputs = self.prepare(self.contiguous(feeds), stream)
-        self.enqueue(stream)
-        # The caching allocator may hand `feeds` to later work only on this same stream, after this enqueue.
+        caller = torch.cuda.current_stream(self.device)  # the pipeline's stream
+        outputs = self.prepare(self.contiguous(feeds), self.stream)  # outputs are allocated on the caller's stream
+        enqueue_ordered(self.stream, caller, lambda: self.enqueue(self.stream))
         return tuple(outputs[name] for name in self.output_names)
 
 
@@ -261,13 +273,12 @@ class UNetGraph:
     def _capture(self, feeds: Mapping[str, torch.Tensor]):
         runner = self.runner
         static_in = {name: tensor.clone() for name, tensor in feeds.items()}
-        stream = torch.cuda.current_stream(runner.device)
-        static_out = runner.prepare(static_in, stream)
+        static_out = runner.prepare(static_in, runner.stream)
         # TensorRT's developer guide (CUDA Graphs): enqueue once before capturing, so that deferred
         # shape-dependent work is done outside the capture.
-        runner.enqueue(stream)
+        enqueue_ordered(runner.stream, torch.cuda.current_stream(runner.device), lambda: runner.enqueue(runner.stream))
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph):  # captured on torch's capture stream (not the legacy default one)
             runner.enqueue(torch.cuda.current_stream(runner.device))
         log.info("captured the TensorRT UNet call in a CUDA graph for %s",
                  ", ".join(f"{n}={_dims(t.shape)}" for n, t in static_in.items()))
@@ -276,11 +287,13 @@ class UNetGraph:
 
 def open_runners(trt, engines: EnginesDir, chosen: Mapping[str, EngineEntry], device: torch.device,
                  check_hash: bool = True) -> dict[str, EngineRunner]:
-    """Deserialise the chosen engines; the build loop's parity check uses this too."""
+    """Deserialise the chosen engines, all on one stream of their own (never the legacy default stream); the
+    build loop's parity check uses this too."""
     runtime = trt.Runtime(_TrtLogger.get(trt))
     with torch.cuda.device(device):
+        stream = torch.cuda.Stream(device)
         return {component: EngineRunner(trt, runtime, verify_engine_file(engines.folder, entry, check_hash),
-                                        entry, device, engines.folder)
+                                        entry, device, engines.folder, stream)
                 for component, entry in chosen.items()}
 
 

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# The one command of a GPU window (issue 13); benchmarks/gpu/README.md says how to run it and what to commit.
+#
+#   bash benchmarks/gpu/run.sh              # on the GPU machine, at most 8 minutes; results in $OUT
+#   bash benchmarks/gpu/run.sh --rehearse   # the same steps on the CPU at tiny sizes (CI: tests/test_gpu_script.py)
+#
+# Steps, each under `timeout` and inside one overall budget: carried wheels into a private folder, environment
+# (nvidia-smi, versions), CMake kernel build + ctest, GPU tests, DCT kernel benchmark, latency.py (torch-fp32,
+# torch-fp16, torch-fast at full size), then torch-fast-compile if time is left. A step that cannot run without a
+# GPU reports "skipped: no GPU" in the rehearsal. The summary table is printed last. Files in $OUT (a temporary
+# folder when unset), at most 8, at most two levels deep: steps.log, summary.md, latency-<gpu>.json/.md,
+# dct_kernels-<gpu>.json/.md, compile/latency-<gpu>.json/.md. Exit 0 when no step failed or timed out, else 1.
+set -uo pipefail
+START=$(date +%s)
+cd "$(dirname "$0")/../.."
+export ROOT=$PWD
+
+MODE=gpu
+case "${1:-}" in
+  --rehearse) MODE=rehearse ;;
+  "") ;;
+  *) echo "usage: bash benchmarks/gpu/run.sh [--rehearse]" >&2; exit 2 ;;
+esac
+
+BUDGET=${GPU_WINDOW_SECONDS:-480}  # the whole run, summary included
+RESERVE=10                         # kept back for the summary
+export PY=${PYTHON:-$(command -v python || command -v python3)}
+if [[ $MODE == rehearse ]]; then
+  export CUDA_VISIBLE_DEVICES=""  # the CPU, even on a GPU machine
+elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "run.sh: no CUDA GPU visible to $PY; on a CPU machine run: bash benchmarks/gpu/run.sh --rehearse" >&2
+  exit 2
+fi
+
+export OUT=${OUT:-$(mktemp -d -t gpu-window.XXXXXX)}
+mkdir -p "$OUT"
+SCRATCH=$(mktemp -d -t gpu-window-scratch.XXXXXX)  # private site-packages, CMake build, step table
+trap 'rm -rf "$SCRATCH"' EXIT
+export PRIVATE=$SCRATCH/site
+export PYTHONPATH=$ROOT:$PRIVATE  # `pip install -e .` is impossible offline: the checkout is imported in place
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+LOG=$OUT/steps.log
+STEPS=$SCRATCH/steps.tsv
+: >"$LOG"
+: >"$STEPS"
+DEADLINE=$((START + BUDGET))
+FAILED=0
+
+seconds_left() { echo $((DEADLINE - $(date +%s) - RESERVE)); }
+
+record() {  # record NAME STATUS SECONDS
+  printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$STEPS"
+  printf '=== %s: %s (%s s)\n' "$1" "$2" "$3" | tee -a "$LOG"
+}
+
+# step NAME CAP NEED CMD...: run CMD for at most min(CAP, time left) seconds when at least NEED seconds are left.
+# Exit 77 means skipped (the last line of its output says why); 124/137 a timeout.
+step() {
+  local name=$1 cap=$2 need=$3
+  shift 3
+  local left
+  left=$(seconds_left)
+  if ((left < need)); then
+    record "$name" "skipped: ${left}s left, the step needs ${need}s" 0
+    return
+  fi
+  local limit=$((cap < left ? cap : left)) t0 rc
+  t0=$(date +%s)
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  timeout -k 10 "$limit" "$@" >"$SCRATCH/step.out" 2>&1
+  rc=$?
+  cat "$SCRATCH/step.out" >>"$LOG"
+  tail -n 8 "$SCRATCH/step.out"
+  local took=$(($(date +%s) - t0)) status
+  case $rc in
+    0) status=ok ;;
+    77) status="skipped: $(tail -n 1 "$SCRATCH/step.out")" ;;
+    124 | 137) status="TIMEOUT after ${limit}s"; FAILED=1 ;;
+    *) status="FAILED (exit $rc; see steps.log)"; FAILED=1 ;;
+  esac
+  record "$name" "$status" "$took"
+}
+
+no_gpu() { record "$1" "skipped: no GPU" 0; }
+
+# -- the steps ----------------------------------------------------------------------------------------------
+install_wheels() {
+  # .whl/ is written by benchmarks/gpu/wheels.sh; carried.txt lists each wheel with the condition to install it.
+  if [[ ! -f .whl/carried.txt ]]; then
+    if "$PY" -c "import diffusers" 2>/dev/null; then echo "no .whl/ carried; diffusers is installed here"; exit 77; fi
+    echo "no .whl/carried.txt: run benchmarks/gpu/wheels.sh before the window and carry .whl/ with the checkout"
+    exit 1
+  fi
+  local wheels
+  wheels=$("$PY" - <<'EOF'
+import huggingface_hub
+hub = int(huggingface_hub.__version__.split(".")[0])  # the conditions in carried.txt test this
+for line in open(".whl/carried.txt"):
+    if line.strip() and not line.startswith("#"):
+        wheel, condition = line.rstrip("\n").split("\t")
+        if eval(condition, {"hub": hub}):
+            print(".whl/" + wheel)
+EOF
+  ) || exit 1
+  echo "installing into $PRIVATE: $wheels"
+  "$PY" -m pip install --no-index --no-deps --quiet --target "$PRIVATE" $wheels || exit 1
+  "$PY" -c "import diffusers; print('diffusers', diffusers.__version__, 'from', diffusers.__file__)"
+}
+
+record_environment() {
+  date -u
+  uname -a
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
+  else
+    echo "nvidia-smi: not found"
+  fi
+  "$PY" - <<'EOF'
+import importlib, platform, sys
+print("python", platform.python_version(), sys.executable)
+for name in ("torch", "cupy", "diffusers", "transformers", "huggingface_hub", "safetensors", "numpy", "scipy",
+             "skimage", "onnx", "onnxruntime", "tensorrt"):
+    try:
+        module = importlib.import_module(name)
+        print(f"{name:16s} {getattr(module, '__version__', '?'):12s} {module.__file__}")
+    except Exception as err:  # absent here, or broken: the log says which
+        print(f"{name:16s} not importable ({type(err).__name__}: {err})")
+import torch
+print("torch CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version() if torch.cuda.is_available() else None)
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"cuda:{i} {p.name} sm_{p.major}{p.minor} {p.total_memory / 2**30:.0f} GiB")
+sys.path.insert(0, "benchmarks")
+import latency, cinemo_rt.pipeline, cinemo_rt.backends.fast_torch, kernels.cupy_dct  # noqa: E401,F401
+assert "av" not in sys.modules, "av was imported on the GPU path"
+EOF
+}
+
+kernel_ctest() {
+  if ! command -v cmake >/dev/null || ! command -v nvcc >/dev/null; then echo "no cmake or nvcc on this machine"; exit 77; fi
+  cmake -S . -B "$SCRATCH/cmake" -DCMAKE_CUDA_ARCHITECTURES=native >/dev/null &&
+    cmake --build "$SCRATCH/cmake" -j "$(nproc)" &&
+    ctest --test-dir "$SCRATCH/cmake" --output-on-failure
+}
+export -f install_wheels record_environment kernel_ctest
+export SCRATCH
+
+GPU_TESTS=("$PY" -m pytest -q -rA -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_kernels.py tests/test_tensorrt.py)
+if [[ $MODE == gpu ]]; then
+  LATENCY=("$PY" benchmarks/latency.py --repeats 5 --loop-repeats 1 --warmup 1)
+  COMPILE_NEEDS=150  # Inductor's compile of the full UNet is minutes
+  COMPILE_ARGS=()
+else
+  LATENCY=("$PY" benchmarks/latency.py --tiny --steps 2 --repeats 1 --loop-repeats 1 --warmup 0)
+  COMPILE_NEEDS=30
+  COMPILE_ARGS=(--compile-backend eager)  # dynamo without Inductor: seconds on a CPU
+fi
+
+echo "GPU window ($MODE): budget ${BUDGET}s, results in $OUT"
+step wheels 60 5 bash -c install_wheels
+step environment 30 5 bash -c record_environment
+if [[ $MODE == gpu ]]; then step kernel-ctest 120 60 bash -c kernel_ctest; else no_gpu kernel-ctest; fi
+step gpu-tests 150 30 "${GPU_TESTS[@]}"
+if [[ $MODE == gpu ]]; then
+  step kernel-benchmark 60 20 "$PY" benchmarks/dct_kernels.py --repeats 50 --warmup 5 --out "$OUT"
+else
+  no_gpu kernel-benchmark
+fi
+step latency 300 60 "${LATENCY[@]}" --backends torch-fp32 torch-fp16 torch-fast --out "$OUT"
+step compile 600 "$COMPILE_NEEDS" "${LATENCY[@]}" --backends torch-fast-compile "${COMPILE_ARGS[@]}" --out "$OUT/compile"
+
+echo "results in $OUT after $(($(date +%s) - START)) s"
+echo
+"$PY" benchmarks/gpu/summary.py "$STEPS" "$OUT" || FAILED=1
+exit $FAILED
