@@ -103,17 +103,17 @@ class Animator:
         self.last_timings = timer.seconds
         return video
 
-    def __call__(self, image, prompt: str, bucket: int | None = 9, *, negative_prompt: str = "", steps: int = 50,
-                 guidance: float = 7.5, seed: int | None = None, height: int | None = None,
-                 width: int | None = None, frames: int | None = None, motion_id: float | None = None,
-                 use_dct: bool = True, dct_fraction: float = DCT_FRACTION, dct_tau: int = DCT_TAU,
-                 eta: float = 0.0, sampler: str = "ddim",
+    def __call__(self, image, prompt: str, bucket: int | None = 9, *, negative_prompt: str = "",
+                 steps: int = Request.steps, guidance: float = Request.guidance, seed: int | None = None,
+                 height: int | None = None, width: int | None = None, frames: int | None = None,
+                 motion_id: float | None = None, use_dct: bool = True, dct_fraction: float = DCT_FRACTION,
+                 dct_tau: int = DCT_TAU, eta: float = Request.eta, sampler: str = Request.sampler,
                  callback: Callable[[int, int, torch.Tensor], None] | None = None) -> np.ndarray:
         """The keyword API: builds a `Request` and runs it."""
-        request = Request.create(prompt, bucket, motion_id, negative_prompt=negative_prompt, steps=steps,
-                                 guidance=guidance, seed=seed, height=height, width=width, frames=frames,
-                                 eta=eta, sampler=sampler, dct=DCTInit(dct_fraction, dct_tau) if use_dct else None)
-        return self.run(image, request, callback)
+        fields = _request_fields(dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
+                                      height=height, width=width, frames=frames, eta=eta, sampler=sampler,
+                                      use_dct=use_dct, dct_fraction=dct_fraction, dct_tau=dct_tau))
+        return self.run(image, Request.create(prompt, bucket, motion_id, **fields), callback)
 
     # -- stages, bound to this animator (tests and tools call them) ------------------------------------
     def encode_z1(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -132,12 +132,13 @@ class Animator:
         """Chain `segments` animations, the last frame of one becoming the input of the next (the authors'
         answer to requests for longer videos, Cinemo issues #9, #13, #14). Returns all frames, the shared
         boundary frames once. `options` are `__call__`'s keywords."""
-        if segments < 1:
-            raise InputError(f"segments must be at least 1; got {segments}")
-        request = Request.create(prompt, seed=seed, **_request_fields(options)).resolve(self.defaults)
-        return self.run_segments(image, request, segments, callback)
+        return self.run_segments(image, Request.create(prompt, seed=seed, **_request_fields(options)), segments,
+                                 callback)
 
     def run_segments(self, image, request: Request, segments: int, callback=None) -> np.ndarray:
+        """`animate_segments` for a request: segment i runs with seed + i."""
+        if segments < 1:
+            raise InputError(f"segments must be at least 1; got {segments}")
         parts, timings = [], {}
         current = image
         request = request.resolve(self.defaults)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import Checkpoint
-from ..graphs import GRAPHS, graph_modules
+from ..graphs import graph_modules
 from .base import Backend, model_info, ports_for
 
 
@@ -26,8 +26,7 @@ class ModuleRunner:
 
 
 def module_runners(checkpoint: Checkpoint) -> dict[str, ModuleRunner]:
-    return {name: ModuleRunner(name, module) for name, module in graph_modules(checkpoint).items()
-            if name in GRAPHS}
+    return {name: ModuleRunner(name, module) for name, module in graph_modules(checkpoint).items()}
 
 
 class TorchBackend(Backend):
