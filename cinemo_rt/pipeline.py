@@ -6,7 +6,6 @@ chosen once, when the `Animator` is built, and the denoising loop only sees its 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -19,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import validate
 from .backends.base import Backend
 from .components import images_to_uint8, tokenize
 from .dctinit import select_dct_init
@@ -46,8 +46,17 @@ class Defaults:
         path = Path(folder) / DEFAULTS_FILE if folder else None
         if path is None or not path.is_file():
             return cls()
-        data = json.loads(path.read_text())
-        return cls(**{k: int(v) for k, v in data.items() if k in ("height", "width", "frames")})
+        from .files import FileFormatError, read_json
+
+        data = read_json(path)
+        try:
+            values = {k: int(data[k]) for k in ("height", "width", "frames") if k in data}
+        except (TypeError, ValueError) as err:
+            raise FileFormatError(f"{path}: height, width and frames must be whole numbers ({err})") from None
+        bad = {k: v for k, v in values.items() if v < 1}
+        if bad:
+            raise FileFormatError(f"{path}: sizes must be at least 1; got {bad}")
+        return cls(**values)
 
 
 @dataclass
@@ -69,7 +78,10 @@ class StageTimer:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(validate.device_name(str(device)))
+    except (ValueError, RuntimeError) as err:
+        raise InputError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device} was asked for but CUDA is not available; use --device cpu")
     return device
@@ -137,12 +149,13 @@ class Animator:
         height = height or self.defaults.height
         width = width or self.defaults.width
         frames = frames or self.defaults.frames
-        motion = float(motion_id) if motion_id is not None else bucket_to_motion_id(bucket)
+        motion = validate.finite(motion_id, "motion_id") if motion_id is not None else bucket_to_motion_id(bucket)
+        guidance = validate.finite(guidance, "guidance")
         if steps < 1:
             raise InputError(f"steps must be at least 1; got {steps}")
         if frames < 1:
             raise InputError(f"frames must be at least 1; got {frames}")
-        if not 0 < dct_fraction <= 1 or not 0 <= dct_tau < len(self.alphas_cumprod):
+        if not 0 < validate.finite(dct_fraction, "dct_fraction") <= 1 or not 0 <= dct_tau < len(self.alphas_cumprod):
             raise InputError("DCTInit fraction must be in (0, 1] and tau in 0..999")
         if not prompt or not prompt.strip():
             log.warning("empty prompt: the animation is guided by the image and motion bucket only")
@@ -163,10 +176,11 @@ class Animator:
         with timer.stage("5 denoise"):
             dtype, device = self.backend.dtype, self.backend.device
             motion_ids = torch.full((1,), motion, dtype=torch.float32, device=device)
+            watch = NonFiniteWatch(device, callback)
             x_0 = sample(self.backend.unet, x_T.to(device, dtype), z1=z1.to(device, dtype), text=text,
                          text_uncond=text_uncond, motion_id=motion_ids, steps=steps, guidance=guidance, eta=eta,
-                         generator=generator, callback=callback,
-                         prediction_type=self.backend.info.prediction_type)
+                         generator=generator, callback=watch, prediction_type=self.backend.info.prediction_type)
+            watch.check(steps)
         with timer.stage("6 decode"):
             latents = reconstruct(z1.to(x_0.dtype), x_0)
             chunk = DECODE_CHUNK if self.backend.info.temporal_vae else None
@@ -222,6 +236,33 @@ class Animator:
                 timings[name] = timings.get(name, 0.0) + sec
         self.last_timings = timings
         return np.concatenate(parts)
+
+
+class NonFiniteError(ValueError):
+    """The denoising produced NaN or infinite latents (broken weights, or an overflow in low precision)."""
+
+
+class NonFiniteWatch:
+    """A denoising callback that records the first step whose latents hold NaN or inf, on the device and
+    without a host sync per step; `check` raises once after the loop, naming that step."""
+
+    def __init__(self, device: torch.device, then: Callable | None = None):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.then = then
+
+    def __call__(self, i: int, t: int, x: torch.Tensor) -> None:
+        bad_now = ~torch.isfinite(x).all()
+        self.first_bad = torch.where(bad_now & (self.first_bad < 0), torch.full_like(self.first_bad, i + 1),
+                                     self.first_bad)
+        if self.then is not None:
+            self.then(i, t, x)
+
+    def check(self, steps: int) -> None:
+        step = int(self.first_bad)
+        if step > 0:
+            raise NonFiniteError(f"the latents became NaN or infinite at denoising step {step} of {steps}; the "
+                                 "checkpoint's weights may hold NaN/inf values, or the precision overflowed "
+                                 "(try --dtype fp32)")
 
 
 def reconstruct(z1: torch.Tensor, x_0: torch.Tensor) -> torch.Tensor:
