@@ -33,8 +33,10 @@ from pathlib import Path
 import torch
 
 from cinemo_rt.backends.engines_dir import MANIFEST
-from cinemo_rt.files import give_default_mode
+from cinemo_rt.files import file_sha256, give_default_mode, swap_in_folder
+from cinemo_rt.interrupts import exit_code_for, terminate_as_interrupt
 from cinemo_rt.pipeline import DEFAULTS_FILE
+from cinemo_rt.safe_paths import OutputError, check_owned_folder, same_file
 
 from .onnx_export import OPSET, export_onnx, module_bytes, prepare_module
 from .optimize import optimize_file
@@ -97,9 +99,12 @@ def read_manifest_or_empty(out: Path) -> dict:
     path = out / MANIFEST
     if path.is_file():
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            log.warning("%s is unreadable; rebuilding everything", path)
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            manifest = None
+        if isinstance(manifest, dict) and isinstance(manifest.get("components", {}), dict):
+            return manifest
+        log.warning("%s is unreadable; rebuilding everything", path)
     return {"components": {}}
 
 
@@ -116,17 +121,71 @@ def write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
-def copy_folder_atomic(src: Path, dst: Path) -> None:
+def copy_folder_atomic(src: Path, dst: Path, root: Path | None = None) -> None:
+    """Copy the files of `src` into `dst` (replaced whole, safely against a concurrent build). Symbolic
+    links are followed only to files inside `root` (default `src`): a link to ~/.ssh or /etc would otherwise
+    copy that file's contents into a folder the user may share."""
+    files = _contained_files(src, root or src)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         give_default_mode(tmp)
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        for relative, path in files:
+            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, tmp / relative)
+            give_default_mode(tmp / relative)
+        swap_in_folder(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _contained_files(src: Path, root: Path) -> list[tuple[Path, Path]]:
+    """(relative path, path) of every file under `src`, sorted; a link resolving outside `root` is refused."""
+    root_real = root.resolve()
+    files = []
+    for folder, dirs, names in os.walk(src, followlinks=False):
+        for name in sorted(dirs + names):
+            path = Path(folder) / name
+            if path.is_symlink():
+                target = path.resolve()
+                if target != root_real and root_real not in target.parents:
+                    raise ValueError(f"{path} is a symbolic link to {target}, outside {root}; refusing to copy "
+                                     f"it into the engines folder. Copy the real files in (cp -L) and rebuild")
+                if target.is_dir():
+                    raise ValueError(f"{path} is a symbolic link to a folder; replace it with the real files")
+            if path.is_file():
+                files.append((path.relative_to(src), path))
+    return sorted(files)
+
+
+# What an engines folder holds; anything else in --out is the user's and makes the build refuse the folder.
+_ENGINES_ENTRIES = (MANIFEST, DEFAULTS_FILE, "tokenizer", "scheduler", "tensorrt")
+_OUR_TEMPORARIES = tuple(f".{name}." for name in (MANIFEST, DEFAULTS_FILE, "tokenizer", "scheduler", *SPECS))
+
+
+def owns_engines_entry(name: str) -> bool:
+    return (name in _ENGINES_ENTRIES or name.endswith((".onnx", ".onnx.data"))
+            or name.startswith(_OUR_TEMPORARIES))
+
+
+def check_out_folder(checkpoint: Path, out: Path) -> None:
+    """--out is written into, so it must be an engines folder (or new, or empty), never the checkpoint."""
+    if out.exists() and checkpoint.exists() and same_file(out, checkpoint):
+        raise OutputError(f"--out {out} is the checkpoint folder; give a separate folder for the engines "
+                          "(e.g. --out engines)")
+    check_owned_folder(out, owns_engines_entry, "an engines folder")
+
+
+def drop_stale_components(manifest: dict, precision: str, dims: Dims) -> dict:
+    """A build at another precision or size replaces every graph; forget the old entries before the new
+    top-level fields are saved, so an interrupted rebuild never leaves a manifest that disagrees with its
+    graphs (the old entries would claim fp16 graphs under an fp32 header, or the reverse)."""
+    size = {"height": dims.height, "width": dims.width, "frames": dims.frames}
+    if manifest.get("components") and (manifest.get("precision") != precision or manifest.get("dims") != size):
+        log.info("precision or size changed (%s %s -> %s %s): rebuilding every component",
+                 manifest.get("precision"), manifest.get("dims"), precision, size)
+        manifest = {**manifest, "components": {}}
+    return manifest
 
 
 def _files_exist(out: Path, entry: dict | None) -> bool:
@@ -141,12 +200,13 @@ def build(options: BuildOptions) -> dict:
     from cinemo_rt.checkpoint import load_checkpoint
 
     out = options.out
+    check_out_folder(options.checkpoint, out)
     out.mkdir(parents=True, exist_ok=True)
     trt = _tensorrt_hook(options.targets)
     checkpoint = load_checkpoint(options.checkpoint)
     dims = dims_for(checkpoint, options.height, options.width, options.frames)
     versions = library_versions()
-    manifest = read_manifest_or_empty(out)
+    manifest = drop_stale_components(read_manifest_or_empty(out), options.precision, dims)
     manifest.update({"format": 1, "precision": options.precision, "opset": OPSET, "versions": versions,
                      "dims": {"height": dims.height, "width": dims.width, "frames": dims.frames},
                      "model": {"info": dims.info.__dict__, "vocab_size": dims.vocab_size}})
@@ -239,14 +299,6 @@ def _build_tensorrt(trt, spec: ExportSpec, dims: Dims, options: BuildOptions, ou
             "onnx_sha256": onnx_entry["sha256"]}
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _copy_side_files(checkpoint: Path, out: Path, manifest: dict) -> None:
     """Tokenizer and scheduler config, so the engines folder is all the runtime needs."""
     for part in ("tokenizer", "scheduler"):
@@ -254,13 +306,13 @@ def _copy_side_files(checkpoint: Path, out: Path, manifest: dict) -> None:
         if not src.is_dir():
             continue
         digest = hashlib.sha256()
-        for f in sorted(p for p in src.rglob("*") if p.is_file()):
-            digest.update(f.relative_to(src).as_posix().encode())
+        for relative, f in _contained_files(src, checkpoint):
+            digest.update(relative.as_posix().encode())
             digest.update(f.read_bytes())
         key = digest.hexdigest()
         if manifest.get(part, {}).get("key") == key and (out / part).is_dir():
             continue
-        copy_folder_atomic(src, out / part)
+        copy_folder_atomic(src, out / part, root=checkpoint)
         manifest[part] = {"key": key, "folder": part}
 
 
@@ -279,14 +331,32 @@ def _tensorrt_hook(targets: tuple[str, ...]):
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
+def _size(value: str) -> int:
+    number = _frames(value)
+    if number % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 (the VAE's factor); got {number}")
+    return number
+
+
+def _frames(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {number}")
+    return number
+
+
 def parse_args(argv: list[str] | None = None) -> BuildOptions:
     p = argparse.ArgumentParser(prog="python -m export.build_engines", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (released layout)")
     p.add_argument("--out", required=True, type=Path, help="engines folder to create or update")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp16")
-    p.add_argument("--height", type=int, default=320)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--frames", type=int, default=15, help="generated frames, x_t's F (the video has one more)")
+    p.add_argument("--height", type=_size, default=320, help="output height, a multiple of 8")
+    p.add_argument("--width", type=_size, default=512, help="output width, a multiple of 8")
+    p.add_argument("--frames", type=_frames, default=15,
+                   help="generated frames, x_t's F (the video has one more)")
     p.add_argument("--targets", default="onnx", help="comma-separated: onnx,tensorrt")
     p.add_argument("--components", default=",".join(SPECS), help="comma-separated subset of " + ",".join(SPECS))
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")
@@ -313,14 +383,22 @@ def main(argv: list[str] | None = None) -> int:
     from cinemo_rt.checkpoint import CheckpointError
 
     options = parse_args(argv)
-    try:
-        manifest = build(options)
-    except ParityError as err:
-        log.error("parity check failed: %s", err)
-        return 1
-    except (CheckpointError, ValueError) as err:
-        log.error("%s", err)
-        return 2
+    with terminate_as_interrupt():  # SIGTERM cleans up like Ctrl-C: no .unet.export.* or .tmp left behind
+        try:
+            manifest = build(options)
+        except ParityError as err:
+            log.error("parity check failed: %s", err)
+            return 1
+        except (CheckpointError, ValueError) as err:
+            log.error("%s", err)
+            return 2
+        except OSError as err:  # disk full, file too large, read-only place
+            log.error("cannot write the engines folder %s: %s; free some space or choose another --out",
+                      options.out, err.strerror or err)
+            return 2
+        except KeyboardInterrupt as interrupt:
+            log.error("interrupted; finished components are kept and the next run resumes from them")
+            return exit_code_for(interrupt)
     log.info("engines folder %s complete (%s, %s)", options.out, options.precision,
              ", ".join(f"{n}: {'ok' if c.get('parity', {}).get('ok') else 'unverified'}"
                        for n, c in manifest["components"].items()))

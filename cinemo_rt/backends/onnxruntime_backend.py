@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engines_dir import COMPONENTS, EnginesDirError, component_file, model_info, read_manifest
+from .engines_dir import COMPONENTS, EnginesDirError, model_info, read_manifest, verified_onnx_file
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,12 @@ class _Runner:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.component = component
         self.device = device
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as err:  # onnxruntime's InvalidProtobuf, Fail, NoSuchFile, ...
+            raise EnginesDirError(f"ONNX Runtime cannot load {path} ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0] if str(err) else ''}); rebuild the engines "
+                                  "folder") from err
         self.inputs = [_Port(i.name, _ORT_TO_TORCH[i.type], tuple(i.shape)) for i in self.session.get_inputs()]
         self.outputs = [_Port(o.name, _ORT_TO_TORCH[o.type], tuple(o.shape)) for o in self.session.get_outputs()]
         self.io_binding = device.type == "cuda"
@@ -132,8 +137,8 @@ class OnnxRuntimeBackend:
         self.dtype = torch.float16 if built == "fp16" else torch.float32
         self.info = model_info(self.manifest)
         providers, self.device = _providers(torch.device(device) if device is not None else None)
-        self._runners = {c: _Runner(component_file(self.engines_dir, self.manifest, c), c, providers, self.device)
-                         for c in COMPONENTS}
+        self._runners = {c: _Runner(verified_onnx_file(self.engines_dir, self.manifest, c), c, providers,
+                                    self.device) for c in COMPONENTS}
         log.info("onnxruntime backend: %s, %s, providers %s", self.engines_dir, built,
                  self._runners["unet"].session.get_providers())
 

@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .base import ModelInfo
-from .engines_dir import EnginesDirError
+from .engines_dir import EnginesDirError, contained_path
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
 def verify_engine_file(folder: str | os.PathLike, entry: EngineEntry, check_hash: bool = True) -> Path:
     """The engine file exists with the recorded size (and SHA-256): a truncated copy or a file from another
     build is caught before TensorRT is handed it."""
-    path = Path(folder) / ENGINE_SUBDIR / entry.file
+    path = contained_path(Path(folder) / ENGINE_SUBDIR, entry.file)  # no ../ or absolute paths
     if not path.is_file():
         raise EngineMismatchError(f"engine file {path} is missing; {rebuild_hint(folder)}")
     size = path.stat().st_size
