@@ -6,8 +6,10 @@ import errno
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -53,20 +55,25 @@ _DEST_TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR)
 
 
 def swap_in_folder(tmp: str | os.PathLike, dest: str | os.PathLike,
-                   check_replaceable: Callable[[Path], None] = lambda dest: None, attempts: int = 5) -> None:
+                   check_replaceable: Callable[[Path], None] = lambda dest: None, attempts: int = 100) -> None:
     """Rename the finished folder `tmp` to `dest`. An existing `dest` is first checked with
     `check_replaceable` (which raises to refuse), then renamed aside and removed. Safe against a concurrent
     writer of the same `dest`: a destination that appears or vanishes between the steps is retried, so one
     complete folder ends up there and the loser's temporaries are gone."""
     tmp, dest = Path(tmp), Path(dest)
-    for _ in range(attempts):
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(random.uniform(0, 0.002 * min(attempt, 10)))  # let the other writer finish its swap
         try:
             os.rename(tmp, dest)  # fails when dest exists and is not an empty folder
             return
         except OSError as err:
             if err.errno not in _DEST_TAKEN:
                 raise
-        check_replaceable(dest)
+        try:
+            check_replaceable(dest)
+        except FileNotFoundError:
+            continue  # it vanished while being checked (a concurrent writer): try the rename again
         aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
         try:
             os.rename(dest, aside / "old")

@@ -52,18 +52,19 @@ def check_file_output(path: str | os.PathLike, *, overwrite: bool, inputs: Itera
 
 def foreign_entries(folder: Path, owns: Callable[[str], bool]) -> list[str]:
     """Names in `folder` that `owns(name)` does not claim (hidden temporaries of ours are claimed)."""
-    return sorted(p.name for p in folder.iterdir() if not owns(p.name))
+    return sorted(name for name in os.listdir(folder) if not owns(name))
 
 
 def check_owned_folder(folder: str | os.PathLike, owns: Callable[[str], bool], what: str) -> None:
     """An existing `folder` may be written into (or replaced) only when everything in it is ours to
     replace; otherwise refuse, listing what else is there. `what` says what we write ("a checkpoint")."""
     folder = Path(folder)
-    if not folder.exists():
+    try:
+        foreign = foreign_entries(folder, owns)
+    except FileNotFoundError:
         return
-    if not folder.is_dir():
-        raise OutputError(f"{folder} exists and is not a folder; choose a new folder for {what}")
-    foreign = foreign_entries(folder, owns)
+    except NotADirectoryError:
+        raise OutputError(f"{folder} exists and is not a folder; choose a new folder for {what}") from None
     if foreign:
         shown = ", ".join(foreign[:6]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 6 else "")
         raise OutputError(f"{folder} holds files that are not {what} ({shown}); refusing to write there so "

@@ -133,7 +133,13 @@ def _write_png_folder(frames: np.ndarray, folder: str) -> None:
 
 def _only_frames(dest: Path) -> None:
     """An existing frames destination may be replaced only when it holds nothing but our frames."""
-    if not dest.is_dir() or any(not _FRAME_RE.fullmatch(p.name) for p in dest.iterdir()):
+    try:
+        names = [p.name for p in dest.iterdir()]
+    except FileNotFoundError:
+        return  # a concurrent writer moved it away: nothing to protect
+    except NotADirectoryError:
+        names = [dest.name]
+    if any(not _FRAME_RE.fullmatch(name) for name in names):
         raise OutputError(
             f"{str(dest)!r} exists and is not a folder of frame_NNNN.png files; refusing to overwrite it"
         )
