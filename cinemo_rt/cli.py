@@ -1,7 +1,7 @@
 """`cinemo-rt run` and `cinemo-rt info`.
 
 Exit codes: 0 success, 1 an unexpected failure (with traceback), 2 bad input or configuration (one clear
-message, no traceback), 130 interrupted.
+message, no traceback), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM; cleaned up the same way).
 """
 
 from __future__ import annotations
