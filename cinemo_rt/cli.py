@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="raw motion id for other checkpoints (the released model uses 99 - bucket)")
     run.add_argument("--negative-prompt", default="", help="what to steer away from (default empty)")
     run.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
-    run.add_argument("--guidance", type=_finite_float("--guidance"), default=7.5, help="classifier-free guidance scale (1 = off)")
+    run.add_argument("--guidance", type=_finite_float("--guidance"), default=7.5,
+                     help="classifier-free guidance scale (1 = off)")
     run.add_argument("--seed", type=_seed, default=None, help="random seed (bit-reproducible per backend)")
     run.add_argument("--frames", type=_positive_int, default=None, help="frames to generate (default: model's)")
     run.add_argument("--height", type=_positive_int, default=None, help="output height, divisible by 8")
@@ -87,18 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--segments", type=_positive_int, default=1,
                      help="chain N segments, each starting from the previous last frame")
     run.add_argument("--no-dct", action="store_true", help="plain Gaussian initial noise instead of DCTInit")
-    run.add_argument("--dct-fraction", type=_finite_float("--dct-fraction"), default=0.23, help="DCTInit low-pass box fraction")
+    run.add_argument("--dct-fraction", type=_finite_float("--dct-fraction"), default=0.23,
+                     help="DCTInit low-pass box fraction")
     run.add_argument("--dct-tau", type=int, default=975, help="DCTInit noise level of the kept frequencies")
     source = run.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", default=None, help="checkpoint folder in the released layout")
     source.add_argument("--engines", default=None, help="folder built by `python -m export.build_engines`")
     run.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch", "torch-fast"), default="auto")
-    run.add_argument("--device", type=_argument_type(validate.device_name, "device"), default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    run.add_argument("--device", type=_argument_type(validate.device_name, "device"), default=None,
+                     help="cpu or cuda[:N] (default: cuda when available)")
     run.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                      help="PyTorch backend precision (default fp16 on CUDA, fp32 on CPU)")
     run.add_argument("--out", default="cinemo.mp4", help="output .mp4, .gif, or a folder for PNG frames")
     run.add_argument("--format", choices=("mp4", "gif", "png"), default=None, help="override the suffix")
-    run.add_argument("--fps", type=_argument_type(validate.fps, "fps"), default=8.0, help="frames per second (default 8)")
+    run.add_argument("--fps", type=_argument_type(validate.fps, "fps"), default=8.0,
+                     help="frames per second (default 8)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the input)")
 
     sub.add_parser("info", help="versions, devices and usable backends")
