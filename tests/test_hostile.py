@@ -161,6 +161,34 @@ def test_training_refuses_a_foreign_export_dir_before_work(tmp_path, tiny_checkp
     assert os.listdir(export) == ["notes.txt"] and not (tmp_path / "run").exists()
 
 
+def test_training_cli_refusal_is_exit_2(tmp_path, tiny_checkpoint_dir, capsys, caplog):
+    from cinemo_rt.train.__main__ import main as train_main
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "notes.txt").write_text("keep")
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"output_dir": str(tmp_path / "run"), "export_dir": str(export),
+                                  "data_dir": str(tmp_path / "none"), "init_from": str(tiny_checkpoint_dir)}))
+    code, text = call(train_main, ["--config", str(config), "--device", "cpu"], capsys, caplog)
+    assert_refused(code, text, 2, "notes.txt")
+    assert os.listdir(export) == ["notes.txt"]
+
+
+def test_output_created_during_the_run_is_kept(work, monkeypatch):
+    real = video._encode_mp4
+    out = work / "clip.mp4"
+
+    def someone_else_writes_meanwhile(frames, path, fps):
+        real(frames, path, fps)
+        out.write_bytes(b"another program's file")
+
+    monkeypatch.setattr(video, "_encode_mp4", someone_else_writes_meanwhile)
+    with pytest.raises(video.OutputError, match="created by someone else"):
+        video.write_video(np.zeros((2, 16, 16, 3), np.uint8), out)
+    assert out.read_bytes() == b"another program's file" and not hidden(work)
+
+
 def test_build_engines_out_is_never_the_checkpoint(tmp_path, tiny_checkpoint_dir, capsys, caplog):
     ckpt = copy_checkpoint(tiny_checkpoint_dir, tmp_path / "ckpt")
     (ckpt / "cinemo_rt.json").write_text('{"height": 32, "width": 32, "frames": 7}\n')
@@ -292,6 +320,17 @@ def test_engines_manifest_is_contained_and_verified(case, tmp_path, tiny_checkpo
                               "--engines", str(folder), "--backend", "onnxruntime"], capsys, caplog)
     assert_refused(code, text, 2, expect)
     assert not (tmp_path / "o.mp4").exists() and not hidden(tmp_path)
+
+
+def test_tensorrt_engine_paths_are_contained(tmp_path):
+    from cinemo_rt.backends.engines_dir import EnginesDirError, contained_path
+
+    engines = tmp_path / "eng" / "tensorrt"
+    engines.mkdir(parents=True)
+    assert contained_path(engines, "unet.plan") == (engines / "unet.plan").resolve()
+    for escape in ("../../secret.plan", "/etc/passwd", "", None):
+        with pytest.raises(EnginesDirError, match="inside the engines folder|outside the engines folder"):
+            contained_path(engines, escape)
 
 
 def test_tokenizer_symlinks_to_outside_are_not_copied(tmp_path, tiny_checkpoint_dir, capsys, caplog):
