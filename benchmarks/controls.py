@@ -236,7 +236,7 @@ def main() -> int:
     clips = [run(example, p, 15, 0).repeat(4, 1).repeat(4, 2) for p in gif_prompts]
     gap = np.full((clips[0].shape[0], clips[0].shape[1], 4, 3), 255, np.uint8)
     gif = write_video(np.concatenate([clips[0], gap, clips[1], gap, clips[2]], axis=2), out / "controls_example.gif",
-                      fps=6)
+                      fps=6, overwrite=True)
     gif.chmod(0o644)  # written through a private temporary file
     results["gif"] = f"controls_example.gif: {', '.join(gif_prompts)} at bucket 15 (x4 nearest upscale)"
     results["seconds"] = round(time.perf_counter() - start, 1)

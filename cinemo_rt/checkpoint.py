@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .components import TextEncoder, VAE
-from .files import give_default_mode
+from .files import FileFormatError, give_default_mode, read_json, swap_in_folder
+from .safe_paths import check_owned_folder
 from .model import UNet3D, UNetConfig
 from .schedule import PREDICTION_TYPES
 
@@ -41,6 +42,13 @@ WEIGHT_NAMES = {
 BARE_UNET = "cinemo.pt"
 # Buffers that some checkpoints carry and current libraries rebuild themselves.
 _BENIGN_EXTRA = ("text_model.embeddings.position_ids",)
+# What a checkpoint folder holds (save_checkpoint and training write these); anything else is the user's.
+CHECKPOINT_ENTRIES = ("model_index.json", "unet", "vae_temporal_decoder", "vae", "text_encoder", "tokenizer",
+                      "scheduler", BARE_UNET, "cinemo_rt.json", "training_state.pt", "training_state.pt.tmp")
+
+
+def owns_checkpoint_entry(name: str) -> bool:
+    return name in CHECKPOINT_ENTRIES or (name.startswith("rng_rank") and name.endswith(".pt"))
 
 
 class CheckpointError(ValueError):
@@ -64,7 +72,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:  # SafetensorError (truncated or not safetensors), OSError
+            raise CheckpointError(f"cannot read {path} as safetensors ({err}); the file is damaged or "
+                                  "incomplete: download or copy it again") from err
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # pickles with code in them are refused on purpose
@@ -106,6 +118,11 @@ def _check_and_load(module: nn.Module, state: dict[str, torch.Tensor], part: str
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})"
              for k in own if k in state and state[k].shape != own[k].shape]
+    # load_state_dict would cast int64/bool into float parameters silently; such a file is not these weights.
+    wrong_types = [f"{k} {state[k].dtype} (expected {own[k].dtype})" for k in own
+                   if k in state and isinstance(state[k], torch.Tensor)
+                   and own[k].dtype.is_floating_point != state[k].dtype.is_floating_point]
+    not_tensors = [f"{k} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
 
     def listing(title: str, keys: list[str]) -> None:
         if keys:
@@ -115,7 +132,9 @@ def _check_and_load(module: nn.Module, state: dict[str, torch.Tensor], part: str
     listing("missing keys", missing)
     listing("unexpected keys", unexpected)
     listing("wrong shapes", wrong)
-    if not (missing or unexpected or wrong):
+    listing("wrong dtypes", wrong_types)
+    listing("not tensors", not_tensors)
+    if not (missing or unexpected or wrong or wrong_types or not_tensors):
         module.load_state_dict(state, strict=True)
 
 
@@ -133,7 +152,11 @@ def load_unet(folder: str | os.PathLike, problems: list[str] | None = None,
         if problems is None:
             raise CheckpointError("; ".join(own_problems))
         return None
-    unet = UNet3D.from_config(config_path)
+    unet = _build(lambda: UNet3D.from_config(read_json(config_path)), config_path, "unet", own_problems)
+    if unet is None:
+        if problems is None:
+            raise CheckpointError(_format_problems(folder, own_problems))
+        return None
     weights_path = Path(weights) if weights else _find_weights(folder, "unet")
     if weights_path is None and (folder / BARE_UNET).is_file():
         weights_path = folder / BARE_UNET
@@ -155,7 +178,9 @@ def _load_diffusers_part(folder: Path, part: str, cls, problems: list[str]):
         what = "config.json" if not config_path.is_file() else "weights (" + " or ".join(WEIGHT_NAMES[part]) + ")"
         problems.append(f"{part}: missing {what}")
         return None
-    model = cls.from_config(cls.load_config(str(folder / part)))
+    model = _build(lambda: cls.from_config(read_json(config_path)), config_path, part, problems)
+    if model is None:
+        return None
     _check_and_load(model, read_state_dict(weights), part, problems)
     return model.eval().requires_grad_(False)
 
@@ -168,18 +193,34 @@ def _load_text_encoder(folder: Path, problems: list[str]) -> TextEncoder | None:
     if not (tokenizer_dir / "vocab.json").is_file() or not (tokenizer_dir / "merges.txt").is_file():
         problems.append("tokenizer: missing vocab.json or merges.txt")
     else:
-        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        tokenizer = _build(lambda: CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True),
+                           tokenizer_dir, "tokenizer", problems)
     config_path = folder / "text_encoder" / "config.json"
     weights = _find_weights(folder, "text_encoder")
     if not config_path.is_file() or weights is None:
         problems.append("text_encoder: missing " + ("config.json" if not config_path.is_file() else
                                                     "weights (model.safetensors or pytorch_model.bin)"))
         return None
-    model = CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder / "text_encoder"), local_files_only=True))
+    model = _build(lambda: CLIPTextModel(CLIPTextConfig.from_dict(read_json(config_path))), config_path,
+                   "text_encoder", problems)
+    if model is None:
+        return None
     _check_and_load(model, read_state_dict(weights), "text_encoder", problems)
     if tokenizer is None:
         return None
     return TextEncoder(tokenizer=tokenizer, model=model.eval().requires_grad_(False))
+
+
+def _build(make, source: Path, part: str, problems: list[str]):
+    """`make()` a model or tokenizer from a config; a malformed file (bad JSON, zero or negative sizes, wrong
+    types) becomes one listed problem naming the file instead of a traceback from deep inside a library."""
+    try:
+        return make()
+    except FileFormatError as err:
+        problems.append(f"{part}: {err}")
+    except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError, RuntimeError, OSError) as err:
+        problems.append(f"{part}: {source} cannot build the model ({type(err).__name__}: {err})")
+    return None
 
 
 def _format_problems(folder: Path, problems: list[str]) -> str:
@@ -213,7 +254,7 @@ def load_checkpoint(folder: str | os.PathLike, device: str | torch.device | None
     vae_model = _load_diffusers_part(folder, vae_part, vae_cls, problems)
     text = _load_text_encoder(folder, problems)
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config = json.loads(scheduler_path.read_text()) if scheduler_path.is_file() else {}
+    scheduler_config = read_json(scheduler_path) if scheduler_path.is_file() else {}
     prediction = scheduler_config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         problems.append(f"{scheduler_path}: prediction_type {prediction!r} is not supported; the sampler takes "
@@ -257,8 +298,11 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def write_checkpoint_folder(target: Path, build) -> None:
-    """Build a folder next to `target` with `build(tmp_dir)` and swap it in only when complete."""
+    """Build a folder next to `target` with `build(tmp_dir)` and swap it in only when complete. An existing
+    `target` is replaced only when it holds nothing but checkpoint files (the user's other files are never
+    deleted: such a folder is refused before any work)."""
     target = Path(target)
+    check_owned_folder(target, owns_checkpoint_entry, "a checkpoint")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -266,14 +310,7 @@ def write_checkpoint_folder(target: Path, build) -> None:
         build(tmp)
         for path in tmp.rglob("*"):
             give_default_mode(path)  # safetensors writes its files 0600; the checkpoint is the user's to share
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        swap_in_folder(tmp, target, lambda dest: check_owned_folder(dest, owns_checkpoint_entry, "a checkpoint"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

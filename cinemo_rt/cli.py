@@ -1,7 +1,7 @@
 """`cinemo-rt run` and `cinemo-rt info`.
 
 Exit codes: 0 success, 1 an unexpected failure (with traceback), 2 bad input or configuration (one clear
-message, no traceback), 130 interrupted.
+message, no traceback), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM; cleaned up the same way).
 """
 
 from __future__ import annotations
@@ -11,14 +11,18 @@ import logging
 import sys
 from pathlib import Path
 
-log = logging.getLogger("cinemo_rt")
-
+from . import validate
 from .backends.registry import BACKENDS, CHOICES
+from .interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, exit_code_for, terminate_as_interrupt
 from .request import Request
 from .samplers import SAMPLERS
 from .settings import DCT_FRACTION, DCT_TAU
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+log = logging.getLogger("cinemo_rt")
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED",
+           "EXIT_TERMINATED"]
 
 
 def _bucket(value: str) -> int:
@@ -41,6 +45,29 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _argument_type(check, name: str):
+    """A `validate` check as an argparse type: its message becomes argparse's one-line error (exit 2)."""
+    def convert(value: str):
+        try:
+            return check(value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    convert.__name__ = name  # argparse names the type in "invalid <name> value" messages
+    return convert
+
+
+def _finite_float(name: str):
+    return _argument_type(lambda v: validate.finite(v, name), "number")
+
+
+def _seed(value: str) -> int:
+    try:
+        return validate.seed(int(value))
+    except ValueError as err:
+        message = str(err) if "seed must" in str(err) else f"seed must be a whole number; got {value!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cinemo-rt", description="Cinemo image animation runtime")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -52,34 +79,38 @@ def build_parser() -> argparse.ArgumentParser:
     motion = run.add_mutually_exclusive_group()
     motion.add_argument("--bucket", type=_bucket, default=9,
                         help="motion intensity 0..19, larger = more motion (default 9)")
-    motion.add_argument("--motion-id", type=float, default=None,
+    motion.add_argument("--motion-id", type=_finite_float("--motion-id"), default=None,
                         help="raw motion id for other checkpoints (the released model uses 99 - bucket)")
     run.add_argument("--negative-prompt", default="", help="what to steer away from (default empty)")
     run.add_argument("--steps", type=_positive_int, default=Request.steps, help="sampling steps (default 50)")
     run.add_argument("--sampler", choices=tuple(SAMPLERS), default=Request.sampler,
                      help="ddim (default, the original's) or dpmpp-2m (DPM-Solver++(2M): fewer steps)")
-    run.add_argument("--guidance", type=float, default=Request.guidance,
+    run.add_argument("--guidance", type=_finite_float("--guidance"), default=Request.guidance,
                      help="classifier-free guidance scale (1 = off)")
-    run.add_argument("--seed", type=int, default=None, help="random seed (bit-reproducible per backend)")
+    run.add_argument("--seed", type=_seed, default=None, help="random seed (bit-reproducible per backend)")
     run.add_argument("--frames", type=_positive_int, default=None, help="frames to generate (default: model's)")
     run.add_argument("--height", type=_positive_int, default=None, help="output height, divisible by 8")
     run.add_argument("--width", type=_positive_int, default=None, help="output width, divisible by 8")
     run.add_argument("--segments", type=_positive_int, default=1,
                      help="chain N segments, each starting from the previous last frame")
     run.add_argument("--no-dct", action="store_true", help="plain Gaussian initial noise instead of DCTInit")
-    run.add_argument("--dct-fraction", type=float, default=DCT_FRACTION, help="DCTInit low-pass box fraction")
+    run.add_argument("--dct-fraction", type=_finite_float("--dct-fraction"), default=DCT_FRACTION,
+                     help="DCTInit low-pass box fraction")
     run.add_argument("--dct-tau", type=int, default=DCT_TAU, help="DCTInit noise level of the kept frequencies")
     source = run.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", default=None, help="checkpoint folder in the released layout")
     source.add_argument("--engines", default=None, help="folder built by `python -m export.build_engines`")
     run.add_argument("--backend", choices=CHOICES, default="auto",
                      help="; ".join(f"{e.name}: {e.summary} ({e.source})" for e in BACKENDS.values()))
-    run.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    run.add_argument("--device", type=_argument_type(validate.device_name, "device"), default=None,
+                     help="cpu or cuda[:N] (default: cuda when available)")
     run.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                      help="PyTorch backend precision (default fp16 on CUDA, fp32 on CPU)")
     run.add_argument("--out", default="cinemo.mp4", help="output .mp4, .gif, or a folder for PNG frames")
     run.add_argument("--format", choices=("mp4", "gif", "png"), default=None, help="override the suffix")
-    run.add_argument("--fps", type=float, default=8.0, help="frames per second (default 8)")
+    run.add_argument("--fps", type=_argument_type(validate.fps, "fps"), default=8.0,
+                     help="frames per second (default 8)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the input)")
 
     sub.add_parser("info", help="versions, devices and usable backends")
     return parser
@@ -87,18 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_output(args) -> None:
     """Fail before any model work: a bad output path is found in milliseconds, not after the denoising."""
-    from .video import OutputError, resolve_format
+    import os
+
+    from .safe_paths import OutputError, check_file_output
+    from .video import resolve_format
 
     fmt = resolve_format(args.out, args.format)
     parent = Path(args.out).resolve().parent
     if not parent.is_dir():
         raise OutputError(f"output folder {str(parent)!r} does not exist; create it or choose another --out")
-    import os
-
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output folder {str(parent)!r} is not writable; choose another --out")
-    if fmt != "png" and Path(args.out).is_dir():
-        raise OutputError(f"--out {args.out!r} is a folder; give a file name ending in .{fmt}")
+    check_file_output(args.out, overwrite=args.overwrite, inputs=[args.image], is_folder_output=fmt == "png")
+    validate.seed(args.seed or 0, args.segments)
 
 
 def _open_animator(args):
@@ -114,7 +146,7 @@ def _open_animator(args):
     return Animator.from_checkpoint(folder, backend=args.backend, device=args.device, dtype=args.dtype)
 
 
-def build_request(args):
+def build_request(args) -> Request:
     """The one place the CLI's flags become a `Request`."""
     from .request import DCTInit
 
@@ -138,7 +170,7 @@ def cmd_run(args) -> int:
              str(animator.backend.dtype).removeprefix("torch."))
     with tqdm(total=request.steps * args.segments, desc="denoising", unit="step", disable=None) as bar:
         video = animator.run_segments(image, request, args.segments, callback=lambda i, t, x: bar.update(1))
-    path = write_video(video, args.out, fps=args.fps, format=args.format)
+    path = write_video(video, args.out, fps=args.fps, format=args.format, overwrite=args.overwrite)
     for stage, seconds in animator.last_timings.items():
         log.info("  %-16s %8.3f s", stage, seconds)
     log.info("  %-16s %8.3f s", "total", sum(animator.last_timings.values()))
@@ -167,22 +199,29 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    _quiet_libraries()
-    from .checkpoint import CheckpointError
-    from .errors import InputError
-    from .video import OutputError
+    with terminate_as_interrupt():
+        try:
+            _quiet_libraries()
+            return {"run": cmd_run, "info": cmd_info}[args.command](args)
+        except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM, also during imports
+            log.error("interrupted; no output was written")
+            return exit_code_for(interrupt)
+        except ValueError as err:  # InputError, CheckpointError, OutputError and the library's validation
+            log.error("%s", err, exc_info=args.verbose)
+            return EXIT_BAD_INPUT
+        except (MemoryError, RuntimeError) as err:
+            if not _allocation_failed(err):
+                raise
+            log.error("out of memory (%s); choose a smaller --height/--width/--frames, or fewer --segments",
+                      str(err).splitlines()[0] if str(err) else type(err).__name__)
+            return EXIT_BAD_INPUT
 
-    try:
-        return {"run": cmd_run, "info": cmd_info}[args.command](args)
-    except (InputError, CheckpointError, OutputError) as err:
-        log.error("%s", err)
-        return EXIT_BAD_INPUT
-    except ValueError as err:  # validation inside the library (format, bucket, steps)
-        log.error("%s", err, exc_info=args.verbose)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        log.error("interrupted; no output was written")
-        return EXIT_INTERRUPTED
+
+def _allocation_failed(err: BaseException) -> bool:
+    """MemoryError, torch's CPU allocator ("can't allocate memory") and CUDA's OutOfMemoryError."""
+    text = str(err).lower()
+    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "out of memory" in text)
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ def make_demo_dataset(folder: str | os.PathLike, num_clips: int = 600, frames: i
             image = photos[spec.source]
         clip = render_clip(image, spec.motion, spec.speed, frames, size, rng)
         name = f"clips/{i:05d}.mp4"
-        write_video(clip, folder / name, fps=8)
+        write_video(clip, folder / name, fps=8, overwrite=True)
         lines.append(json.dumps({"file": name, "caption": list(CAPTIONS[spec.motion]), "motion": spec.motion,
                                  "speed": round(spec.speed, 5), "source": spec.source}))
     tmp = folder / "captions.jsonl.tmp"

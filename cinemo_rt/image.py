@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -19,15 +19,19 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarr
     """A path, PIL image or array -> RGB uint8 (H, W, 3). Grayscale and RGBA are converted, as PIL does."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if path.is_dir():
+            raise InputError(f"image {str(path)!r} is a folder; pass --image with a PNG or JPEG file")
         if not path.is_file():
             raise InputError(f"image {str(path)!r} does not exist; pass --image with a PNG or JPEG file")
         try:
             with Image.open(path) as img:
-                image = np.asarray(img.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as err:
+                image = to_rgb(img)
+        except Image.DecompressionBombError as err:
+            raise InputError(f"{str(path)!r} is too large to open safely ({err}); pass a smaller image") from err
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise InputError(f"{str(path)!r} is not a readable image ({err}); pass a PNG or JPEG file") from err
     elif isinstance(source, Image.Image):
-        image = np.asarray(source.convert("RGB"))
+        image = to_rgb(source)
     else:
         array = np.asarray(source)
         if array.ndim == 2:
@@ -41,6 +45,18 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarr
         raise InputError(f"image is {image.shape[1]}x{image.shape[0]} pixels; each side must be at least "
                          f"{MIN_SIDE} (it is scaled up to the output size)")
     return np.ascontiguousarray(image)
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """PIL image -> RGB uint8 (H, W, 3) as the photo is meant to be seen: EXIF orientation applied (phones
+    store portraits sideways plus a tag), 16-bit grayscale scaled to 8 bits (PIL's convert clips it white)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        wide = np.asarray(img, dtype=np.float64)  # 16-bit values (PNG loads them as I;16 or I)
+        return np.repeat(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+    if img.mode == "F":
+        raise InputError("32-bit float images are not supported; save the image as an 8- or 16-bit PNG")
+    return np.asarray(img.convert("RGB"))
 
 
 def preprocess(image: np.ndarray, height: int, width: int) -> torch.Tensor:

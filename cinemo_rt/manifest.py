@@ -32,7 +32,7 @@ import torch
 
 from .backends.base import ModelInfo
 from .errors import InputError
-from .files import file_sha256, give_default_mode
+from .files import FileFormatError, file_sha256, give_default_mode, read_json
 from .graphs import GRAPHS
 from .settings import Size
 
@@ -81,11 +81,17 @@ def write_json_atomic(path: Path, data) -> None:
         raise
 
 
-def inside(folder: Path, relative: str) -> Path:
-    """`folder / relative`, refusing names that leave the folder (an edited manifest is not trusted)."""
-    path = (folder / relative).resolve()
-    if not path.is_relative_to(folder.resolve()):
-        raise EnginesDirError(f"{folder}/{MANIFEST} names {relative!r}, which is outside the folder")
+def contained_path(folder: str | os.PathLike, relative: object) -> Path:
+    """`folder / relative`, refused unless it stays inside the folder: a manifest edited to name an absolute
+    path, `../..` or a symbolic link out must not load (and run) a graph or engine from anywhere else."""
+    if not isinstance(relative, str) or not relative or os.path.isabs(relative):
+        raise EnginesDirError(f"{folder}: {MANIFEST} names file {relative!r}; entries must be paths inside "
+                              "the engines folder. Rebuild it with `python -m export.build_engines`")
+    root = Path(folder).resolve()
+    path = (root / relative).resolve()
+    if path != root and root not in path.parents:
+        raise EnginesDirError(f"{folder}: {MANIFEST} names file {relative!r}, which resolves outside the "
+                              "engines folder; refusing to load it. Rebuild with `python -m export.build_engines`")
     return path
 
 
@@ -195,7 +201,7 @@ class EngineEntry:
 def verify_engine_file(folder: str | os.PathLike, entry: EngineEntry, check_hash: bool = True) -> Path:
     """The engine file exists with the recorded size (and SHA-256): a truncated copy or a file from another
     build is caught before TensorRT is handed it."""
-    path = inside(Path(folder), f"{ENGINE_SUBDIR}/{entry.file}")
+    path = contained_path(Path(folder) / ENGINE_SUBDIR, entry.file)
     if not path.is_file():
         raise EngineMismatchError(f"engine file {path} is missing; {rebuild_hint(folder)}")
     size = path.stat().st_size
@@ -280,11 +286,11 @@ class Manifest:
                        components={n: Component.from_json(c) for n, c in data["components"].items()},
                        engines=[EngineEntry.from_json(e) for e in data.get("engines", [])],
                        side_files=dict(data.get("side_files", {})))
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             if isinstance(err, EnginesDirError):
                 raise
             raise EnginesDirError(f"{where} is malformed ({type(err).__name__}: {err}); rebuild the folder "
-                                  "with python -m export.build_engines") from err
+                                  "with python -m export.build_engines") from None
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> "Manifest":
@@ -292,9 +298,9 @@ class Manifest:
         if not path.is_file():
             raise EnginesDirError(f"{folder} has no {MANIFEST}; build it with {build_hint(folder)}")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise EnginesDirError(f"{path} is unreadable ({err}); rebuild with {build_hint(folder)}") from err
+            data = read_json(path)
+        except FileFormatError as err:
+            raise EnginesDirError(f"{err}; rebuild with {build_hint(folder)}") from None
         return cls.from_json(data, str(path))
 
     def write(self, folder: str | os.PathLike) -> Path:
@@ -303,15 +309,21 @@ class Manifest:
         return path
 
     # -- questions the runtime asks -----------------------------------------------------------------
-    def onnx_path(self, folder: str | os.PathLike, component: str) -> Path:
-        """Path of a component's graph; raises if it is not listed, leaves the folder or is missing."""
+    def onnx_path(self, folder: str | os.PathLike, component: str, verify: bool = False) -> Path:
+        """Path of a component's graph; raises if it is not listed, it or its external data leave the folder,
+        it is missing, or (`verify`) its SHA-256 is not the one recorded."""
         entry = self.components.get(component)
         if entry is None or entry.onnx is None:
             raise EnginesDirError(f"{folder}: no ONNX graph for {component} in {MANIFEST}; rebuild with "
                                   f"{build_hint(folder)}")
-        path = inside(Path(folder), entry.onnx.file)
+        path = contained_path(folder, entry.onnx.file)
+        for extra in entry.onnx.extra_files:
+            contained_path(folder, extra)
         if not path.is_file():
             raise EnginesDirError(f"{folder}: {entry.onnx.file} is listed in {MANIFEST} but missing")
+        if verify and file_sha256(path) != entry.onnx.sha256:
+            raise EnginesDirError(f"{path} does not match the SHA-256 recorded in {MANIFEST} (changed or damaged "
+                                  "since the build); rebuild with `python -m export.build_engines`")
         return path
 
     def onnx_hashes(self) -> dict[str, str]:

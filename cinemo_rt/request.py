@@ -8,6 +8,7 @@ import logging
 import random
 from dataclasses import dataclass
 
+from . import validate
 from .errors import InputError
 from .samplers import DEFAULT_SAMPLER, SAMPLERS, needs_unconditional
 from .settings import DCT_FRACTION, DCT_TAU, NUM_TRAIN_TIMESTEPS, Size
@@ -23,7 +24,7 @@ class DCTInit:
     tau: int = DCT_TAU
 
     def __post_init__(self):
-        if not 0 < self.fraction <= 1 or not 0 <= self.tau < NUM_TRAIN_TIMESTEPS:
+        if not 0 < validate.finite(self.fraction, "dct_fraction") <= 1 or not 0 <= self.tau < NUM_TRAIN_TIMESTEPS:
             raise InputError(f"DCTInit fraction must be in (0, 1] and tau in 0..{NUM_TRAIN_TIMESTEPS - 1}; "
                              f"got {self.fraction} and {self.tau}")
 
@@ -47,6 +48,8 @@ class Request:
     dct: DCTInit | None = DCTInit()
 
     def __post_init__(self):
+        validate.finite(self.motion_id, "motion_id")
+        validate.finite(self.guidance, "guidance")
         if self.steps < 1:
             raise InputError(f"steps must be at least 1; got {self.steps}")
         if self.frames is not None and self.frames < 1:
@@ -62,7 +65,7 @@ class Request:
         """A request from a user's bucket 0..19 (or a raw motion id, which wins)."""
         from .motion import bucket_to_motion_id
 
-        motion = float(motion_id) if motion_id is not None else bucket_to_motion_id(bucket)
+        motion = validate.finite(motion_id, "motion_id") if motion_id is not None else bucket_to_motion_id(bucket)
         return cls(prompt=prompt, motion_id=motion, **fields)
 
     @property

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,8 +27,17 @@ class Size:
         path = Path(folder) / SIZE_FILE if folder else None
         if path is None or not path.is_file():
             return cls()
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return cls(**{k: int(v) for k, v in data.items() if k in ("height", "width", "frames")})
+        from .files import FileFormatError, read_json
+
+        data = read_json(path)
+        try:
+            values = {k: int(data[k]) for k in ("height", "width", "frames") if k in data}
+        except (TypeError, ValueError) as err:
+            raise FileFormatError(f"{path}: height, width and frames must be whole numbers ({err})") from None
+        bad = {k: v for k, v in values.items() if v < 1}
+        if bad:
+            raise FileFormatError(f"{path}: sizes must be at least 1; got {bad}")
+        return cls(**values)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -79,13 +79,44 @@ def initial_noise(z1: torch.Tensor, frames: int, generator: torch.Generator, dct
 
 def denoise(backend: Backend, conditioning: Conditioning, x_T: torch.Tensor, request: Request,
             generator: torch.Generator, callback=None) -> torch.Tensor:
-    """The sampler named by the request over the backend's UNet with CFG -> residual latents x_0."""
+    """The sampler named by the request over the backend's UNet with CFG -> residual latents x_0. Latents
+    that turn NaN or infinite raise `NonFiniteError` after the loop, naming the first such step."""
     c = conditioning
     dtype = backend.dtype
-    return sample(backend.unet, x_T.to(backend.device, dtype), z1=c.z1.to(dtype), text=c.text,
-                  text_uncond=c.text_uncond, motion_id=c.motion_id, steps=request.steps, guidance=request.guidance,
-                  eta=request.eta, generator=generator, callback=callback,
-                  prediction_type=backend.info.prediction_type, sampler=request.sampler)
+    watch = NonFiniteWatch(backend.device, callback)
+    x_0 = sample(backend.unet, x_T.to(backend.device, dtype), z1=c.z1.to(dtype), text=c.text,
+                 text_uncond=c.text_uncond, motion_id=c.motion_id, steps=request.steps, guidance=request.guidance,
+                 eta=request.eta, generator=generator, callback=watch,
+                 prediction_type=backend.info.prediction_type, sampler=request.sampler)
+    watch.check(request.steps)
+    return x_0
+
+
+class NonFiniteError(ValueError):
+    """The denoising produced NaN or infinite latents (broken weights, or an overflow in low precision)."""
+
+
+class NonFiniteWatch:
+    """A denoising callback that records the first step whose latents hold NaN or inf, on the device and
+    without a host sync per step; `check` raises once after the loop, naming that step."""
+
+    def __init__(self, device: torch.device, then: Callable | None = None):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.then = then
+
+    def __call__(self, i: int, t: int, x: torch.Tensor) -> None:
+        bad_now = ~torch.isfinite(x).all()
+        self.first_bad = torch.where(bad_now & (self.first_bad < 0), torch.full_like(self.first_bad, i + 1),
+                                     self.first_bad)
+        if self.then is not None:
+            self.then(i, t, x)
+
+    def check(self, steps: int) -> None:
+        step = int(self.first_bad)
+        if step > 0:
+            raise NonFiniteError(f"the latents became NaN or infinite at denoising step {step} of {steps}; the "
+                                 "checkpoint's weights may hold NaN/inf values, or the precision overflowed "
+                                 "(try --dtype fp32)")
 
 
 def decode_latents(backend: Backend, latents: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .files import give_default_mode
+from . import validate
+from .files import give_default_mode, swap_in_folder
+from .safe_paths import OutputError, check_file_output
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,18 @@ _FRAME_RE = re.compile(r"frame_\d{4,}\.png")
 _MP4_CRF = "10"
 
 
-class OutputError(ValueError):
-    """The output path cannot be written (missing or read-only folder, or a clash with existing data)."""
+_SUFFIX_OF = {"mp4": ".mp4", "gif": ".gif", "png": ""}
+# Suffixes that promise a kind of file: a format that disagrees with one of these is refused, not obeyed.
+_MEDIA_SUFFIXES = {".mp4", ".gif", ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".mov", ".mkv",
+                   ".webm", ".avi", ".apng"}
+def check_format_matches(path: str | os.PathLike, fmt: str) -> None:
+    """`--format gif --out x.mp4` would write a GIF named .mp4: refuse and say which name fits."""
+    suffix = Path(path).suffix.lower()
+    if suffix in _MEDIA_SUFFIXES and suffix != _SUFFIX_OF[fmt]:
+        fix = (f"a folder name without a suffix (e.g. {Path(path).with_suffix('')})" if fmt == "png"
+               else f"a name ending in .{fmt} (e.g. {Path(path).with_suffix('.' + fmt)})")
+        raise OutputError(f"--out {str(path)!r} ends in {suffix} but the format is {fmt}; give {fix}, or drop "
+                          "--format to follow the suffix")
 
 
 def resolve_format(path: str | os.PathLike, format: str | None = None) -> str:
@@ -42,11 +54,12 @@ def resolve_format(path: str | os.PathLike, format: str | None = None) -> str:
     if format is not None:
         fmt = format.lower().lstrip(".")
         if fmt not in FORMATS:
-            raise ValueError(f"unknown video format {format!r}; supported: {', '.join(FORMATS)}")
+            raise OutputError(f"unknown video format {format!r}; supported: {', '.join(FORMATS)}")
+        check_format_matches(path, fmt)
         return fmt
     suffix = Path(path).suffix.lower()
     if suffix not in _SUFFIX_FORMATS:
-        raise ValueError(
+        raise OutputError(
             f"cannot tell the video format from {str(path)!r}; supported: .mp4, .gif, or a path without "
             f"suffix for a folder of PNG frames (or pass format= one of {', '.join(FORMATS)})"
         )
@@ -118,19 +131,18 @@ def _write_png_folder(frames: np.ndarray, folder: str) -> None:
         Image.fromarray(frame).save(os.path.join(folder, _FRAME_NAME.format(i)))
 
 
-def _replace_folder(tmp_dir: str, dest: Path) -> None:
-    """Move the finished frame folder into place; an existing destination must hold only our frames."""
-    if not dest.exists():
-        os.replace(tmp_dir, dest)
-        return
-    if not dest.is_dir() or any(not _FRAME_RE.fullmatch(p.name) for p in dest.iterdir()):
+def _only_frames(dest: Path) -> None:
+    """An existing frames destination may be replaced only when it holds nothing but our frames."""
+    try:
+        names = [p.name for p in dest.iterdir()]
+    except FileNotFoundError:
+        return  # a concurrent writer moved it away: nothing to protect
+    except NotADirectoryError:
+        names = [dest.name]
+    if any(not _FRAME_RE.fullmatch(name) for name in names):
         raise OutputError(
             f"{str(dest)!r} exists and is not a folder of frame_NNNN.png files; refusing to overwrite it"
         )
-    old = tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent)
-    os.replace(dest, os.path.join(old, "frames"))
-    os.replace(tmp_dir, dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_video(
@@ -138,38 +150,73 @@ def write_video(
     path: str | os.PathLike,
     fps: float = 8,
     format: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write (T, H, W, 3) uint8 frames as mp4 (H.264, yuv420p; odd sizes edge-padded to even), gif, or a
-    folder of PNG frames (frame_0000.png, ...). Format from `format` or the path's suffix. Returns the path."""
+    folder of PNG frames (frame_0000.png, ...). Format from `format` or the path's suffix. Returns the path.
+
+    An existing output is replaced only with `overwrite` (a frames folder only when it holds nothing but
+    frames); devices, pipes and other non-regular files never. Write errors (disk full, file too large,
+    read-only places) raise `OutputError` and leave no temporary behind."""
     fmt = resolve_format(path, format)
+    fps = validate.fps(fps)
     frames = _check_frames(frames_uint8)
     dest = Path(path)
     parent = _check_output_dir(dest)
-    if fmt != "png" and dest.is_dir():
-        raise OutputError(f"{str(dest)!r} is a folder; cannot write a {fmt} file there")
-
-    if fmt == "png":
-        tmp_dir = tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent)
-        try:
-            give_default_mode(tmp_dir)
-            _write_png_folder(frames, tmp_dir)
-            _replace_folder(tmp_dir, dest)
-        except BaseException:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise
-    else:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent)
-        os.close(fd)
-        try:
-            give_default_mode(tmp)
-            (_encode_mp4 if fmt == "mp4" else _encode_gif)(frames, tmp, fps)
-            os.replace(tmp, dest)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+    check_file_output(dest, overwrite=overwrite, is_folder_output=fmt == "png")
+    if fmt == "png" and dest.is_dir():
+        _only_frames(dest)
+    try:
+        if fmt == "png":
+            _write_png_folder_atomic(frames, dest, parent)
+        else:
+            _write_file_atomic(frames, dest, parent, fmt, fps, overwrite)
+    except (OSError, av.error.FFmpegError) as err:
+        raise OutputError(f"could not write {str(dest)!r}: {err.strerror or err}; nothing was written "
+                          "(free some space or choose another --out)") from err
     log.info("wrote %d frames (%dx%d) to %s", frames.shape[0], frames.shape[2], frames.shape[1], dest)
     return dest
+
+
+def _write_png_folder_atomic(frames: np.ndarray, dest: Path, parent: Path) -> None:
+    tmp_dir = tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent)
+    try:
+        give_default_mode(tmp_dir)
+        _write_png_folder(frames, tmp_dir)
+        swap_in_folder(tmp_dir, dest, _only_frames)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+def _write_file_atomic(frames: np.ndarray, dest: Path, parent: Path, fmt: str, fps: float,
+                       overwrite: bool) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    try:
+        give_default_mode(tmp)
+        (_encode_mp4 if fmt == "mp4" else _encode_gif)(frames, tmp, fps)
+        _move_into_place(tmp, dest, overwrite)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _move_into_place(tmp: str, dest: Path, overwrite: bool) -> None:
+    """Without `overwrite`, a file that appeared at `dest` while we encoded is kept (link fails on it)."""
+    if overwrite:
+        os.replace(tmp, dest)
+        return
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise OutputError(f"--out {str(dest)!r} was created by someone else while this ran; pass --overwrite "
+                          "to replace it, or choose another output name") from None
+    except OSError:  # file systems without hard links
+        os.replace(tmp, dest)
+        return
+    os.remove(tmp)
 
 
 def read_video(path: str | os.PathLike) -> np.ndarray:

@@ -33,8 +33,10 @@ from pathlib import Path
 
 import torch
 
-from cinemo_rt.files import file_sha256, give_default_mode
-from cinemo_rt.manifest import Component, Manifest, OnnxArtifact, write_json_atomic
+from cinemo_rt.files import file_sha256, give_default_mode, swap_in_folder
+from cinemo_rt.interrupts import exit_code_for, terminate_as_interrupt
+from cinemo_rt.manifest import MANIFEST, Component, Manifest, OnnxArtifact, write_json_atomic
+from cinemo_rt.safe_paths import OutputError, check_owned_folder, same_file
 from cinemo_rt.settings import SIZE_FILE, Size
 
 from .onnx_export import EXTERNAL_DATA_BYTES, OPSET, export_onnx, module_bytes, prepare_module
@@ -103,17 +105,70 @@ def read_manifest_or_new(out: Path) -> Manifest:
         return Manifest()
 
 
-def copy_folder_atomic(src: Path, dst: Path) -> None:
+def copy_folder_atomic(src: Path, dst: Path, root: Path | None = None) -> None:
+    """Copy the files of `src` into `dst` (replaced whole, safely against a concurrent build). Symbolic
+    links are followed only to files inside `root` (default `src`): a link to ~/.ssh or /etc would otherwise
+    copy that file's contents into a folder the user may share."""
+    files = _contained_files(src, root or src)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         give_default_mode(tmp)
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        for relative, path in files:
+            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, tmp / relative)
+            give_default_mode(tmp / relative)
+        swap_in_folder(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _contained_files(src: Path, root: Path) -> list[tuple[Path, Path]]:
+    """(relative path, path) of every file under `src`, sorted; a link resolving outside `root` is refused."""
+    root_real = root.resolve()
+    files = []
+    for folder, dirs, names in os.walk(src, followlinks=False):
+        for name in sorted(dirs + names):
+            path = Path(folder) / name
+            if path.is_symlink():
+                target = path.resolve()
+                if target != root_real and root_real not in target.parents:
+                    raise ValueError(f"{path} is a symbolic link to {target}, outside {root}; refusing to copy "
+                                     f"it into the engines folder. Copy the real files in (cp -L) and rebuild")
+                if target.is_dir():
+                    raise ValueError(f"{path} is a symbolic link to a folder; replace it with the real files")
+            if path.is_file():
+                files.append((path.relative_to(src), path))
+    return sorted(files)
+
+
+# What an engines folder holds; anything else in --out is the user's and makes the build refuse the folder.
+_ENGINES_ENTRIES = (MANIFEST, SIZE_FILE, "tokenizer", "scheduler", "tensorrt")
+_OUR_TEMPORARIES = tuple(f".{name}." for name in (MANIFEST, SIZE_FILE, "tokenizer", "scheduler", *SPECS))
+
+
+def owns_engines_entry(name: str) -> bool:
+    return (name in _ENGINES_ENTRIES or name.endswith((".onnx", ".onnx.data"))
+            or name.startswith(_OUR_TEMPORARIES))
+
+
+def check_out_folder(checkpoint: Path, out: Path) -> None:
+    """--out is written into, so it must be an engines folder (or new, or empty), never the checkpoint."""
+    if out.exists() and checkpoint.exists() and same_file(out, checkpoint):
+        raise OutputError(f"--out {out} is the checkpoint folder; give a separate folder for the engines "
+                          "(e.g. --out engines)")
+    check_owned_folder(out, owns_engines_entry, "an engines folder")
+
+
+def drop_stale_components(manifest: Manifest, precision: str, dims: Dims) -> Manifest:
+    """A build at another precision or size replaces every graph; forget the old entries before the new
+    top-level fields are saved, so an interrupted rebuild never leaves a manifest that disagrees with its
+    graphs (the old entries would claim fp16 graphs under an fp32 header, or the reverse)."""
+    if manifest.components and (manifest.precision != precision or manifest.size != dims.size):
+        log.info("precision or size changed (%s %s -> %s %s): rebuilding every component",
+                 manifest.precision, manifest.size, precision, dims.size)
+        manifest.components = {}
+    return manifest
 
 
 def _files_exist(out: Path, onnx: OnnxArtifact | None) -> bool:
@@ -128,12 +183,13 @@ def build(options: BuildOptions) -> Manifest:
     from cinemo_rt.checkpoint import load_checkpoint
 
     out = options.out
+    check_out_folder(options.checkpoint, out)
     out.mkdir(parents=True, exist_ok=True)
     trt = _tensorrt_hook(options.targets)
     checkpoint = load_checkpoint(options.checkpoint)
     dims = dims_for(checkpoint, options.height, options.width, options.frames)
     versions = library_versions()
-    manifest = read_manifest_or_new(out)
+    manifest = drop_stale_components(read_manifest_or_new(out), options.precision, dims)
     manifest.precision, manifest.opset, manifest.versions = options.precision, OPSET, versions
     manifest.size, manifest.info, manifest.vocab_size = dims.size, dims.info, dims.vocab_size
     _copy_side_files(options.checkpoint, out, manifest)
@@ -238,13 +294,13 @@ def _copy_side_files(checkpoint: Path, out: Path, manifest: Manifest) -> None:
         if not src.is_dir():
             continue
         digest = hashlib.sha256()
-        for f in sorted(p for p in src.rglob("*") if p.is_file()):
-            digest.update(f.relative_to(src).as_posix().encode())
+        for relative, f in _contained_files(src, checkpoint):
+            digest.update(relative.as_posix().encode())
             digest.update(f.read_bytes())
         key = digest.hexdigest()
         if manifest.side_files.get(part) == key and (out / part).is_dir():
             continue
-        copy_folder_atomic(src, out / part)
+        copy_folder_atomic(src, out / part, root=checkpoint)
         manifest.side_files[part] = key
 
 
@@ -263,14 +319,32 @@ def _tensorrt_hook(targets: tuple[str, ...]):
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
+def _size(value: str) -> int:
+    number = _frames(value)
+    if number % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 (the VAE's factor); got {number}")
+    return number
+
+
+def _frames(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {number}")
+    return number
+
+
 def parse_args(argv: list[str] | None = None) -> BuildOptions:
     p = argparse.ArgumentParser(prog="python -m export.build_engines", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (released layout)")
     p.add_argument("--out", required=True, type=Path, help="engines folder to create or update")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp16")
-    p.add_argument("--height", type=int, default=Size.height)
-    p.add_argument("--width", type=int, default=Size.width)
-    p.add_argument("--frames", type=int, default=Size.frames, help="generated frames, x_t's F (the video has one more)")
+    p.add_argument("--height", type=_size, default=Size.height, help="output height, a multiple of 8")
+    p.add_argument("--width", type=_size, default=Size.width, help="output width, a multiple of 8")
+    p.add_argument("--frames", type=_frames, default=Size.frames,
+                   help="generated frames, x_t's F (the video has one more)")
     p.add_argument("--targets", default="onnx", help="comma-separated: onnx,tensorrt")
     p.add_argument("--components", default=",".join(SPECS), help="comma-separated subset of " + ",".join(SPECS))
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")
@@ -297,14 +371,22 @@ def main(argv: list[str] | None = None) -> int:
     from cinemo_rt.checkpoint import CheckpointError
 
     options = parse_args(argv)
-    try:
-        manifest = build(options)
-    except ParityError as err:
-        log.error("parity check failed: %s", err)
-        return 1
-    except (CheckpointError, ValueError) as err:
-        log.error("%s", err)
-        return 2
+    with terminate_as_interrupt():  # SIGTERM cleans up like Ctrl-C: no .unet.export.* or .tmp left behind
+        try:
+            manifest = build(options)
+        except ParityError as err:
+            log.error("parity check failed: %s", err)
+            return 1
+        except (CheckpointError, ValueError) as err:
+            log.error("%s", err)
+            return 2
+        except OSError as err:  # disk full, file too large, read-only place
+            log.error("cannot write the engines folder %s: %s; free some space or choose another --out",
+                      options.out, err.strerror or err)
+            return 2
+        except KeyboardInterrupt as interrupt:
+            log.error("interrupted; finished components are kept and the next run resumes from them")
+            return exit_code_for(interrupt)
     log.info("engines folder %s complete (%s, %s)", options.out, options.precision,
              ", ".join(f"{n}: " + (", ".join(f"{r} ok" for r, p in c.parity.items() if p.get("ok")) or "unverified")
                        for n, c in manifest.components.items()))

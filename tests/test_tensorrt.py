@@ -229,10 +229,10 @@ def test_corrupt_or_edited_engines_are_detected_with_a_rebuild_hint(tmp_path):
     data["engines"][0]["file"] = "../../elsewhere.plan"
     data["engines"][0]["key"]["gpu_name"] = H100.gpu_name
     path.write_text(json.dumps(data))
-    with pytest.raises(mf.EnginesDirError, match="outside the folder"):
+    with pytest.raises(mf.EnginesDirError, match="outside the engines folder"):
         mf.verify_engine_file(tmp_path, mf.Manifest.read(tmp_path).engines[0])
     path.write_text("{not json")
-    with pytest.raises(mf.EnginesDirError, match="unreadable"):
+    with pytest.raises(mf.EnginesDirError, match="not valid JSON"):
         mf.Manifest.read(tmp_path)
 
 

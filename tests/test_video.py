@@ -57,8 +57,10 @@ def test_png_folder_round_trip_is_exact(tmp_path):
     assert np.array_equal(read_video(out), frames)
     with av.open(str(out / "frame_0001.png")) as container:  # readable by PyAV too
         assert np.array_equal(next(container.decode(video=0)).to_ndarray(format="rgb24"), frames[1])
-    # Rewriting replaces the folder of frames (here with fewer frames).
-    write_video(frames[:2], tmp_path / "frames")
+    # Rewriting (with overwrite) replaces the folder of frames (here with fewer frames).
+    with pytest.raises(OutputError, match="--overwrite"):
+        write_video(frames[:2], tmp_path / "frames")
+    write_video(frames[:2], tmp_path / "frames", overwrite=True)
     assert len(os.listdir(out)) == 2
 
 
@@ -95,7 +97,7 @@ def test_refuses_to_overwrite_foreign_folder(tmp_path):
     (tmp_path / "frames").mkdir()
     (tmp_path / "frames" / "notes.txt").write_text("keep me")
     with pytest.raises(OutputError, match="refusing"):
-        write_video(gradient_frames(2), tmp_path / "frames")
+        write_video(gradient_frames(2), tmp_path / "frames", overwrite=True)
     assert os.listdir(tmp_path / "frames") == ["notes.txt"]
     assert sorted(os.listdir(tmp_path)) == ["frames"]  # no temporary left behind
 
@@ -109,7 +111,7 @@ def test_success_leaves_only_outputs(tmp_path):
     frames = gradient_frames(2)
     for name in ("a.mp4", "a.gif", "a"):
         write_video(frames, tmp_path / name)
-    write_video(frames, tmp_path / "a.mp4")  # overwriting an existing file
+    write_video(frames, tmp_path / "a.mp4", overwrite=True)  # overwriting an existing file
     assert sorted(os.listdir(tmp_path)) == ["a", "a.gif", "a.mp4"]
 
 

@@ -3,12 +3,12 @@ checked, then handed to whichever engine backend runs it (layout: `cinemo_rt.man
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..manifest import EnginesDirError, Manifest
+from ..files import read_json
+from ..manifest import EnginesDirError, Manifest, contained_path  # noqa: F401  (contained_path: re-exported)
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,10 @@ class EnginesDir:
     def open(cls, folder: str | os.PathLike) -> "EnginesDir":
         return cls(Path(folder), Manifest.read(folder))
 
-    def onnx_path(self, component: str) -> Path:
-        return self.manifest.onnx_path(self.folder, component)
+    def onnx_path(self, component: str, verify: bool = True) -> Path:
+        """The component's graph, contained in the folder and (by default) checked against the SHA-256 the
+        build recorded: a graph replaced or damaged since is refused instead of run."""
+        return self.manifest.onnx_path(self.folder, component, verify)
 
     def tokenizer(self):
         """The CLIP tokenizer copied into the folder at build time."""
@@ -30,11 +32,15 @@ class EnginesDir:
         folder = self.folder / "tokenizer"
         if not (folder / "vocab.json").is_file():
             raise EnginesDirError(f"{self.folder} has no tokenizer/vocab.json; rebuild the engines folder")
-        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        try:
+            return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as err:  # malformed vocab.json / merges.txt: transformers raises many kinds
+            raise EnginesDirError(f"{folder} holds a malformed tokenizer ({type(err).__name__}: {err}); rebuild "
+                                  "the engines folder") from err
 
     def scheduler_config(self) -> dict:
         path = self.folder / "scheduler" / "scheduler_config.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        return read_json(path) if path.is_file() else {}
 
 
 def as_engines_dir(folder_or_dir: str | os.PathLike | EnginesDir) -> EnginesDir:

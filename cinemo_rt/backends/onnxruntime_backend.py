@@ -47,7 +47,12 @@ class OrtRunner:
         import onnxruntime as ort
 
         self.device = device
-        self.session = ort.InferenceSession(str(path), sess_options=session_options(), providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=session_options(), providers=providers)
+        except Exception as err:  # onnxruntime's InvalidProtobuf, Fail, NoSuchFile, ...
+            raise EnginesDirError(f"ONNX Runtime cannot load {path} ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0] if str(err) else ''}); rebuild the engines "
+                                  "folder") from err
         self.inputs = tuple(Port(i.name, _ORT_TO_TORCH[i.type], tuple(i.shape)) for i in self.session.get_inputs())
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.io_binding = device.type == "cuda"

@@ -62,9 +62,14 @@ def _check_choice(backend: str, source: str) -> None:
 def resolve_device(device):
     import torch
 
+    from .. import validate
+
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(validate.device_name(str(device)))
+    except (ValueError, RuntimeError) as err:
+        raise InputError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device} was asked for but CUDA is not available; use --device cpu")
     return device

@@ -135,6 +135,7 @@ class UNetConfig:
                     f"UNet config field {key}={getattr(self, key)!r} is not supported by cinemo-rt "
                     f"(Cinemo's architecture uses {expected!r}); fix the config.json or use a Cinemo checkpoint."
                 )
+        self._validate_sizes()
         n = self.num_levels
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
             raise ValueError(
@@ -159,6 +160,18 @@ class UNetConfig:
                     f"UNet config: {channels} channels with {h} heads gives head size {channels / h:g}; "
                     f"it must be a whole number >= {ROTARY_DIM} (temporal rotary embedding size)."
                 )
+
+    def _validate_sizes(self) -> None:
+        """Sizes are whole numbers >= 1 (0 or negative values fail deep inside torch otherwise)."""
+        sizes = {name: getattr(self, name) for name in (
+            "sample_size", "in_channels", "out_channels", "layers_per_block", "norm_num_groups",
+            "cross_attention_dim", "addition_time_embed_dim", "transformer_layers_per_block")}
+        sizes["block_out_channels"] = self.block_out_channels
+        sizes["attention heads"] = self.heads_per_level if self.block_out_channels else (1,)
+        for name, value in sizes.items():
+            values = value if isinstance(value, tuple) else (value,)
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"UNet config: {name} must be whole numbers >= 1; got {value!r}")
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod

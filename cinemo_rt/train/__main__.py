@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from ..interrupts import exit_code_for, terminate_as_interrupt
 from .config import TrainConfig
 from .loop import train
 
@@ -26,9 +27,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig.from_file(args.config, overrides)
     except (ValueError, OSError) as err:
         parser.error(str(err))
-    result = train(cfg, device=args.device)
-    logging.getLogger(__name__).info("done: %d steps, final loss %.4f, %.0f s", result["step"], result["loss"],
-                                     result["seconds"])
+    log = logging.getLogger(__name__)
+    with terminate_as_interrupt():  # SIGTERM (a cluster's stop) cleans up like Ctrl-C
+        try:
+            result = train(cfg, device=args.device)
+        except ValueError as err:  # refused resumes, bad data, checkpoints, export folders
+            log.error("%s", err)
+            return 2
+        except KeyboardInterrupt as interrupt:
+            log.error("interrupted; the last complete checkpoint is kept (resume with --resume auto)")
+            return exit_code_for(interrupt)
+    log.info("done: %d steps, final loss %.4f, %.0f s", result["step"], result["loss"], result["seconds"])
     return 0
 
 

@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import Checkpoint, default_scheduler_config, load_checkpoint, save_checkpoint
+from ..checkpoint import (Checkpoint, default_scheduler_config, load_checkpoint, owns_checkpoint_entry,
+                          save_checkpoint)
+from ..safe_paths import check_owned_folder
 from ..components import TextEncoder, VAE
 from ..model import UNet3D, UNetConfig
 from ..residuals import residuals_from_frames
@@ -311,12 +313,28 @@ class TextCache:
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
+def read_resume_state(path: Path) -> dict:
+    """A resume file read with weights_only=True; missing or refused files are one ValueError naming them."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"cannot resume: {path} is missing (the checkpoint was not written completely); "
+                         "resume from an earlier step folder or set resume to null") from None
+    except Exception as err:  # pickles with code in them, truncated files
+        raise ValueError(f"cannot resume from {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"cannot resume from {path}: it holds a {type(state).__name__}, not a training state")
+    return state
+
+
 def train(cfg: TrainConfig, device: str | None = None) -> dict:
     """Run training to `cfg.steps`; returns {"step", "loss" (mean of the last log window), "seconds"}."""
     info = distributed.init(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
+    if cfg.export_dir:  # refused now, not after hours of training
+        check_owned_folder(cfg.export_dir, owns_checkpoint_entry, "a checkpoint")
     out.mkdir(parents=True, exist_ok=True)
     prepare_data(cfg, info)
 
@@ -340,13 +358,13 @@ def train(cfg: TrainConfig, device: str | None = None) -> dict:
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg))
     step = 0
     if resume is not None:
-        state = torch.load(resume / STATE_FILE, map_location="cpu", weights_only=True)
+        state = read_resume_state(resume / STATE_FILE)
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
         step = int(state["step"])
-        _set_rng_state(torch.load(resume / f"rng_rank{info.rank}.pt", weights_only=True), generator)
+        _set_rng_state(read_resume_state(resume / f"rng_rank{info.rank}.pt"), generator)
         log.info("resumed from %s at step %d", resume, step)
     model = DistributedDataParallel(unet) if info.enabled else unet
 

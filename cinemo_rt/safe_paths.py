@@ -1,0 +1,71 @@
+"""Where outputs may go: never over an input, never over a device or other non-regular file, an existing
+output only when the caller says so, and into a folder only what the writer owns.
+
+Pure `os`/`pathlib`, no heavy imports: the CLI runs these checks before loading anything.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Callable, Iterable
+
+
+class OutputError(ValueError):
+    """The output path cannot be written (missing or read-only folder, or a clash with existing data)."""
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when both paths name one existing file (links and `..` included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def check_file_output(path: str | os.PathLike, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = (),
+                      is_folder_output: bool = False) -> None:
+    """Refuse an output path that would destroy something: one of `inputs`, a non-regular file (device,
+    fifo, socket), or any existing output unless `overwrite`. Folders of frames are checked by the writer."""
+    path = Path(path)
+    for source in inputs:
+        if source is not None and same_file(path, source):
+            raise OutputError(f"--out {str(path)!r} is the input {str(source)!r}; choose another output name")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise OutputError(f"cannot use --out {str(path)!r}: {err.strerror}") from err
+    if stat.S_ISDIR(mode):
+        if not is_folder_output:
+            raise OutputError(f"--out {str(path)!r} is a folder; give a file name (e.g. {path / 'cinemo.mp4'})")
+    elif not stat.S_ISREG(mode) or is_folder_output:
+        kind = "a file" if stat.S_ISREG(mode) else "not a regular file (a device, pipe or socket)"
+        raise OutputError(f"--out {str(path)!r} exists and is {kind}; refusing to write over it, choose "
+                          "another output name")
+    if not overwrite:
+        raise OutputError(f"--out {str(path)!r} already exists; pass --overwrite to replace it, or choose "
+                          "another output name")
+
+
+def foreign_entries(folder: Path, owns: Callable[[str], bool]) -> list[str]:
+    """Names in `folder` that `owns(name)` does not claim (hidden temporaries of ours are claimed)."""
+    return sorted(name for name in os.listdir(folder) if not owns(name))
+
+
+def check_owned_folder(folder: str | os.PathLike, owns: Callable[[str], bool], what: str) -> None:
+    """An existing `folder` may be written into (or replaced) only when everything in it is ours to
+    replace; otherwise refuse, listing what else is there. `what` says what we write ("a checkpoint")."""
+    folder = Path(folder)
+    try:
+        foreign = foreign_entries(folder, owns)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise OutputError(f"{folder} exists and is not a folder; choose a new folder for {what}") from None
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 6 else "")
+        raise OutputError(f"{folder} holds files that are not {what} ({shown}); refusing to write there so "
+                          "nothing of yours is replaced. Choose a new or empty folder.")
