@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from .pipeline import DEFAULTS_FILE
+from .limits import DEFAULTS_FILE
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from .backends.base import Backend
 from .components import images_to_uint8, tokenize
 from .dctinit import select_dct_init
 from .image import InputError, load_image, preprocess
+from .limits import DEFAULTS_FILE, size_defaults  # noqa: F401  (DEFAULTS_FILE: re-exported for export/)
 from .motion import bucket_to_motion_id
 from .sampling import sample
 from .schedule import make_schedule
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 DCT_TAU = 975  # noise level of the low frequencies kept from z1 (SPEC 2)
 DCT_FRACTION = 0.23
 DECODE_CHUNK = 14
-DEFAULTS_FILE = "cinemo_rt.json"  # optional per-checkpoint defaults: {"height", "width", "frames"}
 
 
 @dataclass(frozen=True)
@@ -43,20 +43,7 @@ class Defaults:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike | None) -> "Defaults":
-        path = Path(folder) / DEFAULTS_FILE if folder else None
-        if path is None or not path.is_file():
-            return cls()
-        from .files import FileFormatError, read_json
-
-        data = read_json(path)
-        try:
-            values = {k: int(data[k]) for k in ("height", "width", "frames") if k in data}
-        except (TypeError, ValueError) as err:
-            raise FileFormatError(f"{path}: height, width and frames must be whole numbers ({err})") from None
-        bad = {k: v for k, v in values.items() if v < 1}
-        if bad:
-            raise FileFormatError(f"{path}: sizes must be at least 1; got {bad}")
-        return cls(**values)
+        return cls(**size_defaults(folder))  # FileFormatError naming the file for a bad cinemo_rt.json
 
 
 @dataclass
@@ -112,13 +99,18 @@ class Animator:
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, folder: str | os.PathLike, backend: str = "auto", device=None, dtype=None,
-                        **load_options) -> "Animator":
-        """A PyTorch backend over a checkpoint folder in the released layout: "torch" is the reference,
+    def from_checkpoint(cls, folder: str | os.PathLike | None = None, backend: str = "auto", device=None,
+                        dtype=None, **load_options) -> "Animator":
+        """A PyTorch backend over a checkpoint folder in the released layout (None: the bundled demo
+        checkpoint, as `cinemo-rt run` without --checkpoint): "torch" is the reference,
         "torch-fast" the optimised path (issue 7). "auto" is the reference for now: the fast path's CUDA
         graphs and compile have passed CPU parity only, and become the CUDA default once measured on a GPU."""
         from .checkpoint import load_checkpoint
 
+        if folder is None:
+            from .defaults import default_checkpoint
+
+            folder = default_checkpoint()
         if backend not in ("auto", "torch", "torch-fast"):
             raise InputError(f"backend {backend!r} runs exported engines: use Animator.from_engines / --engines DIR")
         device = resolve_device(device)

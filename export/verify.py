@@ -50,6 +50,7 @@ def ort_session(path, providers=("CPUExecutionProvider",)):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about unfoldable CastLike etc. are noise here
+    options.intra_op_num_threads = torch.get_num_threads()  # the thread policy's choice (cinemo_rt.threads)
     return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
 
 

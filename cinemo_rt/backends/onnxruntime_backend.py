@@ -46,6 +46,7 @@ class _Runner:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = torch.get_num_threads()  # the thread policy's choice (cinemo_rt.threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.component = component
         self.device = device
