@@ -121,15 +121,20 @@ def strip(videos: list[np.ndarray], scale: int = 3) -> np.ndarray:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=str(ROOT / "cinemo_rt" / "assets" / "demo"))
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(ROOT / "cinemo_rt" / "assets" / "demo"),
+                        help="checkpoint folder to measure (the bundled demo by default)")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps per video")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--seeds", type=int, default=2,
+                        help="seeds per image and bucket for the bucket (SSIM) and frame-0 measurements")
     parser.add_argument("--direction-seeds", type=int, default=8,
                         help="seeds per image for the direction test; each seed pairs the two opposite prompts")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1 is fastest for the demo's small UNet; see cpu_threads.py)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
+                        help="folder for controls.json/.md and the example GIF and strip")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)

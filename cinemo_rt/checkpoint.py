@@ -152,6 +152,17 @@ def load_unet(folder: str | os.PathLike, problems: list[str] | None = None,
         if problems is None:
             raise CheckpointError("; ".join(own_problems))
         return None
+    from .limits import check_unet_config
+
+    try:
+        mismatched = check_unet_config(folder) if weights is None else []
+    except ValueError as err:  # an unreadable header or config: the same one-message report
+        mismatched = [f"unet: {err}"]
+    if mismatched:  # found from the weights' header, before a model of the config's size is allocated
+        own_problems.extend(mismatched)
+        if problems is None:
+            raise CheckpointError(_format_problems(folder, own_problems))
+        return None
     unet = _build(lambda: UNet3D.from_config(read_json(config_path)), config_path, "unet", own_problems)
     if unet is None:
         if problems is None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import validate
@@ -17,6 +19,7 @@ from .interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, exit_code_for, termin
 from .request import Request
 from .samplers import SAMPLERS
 from .settings import DCT_FRACTION, DCT_TAU
+from .threads import ENV_VAR
 
 log = logging.getLogger("cinemo_rt")
 
@@ -69,28 +72,34 @@ def _seed(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="cinemo-rt", description="Cinemo image animation runtime")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"cinemo-rt {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, with start-up time per phase")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="animate an image")
+    run = sub.add_parser("run", help="animate an image", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run.add_argument("--image", required=True, help="input still image (PNG, JPEG, ...)")
     run.add_argument("--prompt", required=True, help="text describing the motion")
     motion = run.add_mutually_exclusive_group()
     motion.add_argument("--bucket", type=_bucket, default=9,
-                        help="motion intensity 0..19, larger = more motion (default 9)")
+                        help="motion intensity 0..19, larger = more motion")
     motion.add_argument("--motion-id", type=_finite_float("--motion-id"), default=None,
                         help="raw motion id for other checkpoints (the released model uses 99 - bucket)")
-    run.add_argument("--negative-prompt", default="", help="what to steer away from (default empty)")
-    run.add_argument("--steps", type=_positive_int, default=Request.steps, help="sampling steps (default 50)")
+    run.add_argument("--negative-prompt", default="", help="what to steer away from")
+    run.add_argument("--steps", type=_positive_int, default=Request.steps, help="sampling steps")
     run.add_argument("--sampler", choices=tuple(SAMPLERS), default=Request.sampler,
-                     help="ddim (default, the original's) or dpmpp-2m (DPM-Solver++(2M): fewer steps)")
+                     help="ddim (the original's) or dpmpp-2m (DPM-Solver++(2M): fewer steps)")
     run.add_argument("--guidance", type=_finite_float("--guidance"), default=Request.guidance,
                      help="classifier-free guidance scale (1 = off)")
     run.add_argument("--seed", type=_seed, default=None, help="random seed (bit-reproducible per backend)")
-    run.add_argument("--frames", type=_positive_int, default=None, help="frames to generate (default: model's)")
-    run.add_argument("--height", type=_positive_int, default=None, help="output height, divisible by 8")
-    run.add_argument("--width", type=_positive_int, default=None, help="output width, divisible by 8")
+    run.add_argument("--frames", type=_positive_int, default=None, help="frames to generate (None: the model's)")
+    run.add_argument("--height", type=_positive_int, default=None,
+                     help="output height, divisible by 8 (None: the model's)")
+    run.add_argument("--width", type=_positive_int, default=None,
+                     help="output width, divisible by 8 (None: the model's)")
     run.add_argument("--segments", type=_positive_int, default=1,
                      help="chain N segments, each starting from the previous last frame")
     run.add_argument("--no-dct", action="store_true", help="plain Gaussian initial noise instead of DCTInit")
@@ -101,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", default=None, help="checkpoint folder in the released layout")
     source.add_argument("--engines", default=None, help="folder built by `python -m export.build_engines`")
     run.add_argument("--backend", choices=CHOICES, default="auto",
-                     help="; ".join(f"{e.name}: {e.summary} ({e.source})" for e in BACKENDS.values()))
+                     help="auto: the reference for a checkpoint; TensorRT, else ONNX Runtime, for --engines; "
+                          + "; ".join(f"{e.name}: {e.summary} ({e.source})" for e in BACKENDS.values()))
     run.add_argument("--device", type=_argument_type(validate.device_name, "device"), default=None,
                      help="cpu or cuda[:N] (default: cuda when available)")
     run.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
@@ -109,8 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="cinemo.mp4", help="output .mp4, .gif, or a folder for PNG frames")
     run.add_argument("--format", choices=("mp4", "gif", "png"), default=None, help="override the suffix")
     run.add_argument("--fps", type=_argument_type(validate.fps, "fps"), default=8.0,
-                     help="frames per second (default 8)")
+                     help="frames per second")
     run.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the input)")
+    run.add_argument("--threads", default=None, metavar="N",
+                     help=f"CPU threads for PyTorch and ONNX Runtime (None: the {ENV_VAR} variable, else 1 for "
+                          "small models and one per available core for large ones)")
 
     sub.add_parser("info", help="versions, devices and usable backends")
     return parser
@@ -133,17 +146,36 @@ def _check_output(args) -> None:
     validate.seed(args.seed or 0, args.segments)
 
 
-def _open_animator(args):
-    from .defaults import default_checkpoint
+@contextmanager
+def _phase(phases: dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    phases[name] = time.perf_counter() - start
+
+
+def _open_animator(args, plan):
     from .pipeline import Animator
 
     if args.engines:
-        return Animator.from_engines(args.engines, backend=args.backend, device=args.device)
-    folder = args.checkpoint
-    if folder is None:
-        folder = default_checkpoint()
-        log.info("no --checkpoint or --engines given: using the embedded demo checkpoint %s", folder)
-    return Animator.from_checkpoint(folder, backend=args.backend, device=args.device, dtype=args.dtype)
+        return Animator.from_engines(plan.folder, backend=args.backend, device=args.device)
+    return Animator.from_checkpoint(plan.folder, backend=args.backend, device=args.device, dtype=args.dtype)
+
+
+def _progress(total: int):
+    """A bar on a terminal; log lines every 10% otherwise (a redirected run used to be silent for minutes)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="denoising", unit="step", disable=None)
+    if not bar.disable:
+        return bar, lambda i, t, x: bar.update(1)
+    start, done, every = time.perf_counter(), [0], max(1, total // 10)
+
+    def log_step(i, t, x):
+        done[0] += 1
+        if done[0] % every == 0 or done[0] == total:
+            log.info("denoising: step %d/%d, %.1f s", done[0], total, time.perf_counter() - start)
+
+    return bar, log_step
 
 
 def build_request(args) -> Request:
@@ -157,30 +189,46 @@ def build_request(args) -> Request:
 
 
 def cmd_run(args) -> int:
-    from tqdm import tqdm
+    from .preflight import plan_run
+    from .threads import parse_threads
 
-    from .image import load_image
-    from .video import write_video
+    phases: dict[str, float] = {}
+    with _phase(phases, "validate"):
+        _check_output(args)
+        threads = parse_threads(args.threads)
+        plan = plan_run(args)  # image, folder, sizes, memory: before any heavy import
+        request = build_request(args)
+    with _phase(phases, "import"):
+        import torch  # noqa: F401  (timed here, not inside the first stage that needs it)
 
-    _check_output(args)
-    image = load_image(args.image)  # validated before any model is loaded
-    request = build_request(args)
-    animator = _open_animator(args)
+        from .pipeline import Animator  # noqa: F401
+        from .threads import apply_threads
+        from .video import write_video
+
+        _quiet_libraries()
+    with _phase(phases, "load model"):
+        apply_threads(plan.parameters, threads)
+        animator = _open_animator(args, plan)
     log.info("backend: %s on %s (%s)", animator.backend.name, animator.backend.device,
              str(animator.backend.dtype).removeprefix("torch."))
-    with tqdm(total=request.steps * args.segments, desc="denoising", unit="step", disable=None) as bar:
-        video = animator.run_segments(image, request, args.segments, callback=lambda i, t, x: bar.update(1))
-    path = write_video(video, args.out, fps=args.fps, format=args.format, overwrite=args.overwrite)
+    log.debug("start-up: %s", ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases.items()))
+    bar, callback = _progress(request.steps * args.segments)
+    with bar:
+        video = animator.run_segments(plan.image, request, args.segments, callback=callback)
+    with _phase(phases, "write"):
+        path = write_video(video, args.out, fps=args.fps, format=args.format, overwrite=args.overwrite)
     for stage, seconds in animator.last_timings.items():
         log.info("  %-16s %8.3f s", stage, seconds)
     log.info("  %-16s %8.3f s", "total", sum(animator.last_timings.values()))
-    print(f"wrote {video.shape[0]} frames ({video.shape[2]}x{video.shape[1]}) to {path}")
+    log.debug("write: %.2f s", phases["write"])
+    print(f"wrote {video.shape[0]} frames of {video.shape[1]}x{video.shape[2]} (height x width) to {path}")
     return EXIT_OK
 
 
 def cmd_info(args) -> int:
     from .backends.registry import backend_report
 
+    _quiet_libraries()
     for line in backend_report():
         print(line)
     return EXIT_OK
@@ -195,19 +243,27 @@ def _quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
+def _user_error_types() -> tuple[type, ...]:
+    """The library's bad-input errors, from the modules already imported: the handler must not import torch
+    to report an argument error (an error of a module not imported cannot have been raised)."""
+    names = {"cinemo_rt.image": "InputError", "cinemo_rt.checkpoint": "CheckpointError",
+             "cinemo_rt.safe_paths": "OutputError", "cinemo_rt.limits": "LimitError",
+             "cinemo_rt.files": "FileFormatError"}
+    return tuple(getattr(sys.modules[module], name) for module, name in names.items() if module in sys.modules)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     with terminate_as_interrupt():
         try:
-            _quiet_libraries()
             return {"run": cmd_run, "info": cmd_info}[args.command](args)
         except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM, also during imports
             log.error("interrupted; no output was written")
             return exit_code_for(interrupt)
         except ValueError as err:  # InputError, CheckpointError, OutputError and the library's validation
-            log.error("%s", err, exc_info=args.verbose)
+            log.error("%s", err, exc_info=args.verbose and not isinstance(err, _user_error_types()))
             return EXIT_BAD_INPUT
         except (MemoryError, RuntimeError) as err:
             if not _allocation_failed(err):

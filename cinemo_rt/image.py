@@ -6,11 +6,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
+from .limits import MAX_IMAGE_PIXELS, check_image_pixels
 
 MIN_SIDE = 32
 
@@ -25,12 +24,16 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarr
             raise InputError(f"image {str(path)!r} does not exist; pass --image with a PNG or JPEG file")
         try:
             with Image.open(path) as img:
+                check_image_pixels(*img.size, name=f"image {str(path)!r}")  # from the header, before decoding
                 image = to_rgb(img)
-        except Image.DecompressionBombError as err:
-            raise InputError(f"{str(path)!r} is too large to open safely ({err}); pass a smaller image") from err
+        except Image.DecompressionBombError as err:  # over Pillow's own limit, found when the header is read
+            raise InputError(f"image {str(path)!r} is too large: more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} Mpx, "
+                             f"over the {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx limit; downscale it first, e.g. to 2048 px "
+                             "a side") from err
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise InputError(f"{str(path)!r} is not a readable image ({err}); pass a PNG or JPEG file") from err
     elif isinstance(source, Image.Image):
+        check_image_pixels(*source.size)
         image = to_rgb(source)
     else:
         array = np.asarray(source)
@@ -42,7 +45,7 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarr
             raise InputError(f"image array must be uint8; got {array.dtype}")
         image = array[..., :3]
     if min(image.shape[:2]) < MIN_SIDE:
-        raise InputError(f"image is {image.shape[1]}x{image.shape[0]} pixels; each side must be at least "
+        raise InputError(f"image is {image.shape[0]}x{image.shape[1]} (height x width); each side must be at least "
                          f"{MIN_SIDE} (it is scaled up to the output size)")
     return np.ascontiguousarray(image)
 
@@ -59,14 +62,17 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def preprocess(image: np.ndarray, height: int, width: int) -> torch.Tensor:
+def preprocess(image: np.ndarray, height: int, width: int) -> "torch.Tensor":
     """RGB uint8 (H0, W0, 3) -> (1, 3, height, width) in [-1, 1].
 
     As the reference: bilinear resize (align_corners=False, no antialias) by the single scale factor
     max((height+1)/H0, (width+1)/W0), so both sides exceed the target, then a centre crop at
     round((h - height)/2), round((w - width)/2), then (x - 0.5)/0.5."""
+    import torch
+    import torch.nn.functional as F
+
     if height % 8 or width % 8:
-        raise InputError(f"output size {height}x{width} must be divisible by 8 (the VAE's factor)")
+        raise InputError(f"output size {height}x{width} (height x width) must be divisible by 8 (the VAE's factor)")
     x = torch.tensor(image).permute(2, 0, 1)[None].float() / 255.0  # (1, 3, H0, W0)
     scale = max((height + 1) / x.shape[2], (width + 1) / x.shape[3])
     x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)

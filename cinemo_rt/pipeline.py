@@ -60,11 +60,16 @@ class Animator:
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, folder: str | os.PathLike, backend: str = "auto", device=None, dtype=None,
-                        **load_options) -> "Animator":
-        """A PyTorch backend over a checkpoint folder in the released layout ("torch", "torch-fast")."""
+    def from_checkpoint(cls, folder: str | os.PathLike | None = None, backend: str = "auto", device=None,
+                        dtype=None, **load_options) -> "Animator":
+        """A PyTorch backend over a checkpoint folder in the released layout ("torch", "torch-fast"); None is
+        the bundled demo checkpoint, as `cinemo-rt run` without --checkpoint."""
         from .backends.registry import open_checkpoint
 
+        if folder is None:
+            from .defaults import default_checkpoint
+
+            folder = default_checkpoint()
         opened, tokenizer = open_checkpoint(folder, backend, device, dtype, **load_options)
         return cls(opened, tokenizer, Size.from_folder(folder))
 

@@ -29,14 +29,13 @@ class Size:
             return cls()
         from .files import FileFormatError, read_json
 
-        data = read_json(path)
-        try:
-            values = {k: int(data[k]) for k in ("height", "width", "frames") if k in data}
-        except (TypeError, ValueError) as err:
-            raise FileFormatError(f"{path}: height, width and frames must be whole numbers ({err})") from None
-        bad = {k: v for k, v in values.items() if v < 1}
-        if bad:
-            raise FileFormatError(f"{path}: sizes must be at least 1; got {bad}")
+        data, values = read_json(path), {}
+        for key in ("height", "width", "frames"):
+            if key in data:
+                value = data[key]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise FileFormatError(f"{path}: {key} must be a whole number at least 1, got {value!r}")
+                values[key] = value
         return cls(**values)
 
     def as_dict(self) -> dict[str, int]:

@@ -15,9 +15,7 @@ import tempfile
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
-import torch
 from PIL import Image
 
 from . import validate
@@ -66,8 +64,8 @@ def resolve_format(path: str | os.PathLike, format: str | None = None) -> str:
     return _SUFFIX_FORMATS[suffix]
 
 
-def _check_frames(frames: np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(frames, torch.Tensor):
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    if hasattr(frames, "detach"):  # a torch tensor (torch is imported only where used: issue 17)
         frames = frames.detach().cpu().numpy()
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
@@ -93,6 +91,8 @@ def _encode_mp4(frames: np.ndarray, path: str, fps: float) -> None:
     if pad_h or pad_w:
         log.info("mp4: padding %dx%d frames to %dx%d for yuv420p", h, w, h + pad_h, w + pad_w)
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    import av
+
     with av.open(path, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = w + pad_w, h + pad_h
@@ -110,6 +110,8 @@ def _pal8_frame(frame: np.ndarray) -> av.VideoFrame:
     # PyAV takes the palette as (256, 4) uint8 rows of (A, R, G, B); tests/test_video.py round-trips it.
     palette = np.full((256, 4), 255, dtype=np.uint8)
     palette[: len(rgb), 1:] = rgb
+    import av
+
     return av.VideoFrame.from_ndarray((np.ascontiguousarray(np.asarray(quantized)), palette), format="pal8")
 
 
@@ -117,6 +119,8 @@ def _encode_gif(frames: np.ndarray, path: str, fps: float) -> None:
     # PyAV's gif encoder rather than PIL: PIL merges identical consecutive frames into one (changing the
     # frame count of still videos); ffmpeg keeps one GIF frame per input frame.
     _, h, w, _ = frames.shape
+    import av
+
     with av.open(path, mode="w", format="gif") as container:
         stream = container.add_stream("gif", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = w, h
@@ -146,7 +150,7 @@ def _only_frames(dest: Path) -> None:
 
 
 def write_video(
-    frames_uint8: np.ndarray | torch.Tensor,
+    frames_uint8: np.ndarray,
     path: str | os.PathLike,
     fps: float = 8,
     format: str | None = None,
@@ -166,6 +170,8 @@ def write_video(
     check_file_output(dest, overwrite=overwrite, is_folder_output=fmt == "png")
     if fmt == "png" and dest.is_dir():
         _only_frames(dest)
+    import av  # here, not at module level: the CLI checks paths before importing PyAV (issue 17)
+
     try:
         if fmt == "png":
             _write_png_folder_atomic(frames, dest, parent)
@@ -174,7 +180,9 @@ def write_video(
     except (OSError, av.error.FFmpegError) as err:
         raise OutputError(f"could not write {str(dest)!r}: {err.strerror or err}; nothing was written "
                           "(free some space or choose another --out)") from err
-    log.info("wrote %d frames (%dx%d) to %s", frames.shape[0], frames.shape[2], frames.shape[1], dest)
+    # Debug only: the CLI prints the one success line (issue 17: it was printed twice).
+    log.debug("wrote %d frames of %dx%d (height x width) to %s", frames.shape[0], frames.shape[1],
+              frames.shape[2], dest)
     return dest
 
 
@@ -229,6 +237,8 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
         if not names:
             raise ValueError(f"no frame_NNNN.png files in {str(path)!r}")
         return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in names])
+    import av
+
     with av.open(str(path)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     if not frames:

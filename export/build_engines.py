@@ -54,9 +54,10 @@ class BuildOptions:
     checkpoint: Path
     out: Path
     precision: str = "fp32"
-    height: int = Size.height
-    width: int = Size.width
-    frames: int = Size.frames
+    # None: the checkpoint's own size (its cinemo_rt.json), else the released 320x512x15.
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
     targets: tuple[str, ...] = ("onnx",)
     components: tuple[str, ...] = tuple(SPECS)
     verify: bool = True
@@ -184,10 +185,11 @@ def build(options: BuildOptions) -> Manifest:
 
     out = options.out
     check_out_folder(options.checkpoint, out)
-    out.mkdir(parents=True, exist_ok=True)
     trt = _tensorrt_hook(options.targets)
+    height, width, frames = check_build_size(options)  # before any model is loaded or folder made
+    out.mkdir(parents=True, exist_ok=True)
     checkpoint = load_checkpoint(options.checkpoint)
-    dims = dims_for(checkpoint, options.height, options.width, options.frames)
+    dims = dims_for(checkpoint, height, width, frames)
     versions = library_versions()
     manifest = drop_stale_components(read_manifest_or_new(out), options.precision, dims)
     manifest.precision, manifest.opset, manifest.versions = options.precision, OPSET, versions
@@ -247,6 +249,37 @@ def _verify(spec: ExportSpec, checkpoint, dims: Dims, precision: str, out: Path,
                                  "shapes": spec.shapes(dims), "seconds": round(time.perf_counter() - t0, 2),
                                  "outputs": [r.as_dict() for r in results]}
         save()
+
+
+# Tracing, the exported graph's constant folding and the ONNX Runtime parity run hold about two copies of
+# the run's activations; the build that the OOM killer ended at 21.8 GB is estimated at 26 GiB here.
+EXPORT_MEMORY_FACTOR = 2
+
+
+def check_build_size(options: BuildOptions) -> tuple[int, int, int]:
+    """(height, width, frames) of the build: the flags, else the checkpoint's `cinemo_rt.json`; refused with
+    the estimate when the export would need more memory than is available."""
+    from cinemo_rt.limits import (available_memory, check_output_size, checkpoint_estimate_inputs,
+                                  estimate_run_bytes, size_defaults)
+
+    if not Path(options.checkpoint).is_dir():
+        raise ValueError(f"checkpoint folder {options.checkpoint} does not exist; pass --checkpoint DIR with the "
+                         "released layout (see README 'Checkpoints')")
+    defaults = size_defaults(options.checkpoint)
+    height, width = options.height or defaults["height"], options.width or defaults["width"]
+    frames = options.frames or defaults["frames"]
+    estimate = EXPORT_MEMORY_FACTOR * estimate_run_bytes(
+        height, width, frames, attention_scores=True, **checkpoint_estimate_inputs(options.checkpoint))
+    check_output_size(height, width, frames, estimate=estimate, defaults=defaults, memory=available_memory(),
+                      what="exporting and verifying the graphs")
+    log.info("building for %dx%d (height x width), %d frames (%s); estimated peak memory %.1f GiB", height, width,
+             frames, "from the flags" if options.height or options.width or options.frames else
+             f"the checkpoint's {defaults_source(options.checkpoint)}", estimate / 2**30)
+    return height, width, frames
+
+
+def defaults_source(folder: Path) -> str:
+    return SIZE_FILE if (Path(folder) / SIZE_FILE).is_file() else "released default size"
 
 
 def export_and_optimize(spec: ExportSpec, module, dims: Dims, precision: str, out: Path) -> OnnxArtifact:
@@ -341,10 +374,13 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (released layout)")
     p.add_argument("--out", required=True, type=Path, help="engines folder to create or update")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp16")
-    p.add_argument("--height", type=_size, default=Size.height, help="output height, a multiple of 8")
-    p.add_argument("--width", type=_size, default=Size.width, help="output width, a multiple of 8")
-    p.add_argument("--frames", type=_frames, default=Size.frames,
-                   help="generated frames, x_t's F (the video has one more)")
+    p.add_argument("--height", type=_size, default=None,
+                   help=f"output height, a multiple of 8 (default: the checkpoint's {SIZE_FILE}, else 320); "
+                        "lower it, or --width/--frames, when memory is short")
+    p.add_argument("--width", type=_size, default=None,
+                   help="output width, a multiple of 8 (default: the checkpoint's, else 512)")
+    p.add_argument("--frames", type=_frames, default=None,
+                   help="generated frames, x_t's F; the video has one more (default: the checkpoint's, else 15)")
     p.add_argument("--targets", default="onnx", help="comma-separated: onnx,tensorrt")
     p.add_argument("--components", default=",".join(SPECS), help="comma-separated subset of " + ",".join(SPECS))
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")

@@ -5,6 +5,12 @@ import logging
 import pytest
 import torch
 
+from cinemo_rt.threads import apply_threads
+
+# Every test model is tiny: the thread policy gives them 1 thread (CINEMO_RT_THREADS overrides). torch's default
+# of one per core made the suite 34 min instead of about 5 beside other work on a 2-core machine.
+apply_threads(parameters=0)
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint_dir(tmp_path_factory):

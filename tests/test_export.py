@@ -50,6 +50,7 @@ def test_spec_shapes_profiles_and_samples_agree(tiny_checkpoint_dir):
 
 
 # -- parity: every component, both precisions ----------------------------------------------------
+@pytest.mark.slow  # builds both engines folders: 22 s each with 1 thread, 7 min each with 2 under contention
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_every_component_matches_pytorch_through_onnxruntime(precision, request, tiny_checkpoint_dir):
     """Fresh random inputs (seed 7, not the build's), every output, both ends of the dynamic axis.

@@ -36,6 +36,7 @@ def session_options():
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about unfoldable CastLike etc. are noise here
+    options.intra_op_num_threads = torch.get_num_threads()  # the thread policy's choice (cinemo_rt.threads)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options
 

@@ -61,7 +61,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     max_minutes: float = 0.0                    # stop (with a checkpoint) after this long; 0: no limit
-    threads: int = 0                            # torch CPU threads per rank; 0 keeps torch's default
+    threads: int = 0                            # torch CPU threads per rank; 0: cinemo_rt.threads' policy
     # -- output -------------------------------------------------------------------------------------
     output_dir: str = "runs/train"
     save_every: int = 500

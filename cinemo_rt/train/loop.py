@@ -39,6 +39,7 @@ from ..model import UNet3D, UNetConfig
 from ..residuals import residuals_from_frames
 from ..settings import SIZE_FILE
 from ..schedule import NUM_TRAIN_TIMESTEPS, add_noise, make_schedule
+from ..threads import apply_threads
 from . import dist as distributed
 from .components import build_text_encoder, build_vae, pretrain_vae, with_scaling_factor
 from .config import TrainConfig
@@ -330,7 +331,7 @@ def read_resume_state(path: Path) -> dict:
 def train(cfg: TrainConfig, device: str | None = None) -> dict:
     """Run training to `cfg.steps`; returns {"step", "loss" (mean of the last log window), "seconds"}."""
     info = distributed.init(device)
-    if cfg.threads:
+    if cfg.threads:  # data preparation and VAE pre-training already run with the requested count
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
     if cfg.export_dir:  # refused now, not after hours of training
@@ -349,6 +350,9 @@ def train(cfg: TrainConfig, device: str | None = None) -> dict:
     models = build_models(cfg, clips, resume, generator, info)
     cfg = dataclasses.replace(cfg, prediction_type=models.prediction_type)  # what the checkpoints will say
     unet = models.unet.to(info.device).train().requires_grad_(True)
+    if info.device.type == "cpu":
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's ranks on this node share its cores
+        apply_threads(sum(p.numel() for p in unet.parameters()), cfg.threads or None, processes=ranks_here)
     models.vae.model.to(info.device)
     models.text.model.to(info.device)
     ema = EMA(unet, cfg.ema_decay)
