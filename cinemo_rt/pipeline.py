@@ -12,7 +12,6 @@ import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -23,7 +22,7 @@ from .backends.base import Backend
 from .components import images_to_uint8, tokenize
 from .dctinit import select_dct_init
 from .image import InputError, load_image, preprocess
-from .limits import DEFAULTS_FILE, size_defaults  # noqa: F401  (DEFAULTS_FILE: re-exported for export/)
+from .limits import size_defaults
 from .motion import bucket_to_motion_id
 from .sampling import sample
 from .schedule import make_schedule
