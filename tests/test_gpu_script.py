@@ -16,7 +16,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu" / "run.sh"
 MAX_FILES = 8  # what the window may bring back
 
 
-def _run(*args: str, out: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+def _run(*args: str, out: Path, timeout: int = 1500) -> subprocess.CompletedProcess:
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
