@@ -1,4 +1,4 @@
-"""`cinemo-rt run` and `cinemo-rt info`.
+"""`cinemo-rt run`, `cinemo-rt info` and `cinemo-rt serve`.
 
 Exit codes: 0 success, 1 an unexpected failure (with traceback), 2 bad input or configuration (one clear
 message, no traceback), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM; cleaned up the same way).
@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "small models and one per available core for large ones)")
 
     sub.add_parser("info", help="versions, devices and usable backends")
+
+    from .serve.command import add_arguments as add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="HTTP API and web page (see README, Serving)"))
     return parser
 
 
@@ -234,6 +238,12 @@ def cmd_info(args) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args) -> int:
+    from .serve.command import serve
+
+    return serve(args)
+
+
 def _quiet_libraries() -> None:
     """diffusers/transformers keep their own verbosity; their advice is not for our users."""
     from diffusers.utils import logging as diffusers_logging
@@ -258,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     with terminate_as_interrupt():
         try:
-            return {"run": cmd_run, "info": cmd_info}[args.command](args)
+            return {"run": cmd_run, "info": cmd_info, "serve": cmd_serve}[args.command](args)
         except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM, also during imports
             log.error("interrupted; no output was written")
             return exit_code_for(interrupt)

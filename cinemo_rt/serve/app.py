@@ -1,0 +1,265 @@
+"""The HTTP API (FastAPI): jobs in, status and events out, videos served from the job store.
+
+`create_app(settings)` builds the app; `cinemo-rt serve` runs it under uvicorn and `ray_app.py` wraps the
+same app as a Ray Serve ingress. The model runs behind an executor (the local `Worker`, or Ray replicas):
+the app only submits job ids, reads progress and asks for cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import tempfile
+import threading
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Callable
+
+from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+
+from ..files import give_default_mode
+from .batching import BatchPolicy
+from .jobs import FINAL_STATES, QUEUED, RUNNING, JobStore, is_job_id, new_job_id
+from .limits import MEDIA_TYPES, Limits, RequestError, check_request, read_upload
+from .metrics import Metrics
+from .runner import AnimationRequest, Runner
+from .worker import QueueFull, Worker
+
+log = logging.getLogger(__name__)
+
+PAGE = Path(__file__).parent / "page"
+EVENT_POLL_S = 0.1
+
+DESCRIPTION = """Animate a still image with Cinemo: submit a job, follow its progress, download the video.
+
+Jobs are stored in SQLite under the server's jobs folder and survive restarts; finished videos expire after
+the server's keep time. With `--api-key`, every `/v1` route needs `Authorization: Bearer KEY` (or
+`X-API-Key: KEY`). Video editing (`POST /v1/edits`) is not available yet: it arrives with the video-editing
+feature.
+"""
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    jobs_dir: Path = Path("cinemo-jobs")
+    checkpoint: str | None = None
+    engines: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    api_key: str | None = None
+    max_queue: int = 32
+    policy: BatchPolicy = field(default_factory=BatchPolicy)
+    limits: Limits = field(default_factory=Limits)
+    keep_s: float = 24 * 3600.0   # finished jobs and their videos are deleted after this
+    requeue: bool = False         # after a restart, run interrupted jobs again instead of failing them
+
+    def open_runner(self) -> Runner:
+        return Runner.open(self.checkpoint, self.engines, self.device, self.dtype)
+
+
+def _key_checker(api_key: str | None) -> Callable:
+    expected = api_key.encode() if api_key else None
+
+    def require_key(authorization: Annotated[str | None, Header()] = None,
+                    x_api_key: Annotated[str | None, Header()] = None) -> None:
+        if expected is None:
+            return
+        given = x_api_key or (authorization or "").removeprefix("Bearer ").strip()
+        # compare_digest takes time independent of where the strings differ
+        if not hmac.compare_digest(given.encode(), expected):
+            raise HTTPException(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    return require_key
+
+
+def _save_png_atomically(image, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            Image.fromarray(image).save(handle, format="PNG")
+        give_default_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def create_app(settings: ServeSettings, executor_factory: Callable | None = None) -> FastAPI:
+    """`executor_factory(store, metrics) -> executor` replaces the local worker (Ray uses this)."""
+    state: dict = {}
+
+    def make_local_worker(store: JobStore, metrics: Metrics) -> Worker:
+        return Worker(store, settings.open_runner, settings.policy, settings.max_queue, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        store = JobStore(settings.jobs_dir)
+        requeued = store.recover(requeue=settings.requeue)
+        store.expire(settings.keep_s)
+        metrics = Metrics(lambda: len(state["executor"].queue), store.counts)
+        executor = (executor_factory or make_local_worker)(store, metrics)
+        state.update(store=store, metrics=metrics, executor=executor)
+        executor.start(requeued)
+        stop = threading.Event()
+        sweeper = threading.Thread(target=_sweep, args=(store, settings.keep_s, stop), daemon=True)
+        sweeper.start()
+        yield
+        stop.set()
+        executor.stop()
+        store.close()
+
+    app = FastAPI(title="cinemo-rt", version="1", description=DESCRIPTION, lifespan=lifespan)
+    app.state.serve = state
+    authorized = [Depends(_key_checker(settings.api_key))]
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, err: RequestError):
+        state["metrics"].requests.labels(str(err.status)).inc()
+        return JSONResponse({"detail": str(err)}, status_code=err.status)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, err: QueueFull):
+        state["metrics"].requests.labels("429").inc()
+        return JSONResponse({"detail": str(err)}, status_code=429,
+                            headers={"Retry-After": str(err.retry_after_s)})
+
+    def job_or_404(job_id: str):
+        job = state["store"].get(job_id) if is_job_id(job_id) else None
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}: unknown, deleted, or expired")
+        return job
+
+    def describe(job) -> dict:
+        executor = state["executor"]
+        base = f"/v1/animations/{job.id}"
+        body = {"id": job.id, "state": job.state, "created": job.created, "started": job.started,
+                "finished": job.finished, "request": job.request,
+                "urls": {"status": base, "events": f"{base}/events", "video": f"{base}/video"}}
+        if job.state == QUEUED:
+            body["position"] = executor.position(job.id)
+        if job.state == RUNNING:
+            step, total = executor.progress.get(job.id, (0, job.request["steps"] * job.request["segments"]))
+            body.update(step=step, total=total)
+        if job.error:
+            body["error"] = job.error
+        return body
+
+    @app.post("/v1/animations", status_code=202, dependencies=authorized,
+              summary="Submit an image to animate; returns the job id and its URLs")
+    def submit(request: Request,
+               image: Annotated[UploadFile, File(description="the still image, PNG or JPEG")],
+               prompt: Annotated[str, Form(description="what moves and how")],
+               bucket: Annotated[int | None, Form(description="motion intensity 0..19, larger = more")] = 9,
+               motion_id: Annotated[float | None, Form(description="raw motion id instead of bucket")] = None,
+               negative_prompt: Annotated[str, Form()] = "",
+               steps: Annotated[int, Form(description="DDIM steps")] = 50,
+               guidance: Annotated[float, Form(description="CFG scale; 1 turns it off")] = 7.5,
+               seed: Annotated[int | None, Form(description="seed; drawn and reported when absent")] = None,
+               height: Annotated[int | None, Form(description="default: the model's")] = None,
+               width: Annotated[int | None, Form(description="default: the model's")] = None,
+               frames: Annotated[int | None, Form(description="frames after the input frame")] = None,
+               segments: Annotated[int, Form(description="chained segments for longer videos")] = 1,
+               format: Annotated[str, Form(description="mp4 or gif")] = "mp4"):
+        executor, store = state["executor"], state["store"]
+        if not executor.ready.is_set():
+            raise HTTPException(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
+        executor.check_capacity()
+        wanted = AnimationRequest(prompt=prompt, bucket=None if motion_id is not None else bucket,
+                                  motion_id=motion_id, negative_prompt=negative_prompt, steps=steps,
+                                  guidance=guidance, seed=seed, height=height, width=width, frames=frames,
+                                  segments=segments).resolved(executor.defaults)
+        check_request(wanted, format, settings.limits)
+        pixels = read_upload(image.file.read(settings.limits.max_upload_bytes + 1), settings.limits)
+        job_id = new_job_id()
+        _save_png_atomically(pixels, store.input_path(job_id))
+        job = store.add(job_id, {**wanted.__dict__, "format": format})
+        try:
+            executor.submit(job_id)
+        except QueueFull:
+            store.delete(job_id)
+            raise
+        return JSONResponse(describe(job), status_code=202, headers={"Location": f"/v1/animations/{job_id}"})
+
+    @app.get("/v1/animations/{job_id}", dependencies=authorized, summary="Job status")
+    def status(job_id: str):
+        return describe(job_or_404(job_id))
+
+    @app.get("/v1/animations/{job_id}/events", dependencies=authorized,
+             summary="Progress as server-sent events (one JSON status per change, ends at a final state)")
+    async def events(job_id: str):
+        job_or_404(job_id)
+
+        async def stream():
+            last = None
+            while True:
+                job = state["store"].get(job_id)
+                body = describe(job) if job else {"id": job_id, "state": "deleted"}
+                text = json.dumps(body)
+                if text != last:
+                    yield f"event: status\ndata: {text}\n\n"
+                    last = text
+                if job is None or job.state in FINAL_STATES:
+                    return
+                await asyncio.sleep(EVENT_POLL_S)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/animations/{job_id}/video", dependencies=authorized, summary="The finished video")
+    def video(job_id: str):
+        job = job_or_404(job_id)
+        path = state["store"].video_path(job)
+        if job.state != "done" or not path.is_file():
+            raise HTTPException(409, f"job {job_id} is {job.state}; the video exists once it is done")
+        return FileResponse(path, media_type=MEDIA_TYPES[job.format], filename=f"cinemo-{job_id}.{job.format}")
+
+    @app.delete("/v1/animations/{job_id}", dependencies=authorized,
+                summary="Cancel queued or running work (between denoising steps) and delete its results")
+    def delete(job_id: str):
+        job = job_or_404(job_id)
+        if job.state in FINAL_STATES:
+            state["store"].delete(job_id)
+            return {"id": job_id, "state": "deleted"}
+        state["executor"].cancel(job_id)
+        return {"id": job_id, "state": "cancelling" if job.state == RUNNING else "cancelled"}
+
+    @app.get("/healthz", summary="The process is up")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="The model is loaded and the worker accepts jobs")
+    def readyz():
+        executor = state["executor"]
+        if executor.ready.is_set():
+            return {"status": "ready"}
+        reason = executor.load_error or "loading the model"
+        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    def metrics():
+        return PlainTextResponse(state["metrics"].render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(PAGE / "index.html")
+
+    app.mount("/static", StaticFiles(directory=PAGE), name="static")
+    return app
+
+
+def _sweep(store: JobStore, keep_s: float, stop: threading.Event) -> None:
+    interval = max(1.0, min(60.0, keep_s / 4))
+    while not stop.wait(interval):
+        try:
+            if removed := store.expire(keep_s):
+                log.info("expired %d finished jobs", removed)
+        except Exception:  # noqa: BLE001 - the next sweep tries again
+            log.exception("expiring old jobs failed")

@@ -1,0 +1,163 @@
+"""The job store: one SQLite database under the jobs folder, inputs and videos as files beside it.
+
+Every state change is a committed transaction (WAL journal), so a server killed at any moment (kill -9
+included) restarts with every finished video and an honest state for the rest. Job ids are generated here
+(random hex); file names are derived from ids, never from anything a request sent.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+FINAL_STATES = (DONE, FAILED, CANCELLED)
+INTERRUPTED = "interrupted: the server stopped while this job was {state}; submit it again"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    request TEXT NOT NULL,          -- the resolved AnimationRequest as JSON, plus the output format
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    error TEXT,
+    owner TEXT                      -- which server process (or Ray replica) runs it
+);
+CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs (state, created);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    state: str
+    request: dict
+    created: float
+    started: float | None
+    finished: float | None
+    error: str | None
+
+    @property
+    def format(self) -> str:
+        return self.request["format"]
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(16)
+
+
+def is_job_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
+class JobStore:
+    """Thread-safe: one connection guarded by a lock (the worker and the HTTP handlers share it)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.inputs = self.folder / "inputs"
+        self.videos = self.folder / "videos"
+        for path in (self.folder, self.inputs, self.videos):
+            path.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.folder / "jobs.sqlite3", check_same_thread=False, isolation_level=None,
+                                   timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a committed state survives a power cut, not only kill -9
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- paths (from generated ids only) -------------------------------------------------------------
+    def input_path(self, job_id: str) -> Path:
+        return self.inputs / f"{job_id}.png"
+
+    def video_path(self, job: Job) -> Path:
+        return self.videos / f"{job.id}.{job.format}"
+
+    # -- writes ---------------------------------------------------------------------------------------
+    def _execute(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, params)
+
+    def add(self, job_id: str, request: dict, owner: str = "") -> Job:
+        now = time.time()
+        self._execute("INSERT INTO jobs (id, state, request, created, owner) VALUES (?, ?, ?, ?, ?)",
+                      (job_id, QUEUED, json.dumps(request), now, owner))
+        return self.get(job_id)
+
+    def mark_running(self, job_id: str, owner: str = "") -> None:
+        self._execute("UPDATE jobs SET state=?, started=?, owner=? WHERE id=? AND state=?",
+                      (RUNNING, time.time(), owner, job_id, QUEUED))
+
+    def finish(self, job_id: str, state: str, error: str | None = None) -> bool:
+        """Move a job to a final state (its input image is no longer needed); False if it already was in one
+        (a cancel raced the worker)."""
+        assert state in FINAL_STATES
+        cursor = self._execute("UPDATE jobs SET state=?, finished=?, error=? WHERE id=? AND state IN (?, ?)",
+                               (state, time.time(), error, job_id, QUEUED, RUNNING))
+        if cursor.rowcount == 1:
+            self.input_path(job_id).unlink(missing_ok=True)
+            return True
+        return False
+
+    def requeue(self, job_id: str) -> None:
+        self._execute("UPDATE jobs SET state=?, started=NULL WHERE id=?", (QUEUED, job_id))
+
+    def delete(self, job_id: str) -> None:
+        job = self.get(job_id)
+        if job is None:
+            return
+        self.video_path(job).unlink(missing_ok=True)
+        self.input_path(job_id).unlink(missing_ok=True)
+        self._execute("DELETE FROM jobs WHERE id=?", (job_id,))
+
+    # -- reads ----------------------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job | None:
+        row = self._execute("SELECT id, state, request, created, started, finished, error FROM jobs WHERE id=?",
+                            (job_id,)).fetchone()
+        return None if row is None else Job(row[0], row[1], json.loads(row[2]), *row[3:])
+
+    def ids_in_state(self, *states: str) -> list[str]:
+        marks = ",".join("?" * len(states))
+        rows = self._execute(f"SELECT id FROM jobs WHERE state IN ({marks}) ORDER BY created", states)
+        return [row[0] for row in rows.fetchall()]
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for state, n in self._execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall():
+            counts[state] = n
+        return counts
+
+    # -- restart and expiry ---------------------------------------------------------------------------
+    def recover(self, requeue: bool = False) -> list[str]:
+        """After a restart: jobs left queued or running are failed with the reason, or put back in the
+        queue when `requeue` (their input image is kept until they finish). Returns the re-queued ids."""
+        requeued = []
+        for job_id in self.ids_in_state(QUEUED, RUNNING):
+            job = self.get(job_id)
+            if requeue and self.input_path(job_id).is_file():
+                self.requeue(job_id)
+                requeued.append(job_id)
+            else:
+                self.finish(job_id, FAILED, INTERRUPTED.format(state=job.state))
+        return requeued
+
+    def expire(self, older_than_s: float) -> int:
+        """Delete finished jobs (and their files) that finished more than `older_than_s` ago."""
+        cutoff = time.time() - older_than_s
+        rows = self._execute("SELECT id FROM jobs WHERE finished IS NOT NULL AND finished < ?", (cutoff,))
+        ids = [row[0] for row in rows.fetchall()]
+        for job_id in ids:
+            self.delete(job_id)
+        return len(ids)

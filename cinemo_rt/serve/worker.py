@@ -1,0 +1,254 @@
+"""The single worker thread that owns the model: a bounded queue in front, batched denoising inside.
+
+Only this thread touches the model and the device. HTTP handlers submit job ids, read progress and ask for
+cancellation; the store (SQLite) holds every state change, the worker's memory only the live step counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..video import write_video
+from .batching import BatchPolicy, take_compatible
+from .jobs import CANCELLED, DONE, FAILED, JobStore
+from .metrics import Metrics
+from .runner import AnimationRequest, Runner, Segment
+
+log = logging.getLogger(__name__)
+
+FPS = 8.0
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"the queue is full; retry in about {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+def request_of(job_request: dict) -> AnimationRequest:
+    fields = AnimationRequest.__dataclass_fields__
+    return AnimationRequest(**{k: v for k, v in job_request.items() if k in fields})
+
+
+@dataclass
+class Active:
+    job_id: str
+    segment: Segment
+    image: np.ndarray
+
+
+class Worker:
+    def __init__(self, store: JobStore, open_runner: Callable[[], Runner], policy: BatchPolicy,
+                 max_queue: int, metrics: Metrics | None = None, owner: str = ""):
+        self.store = store
+        self.open_runner = open_runner
+        self.policy = policy
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.owner = owner
+        self.queue: deque[str] = deque()
+        self.cond = threading.Condition()
+        self.progress: dict[str, tuple[int, int]] = {}  # job id -> (steps done, steps in all segments)
+        self.cancel_requested: set[str] = set()
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.runner: Runner | None = None
+        self.seconds_per_job = 10.0  # running estimate, for Retry-After
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="cinemo-worker", daemon=True)
+        self._keys: dict[str, tuple] = {}
+
+    # -- called from HTTP handlers ----------------------------------------------------------------------
+    def start(self, requeued: list[str] = ()) -> None:
+        self.queue.extend(requeued)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self.cond:
+            self._stop = True
+            self.cond.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def defaults(self):
+        return self.runner.defaults
+
+    def retry_after_s(self) -> int:
+        return max(1, round(self.seconds_per_job * (len(self.queue) + 1) / self.policy.max_batch))
+
+    def submit(self, job_id: str) -> None:
+        with self.cond:
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull(self.retry_after_s())
+            self.queue.append(job_id)
+            self.cond.notify_all()
+
+    def check_capacity(self) -> None:
+        """Refuse early (before the upload is stored) when the queue is full."""
+        if len(self.queue) >= self.max_queue:
+            raise QueueFull(self.retry_after_s())
+
+    def position(self, job_id: str) -> int | None:
+        """1-based place in the queue, or None when not queued."""
+        with self.cond:
+            try:
+                return self.queue.index(job_id) + 1
+            except ValueError:
+                return None
+
+    def cancel(self, job_id: str) -> None:
+        """A queued job leaves the queue now; a running one stops before its next denoising step."""
+        with self.cond:
+            if job_id in self.queue:
+                self.queue.remove(job_id)
+                self.store.finish(job_id, CANCELLED, "cancelled by the client")
+            else:
+                self.cancel_requested.add(job_id)
+
+    # -- the thread -------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self.runner = self.open_runner()
+        except Exception as err:  # noqa: BLE001 - reported by /readyz and the log, the server stays up
+            log.exception("the model could not be loaded")
+            self.load_error = f"{type(err).__name__}: {err}"
+            return
+        self.ready.set()
+        active: list[Active] = []
+        while True:
+            with self.cond:
+                if not active:
+                    while not self.queue and not self._stop:
+                        self.cond.wait()
+                    if self._stop:
+                        return
+                    first = self.queue.popleft()
+                    admitted = [first]
+                    key = self._key(first)
+                    if key is None:
+                        admitted = []
+                    elif self.policy.max_batch > 1 and self.policy.max_wait_ms > 0:
+                        deadline = time.monotonic() + self.policy.max_wait_ms / 1000
+                        while (len(admitted) < self.policy.max_batch and not self._stop
+                               and time.monotonic() < deadline):
+                            admitted += take_compatible(self.queue, key, self._key,
+                                                        self.policy.max_batch - len(admitted))
+                            if len(admitted) < self.policy.max_batch:
+                                self.cond.wait(max(0.0, deadline - time.monotonic()))
+                else:
+                    if self._stop:
+                        return
+                    key = active[0].segment.request.batch_key
+                    admitted = take_compatible(self.queue, key, self._key, self.policy.max_batch - len(active))
+            active += [a for a in (self._admit(job_id) for job_id in admitted) if a is not None]
+            active = self._drop_cancelled(active)
+            if active:
+                active = self._step(active)
+
+    def _key(self, job_id: str) -> tuple | None:
+        if job_id not in self._keys:
+            job = self.store.get(job_id)
+            if job is None:
+                return None
+            self._keys[job_id] = request_of(job.request).batch_key
+        return self._keys[job_id]
+
+    def _admit(self, job_id: str) -> Active | None:
+        job = self.store.get(job_id)
+        if job is None or job.state != "queued":
+            return None
+        self.store.mark_running(job_id, self.owner)
+        request = request_of(job.request)
+        self.progress[job_id] = (0, request.steps * request.segments)
+        started = time.perf_counter()
+        try:
+            image = self.runner.check_image(self.store.input_path(job_id))
+            segment = self.runner.prepare(image, request)
+        except Exception as err:  # noqa: BLE001 - the job fails with the reason, the server goes on
+            self._fail(job_id, err)
+            return None
+        self._observe("prepare", started)
+        return Active(job_id, segment, image)
+
+    def _drop_cancelled(self, active: list[Active]) -> list[Active]:
+        with self.cond:
+            cancelled = {a.job_id for a in active} & self.cancel_requested
+            self.cancel_requested -= cancelled
+        for job_id in cancelled:
+            self.store.finish(job_id, CANCELLED, "cancelled by the client")
+            self._forget(job_id)
+        return [a for a in active if a.job_id not in cancelled]
+
+    def _step(self, active: list[Active]) -> list[Active]:
+        started = time.perf_counter()
+        try:
+            self.runner.step([a.segment for a in active])
+        except Exception as err:  # noqa: BLE001
+            log.exception("a denoising step failed")
+            for a in active:
+                self._fail(a.job_id, err)
+            return []
+        if self.metrics:
+            self.metrics.observe_step(len(active), time.perf_counter() - started)
+        still = []
+        for a in active:
+            done, total = self.progress[a.job_id]
+            self.progress[a.job_id] = (done + 1, total)
+            if not a.segment.done:
+                still.append(a)
+                continue
+            next_active = self._end_segment(a)
+            if next_active is not None:
+                still.append(next_active)
+        return still
+
+    def _end_segment(self, a: Active) -> Active | None:
+        try:
+            started = time.perf_counter()
+            video = self.runner.finish(a.segment)
+            self._observe("decode", started)
+            frames = self.runner.join(a.segment, video)
+            request = a.segment.request
+            if a.segment.segment + 1 < request.segments:
+                segment = self.runner.prepare(video[-1], request, a.segment.segment + 1, frames)
+                return Active(a.job_id, segment, video[-1])
+            started = time.perf_counter()
+            job = self.store.get(a.job_id)
+            if job is None:  # deleted meanwhile
+                return None
+            write_video(np.concatenate(frames), self.store.video_path(job), fps=FPS, format=job.format)
+            self._observe("write", started)
+            if self.store.finish(a.job_id, DONE):
+                self._update_estimate(job)
+            else:  # cancelled while decoding: the video must not outlive its job
+                self.store.video_path(job).unlink(missing_ok=True)
+        except Exception as err:  # noqa: BLE001
+            self._fail(a.job_id, err)
+            return None
+        self._forget(a.job_id)
+        return None
+
+    def _fail(self, job_id: str, err: Exception) -> None:
+        reason = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        log.warning("job %s failed: %s", job_id, reason)
+        self.store.finish(job_id, FAILED, reason)
+        self._forget(job_id)
+
+    def _forget(self, job_id: str) -> None:
+        self.progress.pop(job_id, None)
+        self._keys.pop(job_id, None)
+
+    def _observe(self, stage: str, started: float) -> None:
+        if self.metrics:
+            self.metrics.stage_seconds.labels(stage).observe(time.perf_counter() - started)
+
+    def _update_estimate(self, job) -> None:
+        if job.started:
+            self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * (time.time() - job.started)
