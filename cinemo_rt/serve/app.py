@@ -61,7 +61,7 @@ class ServeSettings:
     requeue: bool = False         # after a restart, run interrupted jobs again instead of failing them
 
     def open_runner(self) -> Runner:
-        return Runner.open(self.checkpoint, self.engines, self.device, self.dtype)
+        return Runner.open(self.checkpoint, self.engines, self.device, self.dtype, self.policy.max_batch)
 
 
 def _key_checker(api_key: str | None) -> Callable:
@@ -92,12 +92,14 @@ def _save_png_atomically(image, path: Path) -> None:
         raise
 
 
-def create_app(settings: ServeSettings, executor_factory: Callable | None = None) -> FastAPI:
-    """`executor_factory(store, metrics) -> executor` replaces the local worker (Ray uses this)."""
+def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None = None,
+               executor_factory: Callable | None = None) -> FastAPI:
+    """`open_runner` replaces loading the model from the settings (tests share one); `executor_factory(store,
+    metrics) -> executor` replaces the local worker (Ray uses this)."""
     state: dict = {}
 
     def make_local_worker(store: JobStore, metrics: Metrics) -> Worker:
-        return Worker(store, settings.open_runner, settings.policy, settings.max_queue, metrics)
+        return Worker(store, open_runner or settings.open_runner, settings.policy, settings.max_queue, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

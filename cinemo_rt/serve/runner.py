@@ -6,10 +6,13 @@ itself: `prepare` (image and text encoding, initial noise: the Animator's stage 
 order), `step` (one DDIM step for a group: every request's CFG batch concatenated into one UNet call, then
 the per-request guidance and `ddim_step` from `cinemo_rt.sampling`) and `finish` (decode, uint8).
 
-Bit-for-bit equality with or without companions: every op in the UNet computes a row the same way whatever
-the batch, except matrix products with fewer than 4 rows (MKL switches kernels below 4 rows; the timestep
-MLPs have one row per sample). `make_batch_invariant` pads those to 4 rows, so a request's video is the same
-whether it ran alone or in any batch. It differs from `cinemo-rt run` (which does not pad) by ~1e-6 relative.
+Bit-for-bit equality with or without companions: CPU kernels (MKL matrix products, oneDNN convolutions)
+choose their blocking by batch size, so a row's result can change in the last bits when the batch grows
+(measured: 4e-6 relative). With a fixed batch size the result of a row does not depend on its position or
+on the other rows (measured, and tested), so every UNet call gets exactly `2 * max_batch` rows, padded with
+copies of the first row: a request's video is the same alone or in any batch. The price is that a lone
+request pays for the padding; `max_batch=1` (batching off) pads nothing for a guided request, and then
+matches `Animator` (the `cinemo-rt run` path) bit for bit.
 """
 
 from __future__ import annotations
@@ -26,8 +29,6 @@ from ..motion import bucket_to_motion_id
 from ..pipeline import DCT_FRACTION, DCT_TAU, DECODE_CHUNK, Animator, Defaults, reconstruct
 from ..sampling import PREDICTION_TYPES, _alpha_bar, ddim_step, eps_from_v
 from ..schedule import ddim_timesteps
-
-MIN_MATMUL_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -84,54 +85,25 @@ class Segment:
         return 1 if self.text_uncond is None else 2
 
 
-def make_batch_invariant(module: torch.nn.Module) -> None:
-    """Give every Linear in `module` at least MIN_MATMUL_ROWS rows (zero rows added, their outputs cut off),
-    so each row is computed by the same kernel whatever the batch size."""
-    lead_shapes: dict[int, tuple] = {}  # the worker thread is the only caller: one call in flight per module
-
-    def pad(mod, args):
-        x = args[0]
-        rows = x.numel() // x.shape[-1]
-        if rows >= MIN_MATMUL_ROWS:
-            return None
-        lead_shapes[id(mod)] = tuple(x.shape[:-1])
-        flat = x.reshape(rows, x.shape[-1])
-        return (torch.cat([flat, flat.new_zeros(MIN_MATMUL_ROWS - rows, x.shape[-1])]), *args[1:])
-
-    def cut(mod, args, out):
-        lead = lead_shapes.pop(id(mod), None)
-        if lead is None:
-            return None
-        rows = int(np.prod(lead)) if lead else 1
-        return out[:rows].reshape(*lead, out.shape[-1])
-
-    for sub in module.modules():
-        if isinstance(sub, torch.nn.Linear):
-            sub.register_forward_pre_hook(pad)
-            sub.register_forward_hook(cut)
-
-
 class Runner:
     """Owns an Animator for the worker thread: prepare, step groups, finish."""
 
-    def __init__(self, animator: Animator):
+    def __init__(self, animator: Animator, max_batch: int = 1):
         self.animator = animator
         self.backend = animator.backend
-        unet_module = getattr(getattr(self.backend, "checkpoint", None), "unet", None)
-        if isinstance(unet_module, torch.nn.Module):
-            make_batch_invariant(unet_module)
+        self.rows_per_call = 2 * max_batch  # every UNet call has this many rows (see the module docstring)
         if self.backend.info.prediction_type not in PREDICTION_TYPES:
             raise InputError(f"unknown prediction type {self.backend.info.prediction_type!r}")
 
     @classmethod
-    def open(cls, checkpoint=None, engines=None, device=None, dtype=None) -> "Runner":
+    def open(cls, checkpoint=None, engines=None, device=None, dtype=None, max_batch: int = 1) -> "Runner":
         if engines:
-            return cls(Animator.from_engines(engines, device=device))
+            return cls(Animator.from_engines(engines, device=device), max_batch)
         if checkpoint is None:
             from ..defaults import default_checkpoint
 
             checkpoint = default_checkpoint()
-        return cls(Animator.from_checkpoint(checkpoint, device=device, dtype=dtype))
+        return cls(Animator.from_checkpoint(checkpoint, device=device, dtype=dtype), max_batch)
 
     @property
     def defaults(self):
@@ -174,7 +146,12 @@ class Runner:
                 ts.append(torch.full((1,), t, dtype=torch.long, device=s.x_t.device))
                 z1s.append(s.z1)
                 motions.append(s.motion)
-        out = self.backend.unet(torch.cat(xs), torch.cat(ts), torch.cat(texts), torch.cat(z1s), torch.cat(motions))
+        if len(xs) > self.rows_per_call:
+            raise ValueError(f"{len(xs)} rows exceed the {self.rows_per_call} of one UNet call")
+        inputs = [xs, ts, texts, z1s, motions]
+        for rows in inputs:
+            rows += rows[:1] * (self.rows_per_call - len(rows))
+        out = self.backend.unet(*(torch.cat(rows) for rows in inputs))
         row = 0
         for s in group:
             eps = out[row:row + s.rows]

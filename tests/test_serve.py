@@ -1,0 +1,234 @@
+"""The HTTP API in-process (FastAPI TestClient), the job store, and batching equivalence, on the demo model."""
+
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="serving extras: pip install -e '.[serve]'")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from cinemo_rt.defaults import EXAMPLE_IMAGE  # noqa: E402
+from cinemo_rt.image import load_image  # noqa: E402
+from cinemo_rt.serve.app import ServeSettings, create_app  # noqa: E402
+from cinemo_rt.serve.batching import BatchPolicy  # noqa: E402
+from cinemo_rt.serve.jobs import DONE, FAILED, JobStore, new_job_id  # noqa: E402
+from cinemo_rt.serve.limits import Limits  # noqa: E402
+from cinemo_rt.serve.runner import AnimationRequest, Runner  # noqa: E402
+from cinemo_rt.video import read_video  # noqa: E402
+
+STEPS = "3"
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return Runner.open(max_batch=4)
+
+
+def png_bytes(size=(48, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(Image.open(EXAMPLE_IMAGE).convert("RGB").resize(size))).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def submit(client, headers=None, image=None, **fields):
+    data = {"prompt": "the camera pans left", "steps": STEPS, "seed": "1", **fields}
+    files = {"image": ("photo.png", image if image is not None else png_bytes(), "image/png")}
+    return client.post("/v1/animations", data=data, files=files, headers=headers or {})
+
+
+def wait_final(client, job_id, headers=None, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = client.get(f"/v1/animations/{job_id}", headers=headers or {}).json()
+        if body["state"] in ("done", "failed", "cancelled"):
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish: {body}")
+
+
+def make_client(tmp_path, runner, **overrides):
+    settings = ServeSettings(jobs_dir=tmp_path / "jobs", **overrides)
+    return TestClient(create_app(settings, open_runner=lambda: runner))
+
+
+def test_job_runs_end_to_end_with_events_video_and_metrics(tmp_path, runner):
+    with make_client(tmp_path, runner) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/readyz").status_code == 200
+        response = submit(client, format="gif")
+        assert response.status_code == 202, response.text
+        job = response.json()
+        assert response.headers["location"] == job["urls"]["status"]
+        assert job["state"] == "queued" and job["request"]["height"] == runner.defaults.height
+
+        with client.stream("GET", job["urls"]["events"]) as events:
+            states = [json.loads(line[6:]) for line in events.iter_lines() if line.startswith("data: ")]
+        assert states[-1]["state"] == "done"
+        assert {s["state"] for s in states} <= {"queued", "running", "done"}
+
+        video = client.get(job["urls"]["video"])
+        assert video.status_code == 200 and video.headers["content-type"] == "image/gif"
+        path = tmp_path / "out.gif"
+        path.write_bytes(video.content)
+        frames = read_video(path)
+        assert frames.shape == (runner.defaults.frames + 1, runner.defaults.height, runner.defaults.width, 3)
+
+        metrics = client.get("/metrics").text
+        assert 'cinemo_jobs{state="done"} 1.0' in metrics
+        assert "cinemo_denoise_steps_total 3.0" in metrics
+        assert "cinemo_queue_length 0.0" in metrics
+
+        assert client.delete(job["urls"]["status"]).json()["state"] == "deleted"
+        assert client.get(job["urls"]["status"]).status_code == 404
+        assert not any((tmp_path / "jobs" / "videos").iterdir())
+
+
+def test_api_key_limits_and_unknown_jobs(tmp_path, runner):
+    limits = Limits(max_upload_bytes=200_000, max_image_pixels=100 * 100, max_steps=20,
+                    max_video_pixels=8 * 64 * 64, max_segments=2, max_prompt_chars=50)
+    with make_client(tmp_path, runner, api_key=KEY, limits=limits) as client:
+        good = {"Authorization": f"Bearer {KEY}"}
+        assert submit(client).status_code == 401
+        assert submit(client, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/v1/animations/" + "0" * 32).status_code == 401
+        assert client.get("/v1/animations/" + "0" * 32, headers={"X-API-Key": KEY}).status_code == 404
+        assert client.get("/v1/animations/..%2F..%2Fjobs.sqlite3", headers=good).status_code == 404
+
+        def refused(expected, **fields):
+            response = submit(client, headers=good, **fields)
+            assert response.status_code == expected, response.text
+            return response.json()["detail"]
+
+        assert "steps must be in 1..20" in refused(422, steps="21")
+        assert "bucket" in refused(422, bucket="20")
+        assert "frames x height x width" in refused(422, frames="16", height="64", width="64")
+        assert "segments" in refused(422, segments="3")
+        assert "at most 50 characters" in refused(422, prompt="x" * 51)
+        assert "multiples of 8" in refused(422, height="36")
+        assert "format" in refused(422, format="avi")
+        assert "could not be read" in refused(400, image=b"not an image at all")
+        assert "pixels" in refused(413, image=png_bytes((101, 100)))  # pixel count, read before decoding
+        noise = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
+        big = io.BytesIO()
+        Image.fromarray(noise).save(big, "PNG")
+        assert "bytes" in refused(413, image=big.getvalue())
+        assert not any((tmp_path / "jobs" / "inputs").iterdir())  # nothing of a refused request is kept
+
+
+class GatedRunner:
+    """A real runner whose denoising steps wait for the test's go-ahead."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def step(self, group):
+        self.entered.set()
+        assert self.gate.wait(30)
+        self.runner.step(group)
+
+
+def test_queue_full_position_and_cancel(tmp_path, runner):
+    gated = GatedRunner(runner)
+    settings = ServeSettings(jobs_dir=tmp_path / "jobs", max_queue=1, policy=BatchPolicy(max_batch=1, max_wait_ms=0))
+    with TestClient(create_app(settings, open_runner=lambda: gated)) as client:
+        running = submit(client).json()
+        assert gated.entered.wait(30)
+        queued = submit(client).json()
+        assert client.get(queued["urls"]["status"]).json()["position"] == 1
+        full = submit(client)
+        assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
+        assert client.delete(queued["urls"]["status"]).json()["state"] == "cancelled"
+        assert client.delete(running["urls"]["status"]).json()["state"] == "cancelling"
+        status = client.get(running["urls"]["status"]).json()
+        assert status["state"] == "running" and status["total"] == int(STEPS)
+        gated.gate.set()
+        assert wait_final(client, running["id"])["state"] == "cancelled"
+        assert client.get(queued["urls"]["status"]).json()["state"] == "cancelled"
+        assert client.get(running["urls"]["video"]).status_code == 409
+        assert 'cinemo_http_rejections_total{status="429"} 1.0' in client.get("/metrics").text
+
+
+def test_batched_requests_equal_running_alone(runner):
+    image = load_image(EXAMPLE_IMAGE)
+    requests = [AnimationRequest(prompt=p, bucket=b, seed=s, guidance=g, steps=3).resolved(runner.defaults)
+                for p, b, s, g in [("the camera pans left", 15, 1, 7.5), ("the camera pans right", 3, 2, 1.0),
+                                   ("zooms in", 9, 3, 5.0)]]
+
+    def run(group, runner=runner):
+        segments = [runner.prepare(image, r) for r in group]
+        while not segments[0].done:
+            runner.step(segments)
+        return [runner.finish(s) for s in segments]
+
+    alone = [run([r])[0] for r in requests]
+    together = run(requests)
+    for a, b in zip(alone, together):
+        assert np.array_equal(a, b)  # bit for bit
+    assert not np.array_equal(alone[0], alone[1])
+    # batching off: the same video as the Animator (`cinemo-rt run`) for a guided request
+    r = requests[0]
+    reference = runner.animator(image, r.prompt, r.bucket, steps=r.steps, guidance=r.guidance, seed=r.seed)
+    assert np.array_equal(run([r], Runner(runner.animator, max_batch=1))[0], reference)
+
+
+def test_worker_batches_concurrent_requests(tmp_path, runner):
+    gated = GatedRunner(runner)
+    settings = ServeSettings(jobs_dir=tmp_path / "jobs", policy=BatchPolicy(max_batch=4, max_wait_ms=0))
+    with TestClient(create_app(settings, open_runner=lambda: gated)) as client:
+        first = submit(client, seed="1").json()
+        assert gated.entered.wait(30)  # the first request holds the worker at its first step
+        others = [submit(client, seed=str(seed), prompt="zooms in").json() for seed in (2, 3)]
+        gated.gate.set()
+        for job in [first, *others]:
+            assert wait_final(client, job["id"])["state"] == "done"
+        metrics = client.get("/metrics").text
+        # the first step ran alone, the newcomers joined it at its second (continuous batching):
+        # UNet calls with 1, 3, 3 and 2 requests
+        assert 'cinemo_batch_requests_bucket{le="1.0"} 1.0' in metrics
+        assert "cinemo_batch_requests_count 4.0" in metrics and "cinemo_batch_requests_sum 9.0" in metrics
+        batched = client.get(others[1]["urls"]["video"]).content
+    with make_client(tmp_path / "alone", runner) as client:
+        alone = submit(client, seed="3", prompt="zooms in").json()
+        assert wait_final(client, alone["id"])["state"] == "done"
+        assert client.get(alone["urls"]["video"]).content == batched
+
+
+def test_store_recovers_interrupted_jobs_and_expires_old_ones(tmp_path):
+    store = JobStore(tmp_path)
+    done, running, queued = new_job_id(), new_job_id(), new_job_id()
+    for job_id in (done, running, queued):
+        store.add(job_id, {"format": "mp4"})
+        store.input_path(job_id).write_bytes(b"png")
+    store.mark_running(running)
+    store.mark_running(done)
+    store.finish(done, DONE)
+    assert store.recover(requeue=True) == [running, queued]
+    assert store.counts()["queued"] == 2
+    assert store.recover() == []
+    assert store.get(running).state == FAILED and "interrupted" in store.get(running).error
+    assert not store.input_path(running).exists()
+    store.video_path(store.get(done)).write_bytes(b"video")
+    assert store.expire(3600) == 0
+    time.sleep(0.01)
+    assert store.expire(0) == 3
+    assert store.get(done) is None and not any(store.videos.iterdir())
+
+
+def test_page_is_served(tmp_path, runner):
+    with make_client(tmp_path, runner) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and 'id="bucket"' in page.text
+        assert "EventSource" in client.get("/static/app.js").text or "events" in client.get("/static/app.js").text
+        assert "/v1/animations" in client.get("/openapi.json").text
