@@ -2,7 +2,7 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 const RECENT_KEY = "cinemo-rt.recent";
-const MEANINGS = ["almost still", "very little motion", "little motion", "medium motion", "a lot of motion"];
+const MEANINGS = ["almost still", "a little motion", "medium motion", "a lot of motion", "the most motion"];
 
 function headers() {
   const key = $("api-key").value || localStorage.getItem("cinemo-rt.key") || "";
@@ -73,7 +73,7 @@ async function showVideo(job) {
 function update(job) {
   $("status").textContent = describe(job);
   $("status").className = job.state === "failed" ? "failed" : "";
-  $("progress").max = job.total || 1;
+  if (job.total) $("progress").max = job.total;  // final states carry no step counts: keep the last
   $("progress").value = job.state === "done" ? $("progress").max : (job.step || 0);
   remember(job);
 }
