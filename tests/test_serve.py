@@ -177,6 +177,10 @@ def test_batched_requests_equal_running_alone(runner):
     for a, b in zip(alone, together):
         assert np.array_equal(a, b)  # bit for bit
     assert not np.array_equal(alone[0], alone[1])
+    # without the padding, batched rows may differ from alone in the last bits: the same video within 2 levels
+    loose = run(requests, Runner(runner.animator, max_batch=4, exact=False))
+    for a, b in zip(alone, loose):
+        assert np.abs(a.astype(int) - b).max() <= 2
     # batching off: the same video as the Animator (`cinemo-rt run`) for a guided request
     r = requests[0]
     reference = runner.animator(image, r.prompt, r.bucket, steps=r.steps, guidance=r.guidance, seed=r.seed)

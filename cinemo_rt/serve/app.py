@@ -59,9 +59,11 @@ class ServeSettings:
     limits: Limits = field(default_factory=Limits)
     keep_s: float = 24 * 3600.0   # finished jobs and their videos are deleted after this
     requeue: bool = False         # after a restart, run interrupted jobs again instead of failing them
+    exact_batching: bool = True   # batched videos bit-equal to running alone (fixed UNet rows; runner.py)
 
     def open_runner(self) -> Runner:
-        return Runner.open(self.checkpoint, self.engines, self.device, self.dtype, self.policy.max_batch)
+        return Runner.open(self.checkpoint, self.engines, self.device, self.dtype, self.policy.max_batch,
+                           self.exact_batching)
 
 
 def _key_checker(api_key: str | None) -> Callable:

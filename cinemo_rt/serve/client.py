@@ -59,9 +59,9 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m cinemo_rt.cli serve --jobs DIR ...` on a free loopback port; `kill()` sends SIGKILL."""
 
-    def __init__(self, jobs: str | os.PathLike, *args: str, log: str | os.PathLike | None = None,
-                 ready_timeout: float = 180.0):
-        self.port = free_port()
+    def __init__(self, jobs: str | os.PathLike, *args: str, port: int | None = None,
+                 log: str | os.PathLike | None = None, ready_timeout: float = 180.0):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         root = Path(__file__).resolve().parents[2]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}

@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=4, help="requests per UNet call; 1 = no batching")
     parser.add_argument("--max-wait-ms", type=float, default=50.0,
                         help="how long an idle worker waits for companions to batch with (default 50)")
+    parser.add_argument("--no-exact-batching", dest="exact_batching", action="store_false",
+                        help="batch only the rows there are: faster on a CPU at low load, but a batched "
+                             "video may differ from the same request alone in the last bits")
     parser.add_argument("--keep-hours", type=float, default=24.0, help="finished jobs expire after this")
     parser.add_argument("--requeue", action="store_true",
                         help="after a restart, run interrupted jobs again (default: mark them failed)")
@@ -41,7 +44,8 @@ def settings_from_args(args):
                          device=args.device, dtype=args.dtype,
                          api_key=args.api_key or os.environ.get("CINEMO_API_KEY") or None,
                          max_queue=args.max_queue, policy=BatchPolicy(args.max_batch, args.max_wait_ms),
-                         keep_s=args.keep_hours * 3600, requeue=args.requeue)
+                         keep_s=args.keep_hours * 3600, requeue=args.requeue,
+                         exact_batching=args.exact_batching)
 
 
 def serve(args) -> int:

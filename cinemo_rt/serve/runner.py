@@ -11,8 +11,9 @@ choose their blocking by batch size, so a row's result can change in the last bi
 (measured: 4e-6 relative). With a fixed batch size the result of a row does not depend on its position or
 on the other rows (measured, and tested), so every UNet call gets exactly `2 * max_batch` rows, padded with
 copies of the first row: a request's video is the same alone or in any batch. The price is that a lone
-request pays for the padding; `max_batch=1` (batching off) pads nothing for a guided request, and then
-matches `Animator` (the `cinemo-rt run` path) bit for bit.
+request pays for the padding (on a CPU, where cost grows with rows; a GPU has idle width to spare);
+`exact=False` skips the padding and batches only the rows there are. `max_batch=1` (batching off) pads
+nothing for a guided request, and then matches `Animator` (the `cinemo-rt run` path) bit for bit.
 """
 
 from __future__ import annotations
@@ -88,22 +89,24 @@ class Segment:
 class Runner:
     """Owns an Animator for the worker thread: prepare, step groups, finish."""
 
-    def __init__(self, animator: Animator, max_batch: int = 1):
+    def __init__(self, animator: Animator, max_batch: int = 1, exact: bool = True):
         self.animator = animator
         self.backend = animator.backend
-        self.rows_per_call = 2 * max_batch  # every UNet call has this many rows (see the module docstring)
+        self.max_rows = 2 * max_batch
+        self.exact = exact  # every UNet call has max_rows rows (see the module docstring)
         if self.backend.info.prediction_type not in PREDICTION_TYPES:
             raise InputError(f"unknown prediction type {self.backend.info.prediction_type!r}")
 
     @classmethod
-    def open(cls, checkpoint=None, engines=None, device=None, dtype=None, max_batch: int = 1) -> "Runner":
+    def open(cls, checkpoint=None, engines=None, device=None, dtype=None, max_batch: int = 1,
+             exact: bool = True) -> "Runner":
         if engines:
-            return cls(Animator.from_engines(engines, device=device), max_batch)
+            return cls(Animator.from_engines(engines, device=device), max_batch, exact)
         if checkpoint is None:
             from ..defaults import default_checkpoint
 
             checkpoint = default_checkpoint()
-        return cls(Animator.from_checkpoint(checkpoint, device=device, dtype=dtype), max_batch)
+        return cls(Animator.from_checkpoint(checkpoint, device=device, dtype=dtype), max_batch, exact)
 
     @property
     def defaults(self):
@@ -146,11 +149,11 @@ class Runner:
                 ts.append(torch.full((1,), t, dtype=torch.long, device=s.x_t.device))
                 z1s.append(s.z1)
                 motions.append(s.motion)
-        if len(xs) > self.rows_per_call:
-            raise ValueError(f"{len(xs)} rows exceed the {self.rows_per_call} of one UNet call")
+        if len(xs) > self.max_rows:
+            raise ValueError(f"{len(xs)} rows exceed the {self.max_rows} of one UNet call")
         inputs = [xs, ts, texts, z1s, motions]
         for rows in inputs:
-            rows += rows[:1] * (self.rows_per_call - len(rows))
+            rows += rows[:1] * ((self.max_rows if self.exact else len(xs)) - len(rows))
         out = self.backend.unet(*(torch.cat(rows) for rows in inputs))
         row = 0
         for s in group:

@@ -1,0 +1,268 @@
+"""Serving throughput and latency with and without batching, and a bounded load-and-fault soak (issue 16).
+
+    python benchmarks/serving.py                          # 1, 2, 4, 8 clients x batching off/on, demo model
+    python benchmarks/serving.py --clients 1 2 --requests 2 --steps 5 --out /tmp/x   # a quick look
+    python benchmarks/serving.py --soak                   # a few hundred requests, a kill -9 and restart
+
+Everything runs on the loopback: `cinemo-rt serve` as a child process (batching off = --max-batch 1, on =
+--max-batch 4, exact or not: see cinemo_rt/serve/runner.py), closed-loop clients (each submits a request, waits for it, submits the next). Latency is
+submit-to-done as the client sees it; throughput is videos finished per minute of wall time. The first request
+of every run is a warm-up and not counted. Results go to <out>/serving.md and serving.json, atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cinemo_rt.defaults import EXAMPLE_IMAGE  # noqa: E402
+from cinemo_rt.serve.client import FINAL, Client, ServerProcess  # noqa: E402
+from cinemo_rt.video import read_video  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+PROMPTS = ("the camera pans left", "the camera pans right", "the camera zooms in", "a boat drifting on the sea")
+# mode -> server flags: batching off; on with batched videos bit-equal to alone (every UNet call padded to
+# 2 x max batch rows); on without the padding
+BATCHING = {"off": ("--max-batch", "1"), "on, exact": ("--max-batch", "4"),
+            "on, not exact": ("--max-batch", "4", "--no-exact-batching")}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def run_load(url: str, clients: int, requests_per_client: int, steps: int, image: bytes) -> dict:
+    """Closed loop: every client submits, waits for done, repeats. Returns latencies and throughput."""
+    latencies: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def one_client(index: int) -> None:
+        client = Client(url)
+        rng = random.Random(index)
+        for _ in range(requests_per_client):
+            start = time.perf_counter()
+            response = client.submit(image, rng.choice(PROMPTS), steps=steps, seed=rng.randrange(2**31),
+                                     bucket=rng.randrange(20))
+            if response.status_code != 202:
+                with lock:
+                    failures.append(f"{response.status_code} {response.text}")
+                continue
+            body = client.wait(response.json()["id"], poll=0.02)
+            with lock:
+                if body["state"] == "done":
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    failures.append(str(body))
+        client.close()
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one_client, range(clients)))
+    wall = time.perf_counter() - start
+    return {"clients": clients, "videos": len(latencies), "failures": failures, "wall_s": wall,
+            "videos_per_min": 60 * len(latencies) / wall, "p50_s": percentile(latencies, 50),
+            "p95_s": percentile(latencies, 95)}
+
+
+def benchmark(args) -> dict:
+    image = Path(EXAMPLE_IMAGE).read_bytes()
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, (mode, flags) in enumerate(BATCHING.items()):
+            server = ServerProcess(Path(scratch) / str(index) / "jobs", *flags,
+                                   "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "64")
+            try:
+                run_load(server.url, 1, 1, args.steps, image)  # warm-up
+                for clients in args.clients:
+                    row = run_load(server.url, clients, args.requests, args.steps, image)
+                    row["batching"] = mode
+                    rows.append(row)
+                    print(f"batching {mode:13} clients {clients}: {row['videos_per_min']:6.1f} videos/min, "
+                          f"p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s", flush=True)
+            finally:
+                server.kill()
+    return {"rows": rows}
+
+
+def soak(args) -> dict:
+    """A few hundred requests (valid and invalid) from concurrent clients, with a kill -9 and restart of the
+    server in the middle. Every accepted job must end in a final state, every finished video must decode."""
+    image = Path(EXAMPLE_IMAGE).read_bytes()
+    invalid = [dict(steps=0), dict(bucket=25), dict(frames=4096, height=512, width=512), dict(format="avi"),
+               dict(segments=99), "not an image"]
+    accepted: list[str] = []
+    rejected: dict[int, int] = {}
+    latencies: list[float] = []
+    lock = threading.Lock()
+    jobs = Path(args.jobs or tempfile.mkdtemp(prefix="cinemo-soak-")) / "jobs"
+    server = {"url": None}
+    server_up = threading.Event()
+    stop_at = time.monotonic() + args.soak_seconds
+
+    def one_client(index: int) -> None:
+        rng = random.Random(1000 + index)
+        sent = 0
+        while sent < args.soak_requests // args.soak_clients and time.monotonic() < stop_at:
+            server_up.wait()
+            client = Client(server["url"])
+            bad = rng.random() < 0.3
+            choice = rng.choice(invalid) if bad else {}
+            try:
+                start = time.perf_counter()
+                if choice == "not an image":
+                    response = client.submit(b"GIF89a but not really", "x", steps=args.steps)
+                else:
+                    response = client.submit(image, rng.choice(PROMPTS), steps=args.steps,
+                                             seed=rng.randrange(2**31), **choice)
+                sent += 1
+                if response.status_code == 202:
+                    job_id = response.json()["id"]
+                    with lock:
+                        accepted.append(job_id)
+                    body = client.wait(job_id, timeout=args.soak_seconds)
+                    if body.get("state") == "done":
+                        with lock:
+                            latencies.append(time.perf_counter() - start)
+                else:
+                    with lock:
+                        rejected[response.status_code] = rejected.get(response.status_code, 0) + 1
+            except httpx.TransportError:
+                time.sleep(0.2)  # the server is being restarted; try again
+            finally:
+                client.close()
+
+    process = ServerProcess(jobs, "--max-batch", "8", "--max-queue", "16")
+    server["url"] = process.url
+    server_up.set()
+    with ThreadPoolExecutor(args.soak_clients) as pool:
+        futures = [pool.submit(one_client, i) for i in range(args.soak_clients)]
+        time.sleep(min(args.soak_seconds / 3, 60))
+        server_up.clear()
+        process.kill()  # SIGKILL in the middle of the work
+        killed_after = len(accepted)
+        process = ServerProcess(jobs, "--max-batch", "8", "--max-queue", "16", port=process.port)
+        server_up.set()
+        for future in futures:
+            future.result()
+    client = process.client()
+    states: dict[str, int] = {}
+    undecodable = []
+    not_final = []
+    for job_id in accepted:
+        body = client.status(job_id)
+        state = body.get("state", "missing")
+        states[state] = states.get(state, 0) + 1
+        if state not in FINAL:
+            not_final.append(job_id)
+        if state == "done":
+            with tempfile.NamedTemporaryFile(suffix=".mp4") as handle:
+                handle.write(client.video(job_id))
+                handle.flush()
+                try:
+                    frames = read_video(handle.name)
+                    assert frames.shape[0] > 1
+                except Exception as err:  # noqa: BLE001 - counted and reported
+                    undecodable.append(f"{job_id}: {err}")
+    metrics = client.http.get("/metrics").text
+    process.kill()
+    return {"sent": len(accepted) + sum(rejected.values()), "accepted": len(accepted),
+            "accepted_before_kill": killed_after, "rejected_by_status": rejected, "final_states": states,
+            "not_final": not_final, "undecodable": undecodable, "p50_s": percentile(latencies, 50),
+            "p95_s": percentile(latencies, 95), "p99_s": percentile(latencies, 99),
+            "metrics_sample": [line for line in metrics.splitlines() if line.startswith("cinemo_jobs")]}
+
+
+def environment() -> dict:
+    import torch
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "load_average": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
+            "command": "python benchmarks/serving.py " + shlex.join(sys.argv[1:])}
+
+
+def to_markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = ["# Serving: throughput and latency (demo model, CPU, loopback)", "",
+             f"`{env['command']}`, {env['date']}; {env['machine']}, load average at the start "
+             f"{', '.join(f'{x:.1f}' for x in env['load_average'])} (a shared machine: other jobs ran too); "
+             f"Python {env['python']}, torch {env['torch']}.", ""]
+    if "rows" in report:
+        lines += [f"Each client runs {report['requests']} requests back to back ({report['steps']} steps, "
+                  "32x32, 8 frames, guidance 7.5); latency is submit-to-done.", "",
+                  "| batching | clients | videos/min | p50 latency (s) | p95 latency (s) | failures |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for row in report["rows"]:
+            lines.append(f"| {row['batching']} | {row['clients']} | {row['videos_per_min']:.1f} | "
+                         f"{row['p50_s']:.2f} | {row['p95_s']:.2f} | {len(row['failures'])} |")
+    if "soak" in report:
+        s = report["soak"]
+        lines += ["", "## Soak: valid and invalid requests, kill -9 and restart in the middle", "",
+                  f"- sent {s['sent']}, accepted {s['accepted']} ({s['accepted_before_kill']} before the kill), "
+                  f"rejected by status {s['rejected_by_status']}",
+                  f"- final states of accepted jobs: {s['final_states']}",
+                  f"- jobs not in a final state: {len(s['not_final'])}; finished videos that do not decode: "
+                  f"{len(s['undecodable'])}",
+                  f"- latency of completed jobs: p50 {s['p50_s']:.2f} s, p95 {s['p95_s']:.2f} s, "
+                  f"p99 {s['p99_s']:.2f} s"]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--requests", type=int, default=3, help="requests per client per run")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps per request")
+    parser.add_argument("--max-wait-ms", type=float, default=50.0)
+    parser.add_argument("--soak", action="store_true", help="run the load-and-fault soak instead")
+    parser.add_argument("--soak-requests", type=int, default=300)
+    parser.add_argument("--soak-clients", type=int, default=12)
+    parser.add_argument("--soak-seconds", type=float, default=600.0, help="upper bound on the soak's duration")
+    parser.add_argument("--jobs", default=None, help="jobs folder for the soak (default: a temporary one)")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    report = {"environment": environment(), "steps": args.steps, "requests": args.requests}
+    name = "serving_soak" if args.soak else "serving"
+    if args.soak:
+        report["soak"] = soak(args)
+    else:
+        report.update(benchmark(args))
+    out = Path(args.out)
+    write_atomically(out / f"{name}.json", json.dumps(report, indent=2) + "\n")
+    write_atomically(out / f"{name}.md", to_markdown(report))
+    print(to_markdown(report))
+    if args.soak:
+        s = report["soak"]
+        return 0 if not s["not_final"] and not s["undecodable"] else 1
+    return 0 if all(not row["failures"] for row in report["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
