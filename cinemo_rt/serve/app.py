@@ -108,7 +108,7 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
         store = JobStore(settings.jobs_dir)
         requeued = store.recover(requeue=settings.requeue)
         store.expire(settings.keep_s)
-        metrics = Metrics(lambda: len(state["executor"].queue), store.counts)
+        metrics = Metrics(lambda: state["executor"].queue_length(), store.counts)
         executor = (executor_factory or make_local_worker)(store, metrics)
         state.update(store=store, metrics=metrics, executor=executor)
         executor.start(requeued)
@@ -150,8 +150,7 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
         if job.state == QUEUED:
             body["position"] = executor.position(job.id)
         if job.state == RUNNING:
-            step, total = executor.progress.get(job.id, (0, job.request["steps"] * job.request["segments"]))
-            body.update(step=step, total=total)
+            body.update(step=job.step, total=job.total or job.request["steps"] * job.request["segments"])
         if job.error:
             body["error"] = job.error
         return body

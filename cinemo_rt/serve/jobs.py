@@ -29,7 +29,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     started REAL,
     finished REAL,
     error TEXT,
-    owner TEXT                      -- which server process (or Ray replica) runs it
+    owner TEXT,                     -- which server process (or Ray replica) runs it
+    step INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    cancel INTEGER NOT NULL DEFAULT 0  -- asked to stop; the worker running it stops before its next step
 );
 CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs (state, created);
 """
@@ -44,6 +47,9 @@ class Job:
     started: float | None
     finished: float | None
     error: str | None
+    step: int = 0
+    total: int = 0
+    cancel: bool = False
 
     @property
     def format(self) -> str:
@@ -71,7 +77,9 @@ class JobStore:
         self._db = sqlite3.connect(self.folder / "jobs.sqlite3", check_same_thread=False, isolation_level=None,
                                    timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a committed state survives a power cut, not only kill -9
+        # WAL + NORMAL: a committed state survives the process being killed (kill -9); a power cut may lose
+        # the last few commits but never corrupts the database. Progress is written every step, so no fsync each.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -111,8 +119,32 @@ class JobStore:
             return True
         return False
 
+    def set_progress(self, progress: list[tuple[str, int, int]]) -> None:
+        """(job id, steps done, steps in all) for several jobs, in one transaction."""
+        with self._lock:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany("UPDATE jobs SET step=?, total=? WHERE id=?",
+                                     [(step, total, job_id) for job_id, step, total in progress])
+
+    def request_cancel(self, job_id: str) -> None:
+        self._execute("UPDATE jobs SET cancel=1 WHERE id=?", (job_id,))
+
+    def cancel_requested(self, ids: list[str]) -> set[str]:
+        if not ids:
+            return set()
+        marks = ",".join("?" * len(ids))
+        rows = self._execute(f"SELECT id FROM jobs WHERE cancel=1 AND id IN ({marks})", tuple(ids)).fetchall()
+        return {row[0] for row in rows}
+
+    def position(self, job_id: str) -> int | None:
+        """1-based place among queued jobs (oldest first), or None when the job is not queued."""
+        row = self._execute("SELECT COUNT(*) FROM jobs WHERE state=? AND created <= "
+                            "(SELECT created FROM jobs WHERE id=? AND state=?)", (QUEUED, job_id, QUEUED)).fetchone()
+        return row[0] or None
+
     def requeue(self, job_id: str) -> None:
-        self._execute("UPDATE jobs SET state=?, started=NULL WHERE id=?", (QUEUED, job_id))
+        self._execute("UPDATE jobs SET state=?, started=NULL, step=0 WHERE id=?", (QUEUED, job_id))
 
     def delete(self, job_id: str) -> None:
         job = self.get(job_id)
@@ -124,8 +156,8 @@ class JobStore:
 
     # -- reads ----------------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
-        row = self._execute("SELECT id, state, request, created, started, finished, error FROM jobs WHERE id=?",
-                            (job_id,)).fetchone()
+        row = self._execute("SELECT id, state, request, created, started, finished, error, step, total, cancel "
+                            "FROM jobs WHERE id=?", (job_id,)).fetchone()
         return None if row is None else Job(row[0], row[1], json.loads(row[2]), *row[3:])
 
     def ids_in_state(self, *states: str) -> list[str]:

@@ -24,6 +24,7 @@ from .runner import AnimationRequest, Runner, Segment
 log = logging.getLogger(__name__)
 
 FPS = 8.0
+CANCELLED_REASON = "cancelled by the client"
 
 
 class QueueFull(Exception):
@@ -42,6 +43,8 @@ class Active:
     job_id: str
     segment: Segment
     image: np.ndarray
+    steps_done: int
+    steps_total: int
 
 
 class Worker:
@@ -55,8 +58,6 @@ class Worker:
         self.owner = owner
         self.queue: deque[str] = deque()
         self.cond = threading.Condition()
-        self.progress: dict[str, tuple[int, int]] = {}  # job id -> (steps done, steps in all segments)
-        self.cancel_requested: set[str] = set()
         self.ready = threading.Event()
         self.load_error: str | None = None
         self.runner: Runner | None = None
@@ -95,6 +96,9 @@ class Worker:
         if len(self.queue) >= self.max_queue:
             raise QueueFull(self.retry_after_s())
 
+    def queue_length(self) -> int:
+        return len(self.queue)
+
     def position(self, job_id: str) -> int | None:
         """1-based place in the queue, or None when not queued."""
         with self.cond:
@@ -104,13 +108,14 @@ class Worker:
                 return None
 
     def cancel(self, job_id: str) -> None:
-        """A queued job leaves the queue now; a running one stops before its next denoising step."""
+        """A queued job leaves the queue now; a running one stops before its next denoising step (the flag is
+        in the store, so whichever worker runs the job sees it)."""
         with self.cond:
             if job_id in self.queue:
                 self.queue.remove(job_id)
-                self.store.finish(job_id, CANCELLED, "cancelled by the client")
+                self.store.finish(job_id, CANCELLED, CANCELLED_REASON)
             else:
-                self.cancel_requested.add(job_id)
+                self.store.request_cancel(job_id)
 
     # -- the thread -------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -164,9 +169,12 @@ class Worker:
         job = self.store.get(job_id)
         if job is None or job.state != "queued":
             return None
+        if job.cancel:
+            self.store.finish(job_id, CANCELLED, CANCELLED_REASON)
+            return None
         self.store.mark_running(job_id, self.owner)
         request = request_of(job.request)
-        self.progress[job_id] = (0, request.steps * request.segments)
+        self.store.set_progress([(job_id, 0, request.steps * request.segments)])
         started = time.perf_counter()
         try:
             image = self.runner.check_image(self.store.input_path(job_id))
@@ -175,14 +183,12 @@ class Worker:
             self._fail(job_id, err)
             return None
         self._observe("prepare", started)
-        return Active(job_id, segment, image)
+        return Active(job_id, segment, image, 0, request.steps * request.segments)
 
     def _drop_cancelled(self, active: list[Active]) -> list[Active]:
-        with self.cond:
-            cancelled = {a.job_id for a in active} & self.cancel_requested
-            self.cancel_requested -= cancelled
+        cancelled = self.store.cancel_requested([a.job_id for a in active])
         for job_id in cancelled:
-            self.store.finish(job_id, CANCELLED, "cancelled by the client")
+            self.store.finish(job_id, CANCELLED, CANCELLED_REASON)
             self._forget(job_id)
         return [a for a in active if a.job_id not in cancelled]
 
@@ -197,10 +203,11 @@ class Worker:
             return []
         if self.metrics:
             self.metrics.observe_step(len(active), time.perf_counter() - started)
+        for a in active:
+            a.steps_done += 1
+        self.store.set_progress([(a.job_id, a.steps_done, a.steps_total) for a in active])
         still = []
         for a in active:
-            done, total = self.progress[a.job_id]
-            self.progress[a.job_id] = (done + 1, total)
             if not a.segment.done:
                 still.append(a)
                 continue
@@ -218,7 +225,7 @@ class Worker:
             request = a.segment.request
             if a.segment.segment + 1 < request.segments:
                 segment = self.runner.prepare(video[-1], request, a.segment.segment + 1, frames)
-                return Active(a.job_id, segment, video[-1])
+                return Active(a.job_id, segment, video[-1], a.steps_done, a.steps_total)
             started = time.perf_counter()
             job = self.store.get(a.job_id)
             if job is None:  # deleted meanwhile
@@ -242,7 +249,6 @@ class Worker:
         self._forget(job_id)
 
     def _forget(self, job_id: str) -> None:
-        self.progress.pop(job_id, None)
         self._keys.pop(job_id, None)
 
     def _observe(self, stage: str, started: float) -> None:
