@@ -103,25 +103,37 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
     def make_local_worker(store: JobStore, metrics: Metrics) -> Worker:
         return Worker(store, open_runner or settings.open_runner, settings.policy, settings.max_queue, metrics)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    def start() -> None:
+        """Open the store, settle jobs a previous run left behind, start the executor and the expiry sweep.
+        Idempotent: the lifespan calls it, and so does a Ray Serve ingress (which may not run lifespans)."""
+        if state:
+            return
         store = JobStore(settings.jobs_dir)
         requeued = store.recover(requeue=settings.requeue)
         store.expire(settings.keep_s)
         metrics = Metrics(lambda: state["executor"].queue_length(), store.counts)
         executor = (executor_factory or make_local_worker)(store, metrics)
-        state.update(store=store, metrics=metrics, executor=executor)
+        stop_sweep = threading.Event()
+        state.update(store=store, metrics=metrics, executor=executor, stop_sweep=stop_sweep)
         executor.start(requeued)
-        stop = threading.Event()
-        sweeper = threading.Thread(target=_sweep, args=(store, settings.keep_s, stop), daemon=True)
-        sweeper.start()
+        threading.Thread(target=_sweep, args=(store, settings.keep_s, stop_sweep), daemon=True).start()
+
+    def stop() -> None:
+        if not state:
+            return
+        state["stop_sweep"].set()
+        state["executor"].stop()
+        state["store"].close()
+        state.clear()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        start()
         yield
-        stop.set()
-        executor.stop()
-        store.close()
+        stop()
 
     app = FastAPI(title="cinemo-rt", version="1", description=DESCRIPTION, lifespan=lifespan)
-    app.state.serve = state
+    app.state.serve, app.state.start, app.state.stop = state, start, stop
     authorized = [Depends(_key_checker(settings.api_key))]
 
     @app.exception_handler(RequestError)

@@ -96,6 +96,9 @@ class Worker:
         if len(self.queue) >= self.max_queue:
             raise QueueFull(self.retry_after_s())
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def queue_length(self) -> int:
         return len(self.queue)
 
