@@ -146,26 +146,32 @@ def soak(args) -> dict:
                 else:
                     with lock:
                         rejected[response.status_code] = rejected.get(response.status_code, 0) + 1
+                    if response.status_code == 429:  # queue full: back off as told (bounded)
+                        time.sleep(min(float(response.headers.get("retry-after", 1)), 2.0))
             except httpx.TransportError:
                 time.sleep(0.2)  # the server is being restarted; try again
             finally:
                 client.close()
 
-    process = ServerProcess(jobs, "--max-batch", "8", "--max-queue", "16")
+    flags = ("--max-batch", "4", "--max-queue", str(args.soak_queue))
+    process = ServerProcess(jobs, *flags)
     server["url"] = process.url
     server_up.set()
     with ThreadPoolExecutor(args.soak_clients) as pool:
         futures = [pool.submit(one_client, i) for i in range(args.soak_clients)]
-        time.sleep(min(args.soak_seconds / 3, 60))
+        kill_at = time.monotonic() + args.soak_seconds / 2
+        while len(accepted) + sum(rejected.values()) < args.soak_requests // 2 and time.monotonic() < kill_at:
+            time.sleep(0.05)
         server_up.clear()
         process.kill()  # SIGKILL in the middle of the work
         killed_after = len(accepted)
-        process = ServerProcess(jobs, "--max-batch", "8", "--max-queue", "16", port=process.port)
+        process = ServerProcess(jobs, *flags, port=process.port)
         server_up.set()
         for future in futures:
             future.result()
     client = process.client()
     states: dict[str, int] = {}
+    reasons: dict[str, int] = {}
     undecodable = []
     not_final = []
     for job_id in accepted:
@@ -174,6 +180,8 @@ def soak(args) -> dict:
         states[state] = states.get(state, 0) + 1
         if state not in FINAL:
             not_final.append(job_id)
+        if state == "failed":
+            reasons[body["error"]] = reasons.get(body["error"], 0) + 1
         if state == "done":
             with tempfile.NamedTemporaryFile(suffix=".mp4") as handle:
                 handle.write(client.video(job_id))
@@ -186,7 +194,7 @@ def soak(args) -> dict:
     metrics = client.http.get("/metrics").text
     process.kill()
     return {"sent": len(accepted) + sum(rejected.values()), "accepted": len(accepted),
-            "accepted_before_kill": killed_after, "rejected_by_status": rejected, "final_states": states,
+            "accepted_before_kill": killed_after, "rejected_by_status": rejected, "final_states": states, "failure_reasons": reasons,
             "not_final": not_final, "undecodable": undecodable, "p50_s": percentile(latencies, 50),
             "p95_s": percentile(latencies, 95), "p99_s": percentile(latencies, 99),
             "metrics_sample": [line for line in metrics.splitlines() if line.startswith("cinemo_jobs")]}
@@ -220,7 +228,7 @@ def to_markdown(report: dict) -> str:
         lines += ["", "## Soak: valid and invalid requests, kill -9 and restart in the middle", "",
                   f"- sent {s['sent']}, accepted {s['accepted']} ({s['accepted_before_kill']} before the kill), "
                   f"rejected by status {s['rejected_by_status']}",
-                  f"- final states of accepted jobs: {s['final_states']}",
+                  f"- final states of accepted jobs: {s['final_states']}; failure reasons: {s['failure_reasons']}",
                   f"- jobs not in a final state: {len(s['not_final'])}; finished videos that do not decode: "
                   f"{len(s['undecodable'])}",
                   f"- latency of completed jobs: p50 {s['p50_s']:.2f} s, p95 {s['p95_s']:.2f} s, "
@@ -244,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak", action="store_true", help="run the load-and-fault soak instead")
     parser.add_argument("--soak-requests", type=int, default=300)
     parser.add_argument("--soak-clients", type=int, default=12)
+    parser.add_argument("--soak-queue", type=int, default=6, help="the soak server's --max-queue (small: "
+                        "some requests meet 429)")
     parser.add_argument("--soak-seconds", type=float, default=600.0, help="upper bound on the soak's duration")
     parser.add_argument("--jobs", default=None, help="jobs folder for the soak (default: a temporary one)")
     parser.add_argument("--out", default=str(RESULTS))
