@@ -118,7 +118,9 @@ def test_api_key_limits_and_unknown_jobs(tmp_path, runner):
         noise = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
         big = io.BytesIO()
         Image.fromarray(noise).save(big, "PNG")
-        assert "bytes" in refused(413, image=big.getvalue())
+        assert "bytes" in refused(413, image=big.getvalue())  # checked on the image itself
+        huge = client.post("/v1/animations", headers={**good, "Content-Length": str(10**9)}, content=b"x")
+        assert huge.status_code == 413  # refused from the header, before the body is read
         assert not any((tmp_path / "jobs" / "inputs").iterdir())  # nothing of a refused request is kept
 
 
@@ -228,6 +230,18 @@ def test_store_recovers_interrupted_jobs_and_expires_old_ones(tmp_path):
     time.sleep(0.01)
     assert store.expire(0) == 3
     assert store.get(done) is None and not any(store.videos.iterdir())
+
+
+def test_requeue_runs_jobs_a_stopped_server_left(tmp_path, runner):
+    store = JobStore(tmp_path / "jobs")
+    left = new_job_id()
+    Image.open(io.BytesIO(png_bytes())).save(store.input_path(left))
+    request = AnimationRequest(prompt="zooms in", steps=2, seed=5).resolved(runner.defaults)
+    store.add(left, {**request.__dict__, "format": "mp4"})
+    store.mark_running(left)  # as a killed server leaves it
+    store.close()
+    with make_client(tmp_path, runner, requeue=True) as client:
+        assert wait_final(client, left)["state"] == "done"
 
 
 def test_page_is_served(tmp_path, runner):

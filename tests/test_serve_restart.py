@@ -1,5 +1,5 @@
 """`cinemo-rt serve` as a real process on the loopback: killed with SIGKILL mid-job and restarted, it still
-serves the finished video and reports the interrupted job as failed (or runs it again with --requeue)."""
+serves the finished video and reports the interrupted jobs as failed (--requeue: tests/test_serve.py)."""
 
 import signal
 
@@ -20,7 +20,7 @@ def submit(client, **fields) -> str:
 
 
 @pytest.mark.slow
-def test_kill_9_restart_keeps_videos_and_fails_or_requeues_interrupted_jobs(tmp_path):
+def test_kill_9_restart_keeps_videos_and_fails_interrupted_jobs(tmp_path):
     jobs = tmp_path / "jobs"
     server = ServerProcess(jobs, "--max-batch", "1")
     try:
@@ -40,19 +40,7 @@ def test_kill_9_restart_keeps_videos_and_fails_or_requeues_interrupted_jobs(tmp_
         for job_id in (long, queued):
             body = client.status(job_id)
             assert body["state"] == "failed" and "interrupted" in body["error"], body
-        again = submit(client, steps=100, segments=8)
-        assert client.wait(again, ("running",))["state"] == "running"
-        after = submit(client, steps=2)
-    finally:
-        server.kill()
-    assert not list((jobs / "videos").glob(".*")), "a temporary video was left behind"
-
-    server = ServerProcess(jobs, "--max-batch", "1", "--requeue")
-    try:
-        client = server.client()
-        assert client.status(again)["state"] in ("queued", "running")  # re-queued, not failed
-        client.delete(again)
-        assert client.wait(again)["state"] == "cancelled"
-        assert client.wait(after)["state"] == "done"  # re-queued behind it, and run
+        assert client.wait(submit(client, steps=2))["state"] == "done"  # and it goes on working
     finally:
         server.kill(signal.SIGTERM)
+    assert not list((jobs / "videos").glob(".*")), "a temporary video was left behind"

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).parent / "page"
 EVENT_POLL_S = 0.1
+FORM_OVERHEAD_BYTES = 64 * 1024  # the form fields and multipart boundaries around the image
 
 DESCRIPTION = """Animate a still image with Cinemo: submit a job, follow its progress, download the video.
 
@@ -135,6 +136,19 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
     app = FastAPI(title="cinemo-rt", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.serve, app.state.start, app.state.stop = state, start, stop
     authorized = [Depends(_key_checker(settings.api_key))]
+
+    @app.middleware("http")
+    async def bound_uploads(request: Request, call_next):
+        """Refuse an oversized upload from its Content-Length, before the multipart body is read."""
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None or not length.isdigit():
+                return JSONResponse({"detail": "send a Content-Length header with the upload"}, status_code=411)
+            if int(length) > settings.limits.max_upload_bytes + FORM_OVERHEAD_BYTES:
+                state["metrics"].requests.labels("413").inc()
+                return JSONResponse({"detail": f"the upload is {length} bytes; the image limit is "
+                                               f"{settings.limits.max_upload_bytes}"}, status_code=413)
+        return await call_next(request)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, err: RequestError):
