@@ -85,21 +85,26 @@ def run_load(url: str, clients: int, requests_per_client: int, steps: int, image
 
 
 def benchmark(args) -> dict:
+    """All modes' servers start first and idle while another runs; the modes then take turns at each client
+    count, so each comparison is made minutes apart at most on a machine whose load changes."""
     image = Path(EXAMPLE_IMAGE).read_bytes()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for index, (mode, flags) in enumerate(BATCHING.items()):
-            server = ServerProcess(Path(scratch) / str(index) / "jobs", *flags,
-                                   "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "64")
-            try:
-                run_load(server.url, 1, 1, args.steps, image)  # warm-up
-                for clients in args.clients:
+        servers = {}
+        try:
+            for index, (mode, flags) in enumerate(BATCHING.items()):
+                servers[mode] = ServerProcess(Path(scratch) / str(index) / "jobs", *flags,
+                                              "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "64")
+                run_load(servers[mode].url, 1, 1, args.steps, image)  # warm-up
+            for clients in args.clients:
+                for mode, server in servers.items():
                     row = run_load(server.url, clients, args.requests, args.steps, image)
                     row["batching"] = mode
                     rows.append(row)
                     print(f"batching {mode:13} clients {clients}: {row['videos_per_min']:6.1f} videos/min, "
                           f"p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s", flush=True)
-            finally:
+        finally:
+            for server in servers.values():
                 server.kill()
     return {"rows": rows}
 

@@ -250,3 +250,10 @@ def test_page_is_served(tmp_path, runner):
         assert page.status_code == 200 and 'id="bucket"' in page.text
         assert "EventSource" in client.get("/static/app.js").text or "events" in client.get("/static/app.js").text
         assert "/v1/animations" in client.get("/openapi.json").text
+
+
+def test_serve_command_refuses_bad_settings_with_exit_2(capsys):
+    from cinemo_rt.cli import main
+
+    assert main(["serve", "--max-queue", "0"]) == 2
+    assert main(["serve", "--max-batch", "0"]) == 2

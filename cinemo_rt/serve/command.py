@@ -21,7 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None,
                         help="require this key on /v1 routes (or set CINEMO_API_KEY; keeps it out of `ps`)")
     parser.add_argument("--max-queue", type=int, default=32, help="queued jobs before 429 (default 32)")
-    parser.add_argument("--max-batch", type=int, default=4, help="requests per UNet call; 1 = no batching")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="requests per UNet call; 1 = no batching (default: 4 on a GPU, 1 on a CPU, where "
+                             "a UNet call's cost grows with its rows and batching does not pay: "
+                             "benchmarks/results/serving.md)")
     parser.add_argument("--max-wait-ms", type=float, default=50.0,
                         help="how long an idle worker waits for companions to batch with (default 50)")
     parser.add_argument("--no-exact-batching", dest="exact_batching", action="store_false",
@@ -34,11 +37,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run as a Ray Serve application (see cinemo_rt/serve/ray_app.py)")
 
 
+def default_max_batch(device: str | None) -> int:
+    import torch
+
+    on_gpu = device.startswith("cuda") if device else torch.cuda.is_available()
+    return 4 if on_gpu else 1
+
+
 def settings_from_args(args):
     import os
 
     from .app import ServeSettings
     from .batching import BatchPolicy
+
+    if args.max_batch is None:
+        args.max_batch = default_max_batch(args.device)
+        log.info("batching up to %d request(s) per UNet call (--max-batch)", args.max_batch)
 
     return ServeSettings(jobs_dir=Path(args.jobs), checkpoint=args.checkpoint, engines=args.engines,
                          device=args.device, dtype=args.dtype,
@@ -51,7 +65,8 @@ def settings_from_args(args):
 def serve(args) -> int:
     from ..image import InputError
 
-    if args.max_queue < 1 or args.max_batch < 1 or args.max_wait_ms < 0 or args.keep_hours <= 0:
+    if (args.max_queue < 1 or (args.max_batch is not None and args.max_batch < 1) or args.max_wait_ms < 0
+            or args.keep_hours <= 0):
         raise InputError("--max-queue and --max-batch must be at least 1, --max-wait-ms at least 0, "
                          "--keep-hours above 0")
     settings = settings_from_args(args)
