@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requeue", action="store_true",
                         help="after a restart, run interrupted jobs again (default: mark them failed)")
     parser.add_argument("--ray", action="store_true",
-                        help="run as a Ray Serve application (see cinemo_rt/serve/ray_app.py)")
+                        help="run as a Ray Serve application (see cinemo_rt/serve/ray_app.py; joins RAY_ADDRESS)")
+    parser.add_argument("--replicas", type=int, default=2, help="with --ray: model replicas (default 2)")
 
 
 def default_max_batch(device: str | None) -> int:
@@ -73,7 +74,7 @@ def serve(args) -> int:
     if args.ray:
         from .ray_app import run_ray
 
-        return run_ray(settings, args.host, args.port)
+        return run_ray(settings, args.host, args.port, args.replicas)
     import uvicorn
 
     from .app import create_app
