@@ -3,8 +3,13 @@
 `Animator.__call__` runs one request start to end. A server wants several requests in one UNet call per
 step, each with its own prompt, seed, motion id and guidance, so this adapter drives the pipeline's stages
 itself: `prepare` (image and text encoding, initial noise: the Animator's stage methods, same generator
-order), `step` (one DDIM step for a group: every request's CFG batch concatenated into one UNet call, then
-the per-request guidance and `ddim_step` from `cinemo_rt.sampling`) and `finish` (decode, uint8).
+order), `step` (one UNet call for a group) and `finish` (decode, uint8).
+
+The denoising loop is the pipeline's own `sample` (any sampler, CFG, v-prediction), run for each segment in a
+thread of its own whose UNet is a stand-in: it hands its (CFG-doubled) UNet inputs to the worker and waits.
+`step` concatenates the waiting inputs of a group into one real UNet call and hands each its rows back, so
+the threads advance in lockstep, one at a time (never two computing at once), and each request's arithmetic
+is exactly the unbatched loop's.
 
 Bit-for-bit equality with or without companions: CPU kernels (MKL matrix products, oneDNN convolutions)
 choose their blocking by batch size, so a row's result can change in the last bits when the batch grows
@@ -18,7 +23,9 @@ nothing for a guided request, and then matches `Animator` (the `cinemo-rt run` p
 
 from __future__ import annotations
 
+import queue
 import random
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,9 +35,7 @@ from ..components import images_to_uint8
 from ..image import InputError, load_image, preprocess
 from ..motion import bucket_to_motion_id
 from ..pipeline import DCT_FRACTION, DCT_TAU, DECODE_CHUNK, Animator, Defaults, reconstruct
-from ..sampling import PREDICTION_TYPES, _alpha_bar, ddim_step, eps_from_v
-from ..schedule import ddim_timesteps
-
+from ..sampling import sample
 
 @dataclass(frozen=True)
 class AnimationRequest:
@@ -57,33 +62,52 @@ class AnimationRequest:
 
     @property
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share a UNet call (same latent shape and step schedule)."""
-        return (self.height, self.width, self.frames, self.steps, self.eta > 0)
+        """Requests with equal keys share UNet calls (same latent shape; same steps, so they finish together)."""
+        return (self.height, self.width, self.frames, self.steps)
+
+
+class Abandoned(Exception):
+    """Raised inside a segment's sampler thread when the worker drops it (cancelled, or its batch failed)."""
 
 
 @dataclass
 class Segment:
-    """One request's denoising state between steps."""
+    """One request's denoising, paused at a UNet call (`pending`) or finished (`x_0`)."""
 
     request: AnimationRequest
     z1: torch.Tensor
-    text: torch.Tensor
-    text_uncond: torch.Tensor | None
-    motion: torch.Tensor
-    x_t: torch.Tensor
-    generator: torch.Generator
-    timesteps: list[int]
-    index: int = 0  # steps done in this segment
-    frames_so_far: list[np.ndarray] = field(default_factory=list)
     segment: int = 0
+    frames_so_far: list[np.ndarray] = field(default_factory=list)
+    pending: tuple | None = None      # the UNet inputs the sampler waits on
+    x_0: torch.Tensor | None = None
+    to_worker: queue.Queue = field(default_factory=queue.Queue)
+    to_sampler: queue.Queue = field(default_factory=queue.Queue)
 
     @property
     def done(self) -> bool:
-        return self.index >= len(self.timesteps)
+        return self.x_0 is not None
 
     @property
     def rows(self) -> int:
-        return 1 if self.text_uncond is None else 2
+        return self.pending[0].shape[0]
+
+    def advance(self) -> None:
+        """Wait for the sampler thread's next UNet call, or its result."""
+        kind, value = self.to_worker.get()
+        if kind == "error":
+            raise value
+        if kind == "call":
+            self.pending = value
+        else:
+            self.pending, self.x_0 = None, value
+
+    def unet(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The sampler thread's UNet: hand the inputs over, wait for the rows of the batched call."""
+        self.to_worker.put(("call", inputs))
+        reply = self.to_sampler.get()
+        if reply is None:
+            raise Abandoned()
+        return reply
 
 
 class Runner:
@@ -94,8 +118,6 @@ class Runner:
         self.backend = animator.backend
         self.max_rows = 2 * max_batch
         self.exact = exact  # every UNet call has max_rows rows (see the module docstring)
-        if self.backend.info.prediction_type not in PREDICTION_TYPES:
-            raise InputError(f"unknown prediction type {self.backend.info.prediction_type!r}")
 
     @classmethod
     def open(cls, checkpoint=None, engines=None, device=None, dtype=None, max_batch: int = 1,
@@ -130,51 +152,58 @@ class Runner:
         x_T = a.initial_noise(z1, r.frames, generator, True, DCT_FRACTION, DCT_TAU)
         dtype, device = self.backend.dtype, self.backend.device
         motion = float(r.motion_id) if r.motion_id is not None else bucket_to_motion_id(r.bucket)
-        return Segment(request=r, z1=z1.to(device, dtype), text=text, text_uncond=text_uncond,
-                       motion=torch.full((1,), motion, dtype=torch.float32, device=device),
-                       x_t=x_T.to(device, dtype), generator=generator,
-                       timesteps=ddim_timesteps(r.steps).tolist(), segment=segment,
-                       frames_so_far=list(frames_so_far or []))
+        seg = Segment(request=r, z1=z1, segment=segment, frames_so_far=list(frames_so_far or []))
+        options = dict(z1=z1.to(device, dtype), text=text, text_uncond=text_uncond,
+                       motion_id=torch.full((1,), motion, dtype=torch.float32, device=device), steps=r.steps,
+                       guidance=r.guidance, eta=r.eta, generator=generator,
+                       prediction_type=self.backend.info.prediction_type)
+
+        def run() -> None:
+            try:
+                with torch.no_grad():
+                    seg.to_worker.put(("done", sample(seg.unet, x_T.to(device, dtype), **options)))
+            except Abandoned:
+                pass
+            except Exception as err:  # noqa: BLE001 - re-raised in the worker by `advance`
+                seg.to_worker.put(("error", err))
+
+        threading.Thread(target=run, name="cinemo-sampler", daemon=True).start()
+        seg.advance()
+        return seg
 
     @torch.no_grad()
     def step(self, group: list[Segment]) -> None:
-        """One denoising step for every segment in `group` (equal batch keys) in one UNet call. Each
-        segment's rows are [uncond, cond] (or [cond] at guidance 1), as `cfg_model_fn` lays them out."""
-        xs, ts, texts, z1s, motions = [], [], [], [], []
+        """One UNet call for every segment in `group` (equal batch keys), each segment's rows as its sampler
+        laid them out ([uncond, cond], or [cond] at guidance 1), padded to the fixed row count."""
+        rows = sum(s.rows for s in group)
+        if rows > self.max_rows:
+            raise ValueError(f"{rows} rows exceed the {self.max_rows} of one UNet call")
+        inputs = [torch.cat([s.pending[i] for s in group]) for i in range(5)]
+        if self.exact and rows < self.max_rows:
+            inputs = [torch.cat([x, x[:1].expand(self.max_rows - rows, *x.shape[1:])]) for x in inputs]
+        try:
+            out = self.backend.unet(*inputs)
+        except Exception:
+            for s in group:
+                self.abandon(s)
+            raise
+        start = 0
         for s in group:
-            t = s.timesteps[s.index]
-            texts += [s.text_uncond, s.text] if s.text_uncond is not None else [s.text]
-            for _ in range(s.rows):
-                xs.append(s.x_t)
-                ts.append(torch.full((1,), t, dtype=torch.long, device=s.x_t.device))
-                z1s.append(s.z1)
-                motions.append(s.motion)
-        if len(xs) > self.max_rows:
-            raise ValueError(f"{len(xs)} rows exceed the {self.max_rows} of one UNet call")
-        inputs = [xs, ts, texts, z1s, motions]
-        for rows in inputs:
-            rows += rows[:1] * ((self.max_rows if self.exact else len(xs)) - len(rows))
-        out = self.backend.unet(*(torch.cat(rows) for rows in inputs))
-        row = 0
+            s.to_sampler.put(out[start:start + s.rows])
+            start += s.rows
         for s in group:
-            eps = out[row:row + s.rows]
-            row += s.rows
-            if s.rows == 2:
-                eps_u, eps_c = eps.chunk(2)
-                eps = eps_u + s.request.guidance * (eps_c - eps_u)
-            t = s.timesteps[s.index]
-            t_prev = s.timesteps[s.index + 1] if s.index + 1 < len(s.timesteps) else -1
-            if self.backend.info.prediction_type == "v_prediction":
-                eps = eps_from_v(eps, s.x_t, _alpha_bar(self.animator.alphas_cumprod, t))
-            s.x_t = ddim_step(eps, t, t_prev, s.x_t, self.animator.alphas_cumprod, eta=s.request.eta,
-                              generator=s.generator)
-            s.index += 1
+            s.advance()
+
+    def abandon(self, s: Segment) -> None:
+        """Stop a segment's sampler thread, waiting on its UNet call (a finished thread ignores this)."""
+        s.pending = None
+        s.to_sampler.put(None)
 
     @torch.no_grad()
     def finish(self, s: Segment) -> np.ndarray:
         """Decode a finished segment -> uint8 frames (F + 1, H, W, 3)."""
         info = self.backend.info
-        latents = reconstruct(s.z1.to(s.x_t.dtype), s.x_t)
+        latents = reconstruct(s.z1.to(s.x_0.dtype), s.x_0)
         images = self.backend.decode(latents, chunk=DECODE_CHUNK if info.temporal_vae else None)
         return images_to_uint8(images, rounding=not info.temporal_vae)[0].cpu().numpy()
 

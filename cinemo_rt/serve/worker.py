@@ -190,9 +190,11 @@ class Worker:
 
     def _drop_cancelled(self, active: list[Active]) -> list[Active]:
         cancelled = self.store.cancel_requested([a.job_id for a in active])
-        for job_id in cancelled:
-            self.store.finish(job_id, CANCELLED, CANCELLED_REASON)
-            self._forget(job_id)
+        for a in active:
+            if a.job_id in cancelled:
+                self.runner.abandon(a.segment)
+                self.store.finish(a.job_id, CANCELLED, CANCELLED_REASON)
+                self._forget(a.job_id)
         return [a for a in active if a.job_id not in cancelled]
 
     def _step(self, active: list[Active]) -> list[Active]:
@@ -202,6 +204,7 @@ class Worker:
         except Exception as err:  # noqa: BLE001
             log.exception("a denoising step failed")
             for a in active:
+                self.runner.abandon(a.segment)
                 self._fail(a.job_id, err)
             return []
         if self.metrics:
