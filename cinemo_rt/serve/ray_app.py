@@ -192,4 +192,12 @@ def run_ray(settings: ServeSettings, host: str, port: int, replicas: int = 2) ->
     return 0
 
 
-app = build_app(settings_from_env(), replicas=int(os.environ.get("CINEMO_REPLICAS", "2")))
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+# `serve run cinemo_rt.serve.ray_app:app`: CINEMO_REPLICAS fixed replicas (default 2), or autoscaling between
+# CINEMO_MIN_REPLICAS and CINEMO_MAX_REPLICAS.
+app = build_app(settings_from_env(), replicas=_env_int("CINEMO_REPLICAS") or 2,
+                min_replicas=_env_int("CINEMO_MIN_REPLICAS"), max_replicas=_env_int("CINEMO_MAX_REPLICAS"))
