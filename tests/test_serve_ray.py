@@ -59,12 +59,12 @@ def test_two_replicas_share_jobs_and_a_killed_replica_fails_its_job(ray_url, tmp
         assert client.wait(job_id, timeout=180)["state"] == "done"
         assert client.video(job_id)[4:8] == b"ftyp"
     store = JobStore(jobs)
-    owners = {store._execute("SELECT owner FROM jobs WHERE id=?", (job_id,)).fetchone()[0] for job_id in ids}
+    owners = {store.get(job_id).owner for job_id in ids}
     assert len(owners) == 2, owners  # both replicas did work
 
     long = client.submit(EXAMPLE_IMAGE, "zooms in", steps=100, segments=8, seed=1).json()["id"]
     assert client.wait(long, ("running",), timeout=120)["state"] == "running"
-    owner = store._execute("SELECT owner FROM jobs WHERE id=?", (long,)).fetchone()[0]
+    owner = store.get(long).owner
     replica_suffix = owner.rsplit("#", 1)[-1]
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if replica_suffix in a["name"]]
     assert len(names) == 1, names

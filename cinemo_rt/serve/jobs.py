@@ -50,6 +50,7 @@ class Job:
     step: int = 0
     total: int = 0
     cancel: bool = False
+    owner: str = ""
 
     @property
     def format(self) -> str:
@@ -156,7 +157,7 @@ class JobStore:
 
     # -- reads ----------------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
-        row = self._execute("SELECT id, state, request, created, started, finished, error, step, total, cancel "
+        row = self._execute("SELECT id, state, request, created, started, finished, error, step, total, cancel, owner "
                             "FROM jobs WHERE id=?", (job_id,)).fetchone()
         return None if row is None else Job(row[0], row[1], json.loads(row[2]), *row[3:])
 
