@@ -37,6 +37,7 @@ from ..motion import bucket_to_motion_id
 from ..pipeline import DCT_FRACTION, DCT_TAU, DECODE_CHUNK, Animator, Defaults, reconstruct
 from ..sampling import sample
 
+
 @dataclass(frozen=True)
 class AnimationRequest:
     """What a client may set; None means the model's default (size, frames) or a drawn seed."""
