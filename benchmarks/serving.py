@@ -84,10 +84,36 @@ def run_load(url: str, clients: int, requests_per_client: int, steps: int, image
             "p95_s": percentile(latencies, 95)}
 
 
+def unet_cost_by_rows(rows_list=(2, 4, 8, 16), rounds: int = 15) -> dict[int, float]:
+    """Median milliseconds of one UNet call of the demo model by its rows (a request is 2 rows with CFG),
+    in-process, the sizes interleaved round by round so that a change of the machine's load hits them all."""
+    import torch
+
+    from cinemo_rt.serve.runner import Runner
+
+    runner = Runner.open()
+    backend, size = runner.backend, runner.defaults
+    h, w = size.height // backend.info.vae_factor, size.width // backend.info.vae_factor
+    c, text_dim = backend.info.latent_channels, backend.info.text_dim
+    times: dict[int, list[float]] = {rows: [] for rows in rows_list}
+    with torch.no_grad():
+        for round_index in range(rounds + 1):
+            for rows in rows_list:
+                inputs = (torch.randn(rows, c, size.frames, h, w), torch.full((rows,), 500),
+                          torch.randn(rows, 77, text_dim), torch.randn(rows, c, 1, h, w), torch.full((rows,), 90.0))
+                start = time.perf_counter()
+                backend.unet(*inputs)
+                if round_index:  # the first round is warm-up
+                    times[rows].append(1000 * (time.perf_counter() - start))
+    return {rows: statistics.median(values) for rows, values in times.items()}
+
+
 def benchmark(args) -> dict:
     """All modes' servers start first and idle while another runs; the modes then take turns at each client
     count, so each comparison is made minutes apart at most on a machine whose load changes."""
     image = Path(EXAMPLE_IMAGE).read_bytes()
+    unet_ms = unet_cost_by_rows()
+    print("UNet call, median ms by rows:", {k: round(v, 1) for k, v in unet_ms.items()}, flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         servers = {}
@@ -106,7 +132,7 @@ def benchmark(args) -> dict:
         finally:
             for server in servers.values():
                 server.kill()
-    return {"rows": rows}
+    return {"rows": rows, "unet_ms_by_rows": unet_ms}
 
 
 def soak(args) -> dict:
@@ -228,6 +254,10 @@ def to_markdown(report: dict) -> str:
         for row in report["rows"]:
             lines.append(f"| {row['batching']} | {row['clients']} | {row['videos_per_min']:.1f} | "
                          f"{row['p50_s']:.2f} | {row['p95_s']:.2f} | {len(row['failures'])} |")
+        unet = report["unet_ms_by_rows"]
+        lines += ["", "One UNet call of the demo model by its rows (a guided request is 2 rows), median ms, the sizes "
+                  "interleaved in one process: " + ", ".join(f"{rows} rows {ms:.1f} ms" for rows, ms in unet.items())
+                  + ". Per row: " + ", ".join(f"{ms / int(rows):.1f}" for rows, ms in unet.items()) + " ms."]
     if "soak" in report:
         s = report["soak"]
         lines += ["", "## Soak: valid and invalid requests, kill -9 and restart in the middle", "",
