@@ -163,8 +163,8 @@ def soak(args) -> dict:
                 if choice == "not an image":
                     response = client.submit(b"GIF89a but not really", "x", steps=args.steps)
                 else:
-                    response = client.submit(image, rng.choice(PROMPTS), steps=args.steps,
-                                             seed=rng.randrange(2**31), **choice)
+                    response = client.submit(image, rng.choice(PROMPTS), seed=rng.randrange(2**31),
+                                             **{"steps": args.steps, **choice})
                 sent += 1
                 if response.status_code == 202:
                     job_id = response.json()["id"]
@@ -186,44 +186,47 @@ def soak(args) -> dict:
 
     flags = ("--max-batch", "4", "--max-queue", str(args.soak_queue))
     process = ServerProcess(jobs, *flags)
-    server["url"] = process.url
-    server_up.set()
-    with ThreadPoolExecutor(args.soak_clients) as pool:
-        futures = [pool.submit(one_client, i) for i in range(args.soak_clients)]
-        kill_at = time.monotonic() + args.soak_seconds / 2
-        while len(accepted) + sum(rejected.values()) < args.soak_requests // 2 and time.monotonic() < kill_at:
-            time.sleep(0.05)
-        server_up.clear()
-        process.kill()  # SIGKILL in the middle of the work
-        killed_after = len(accepted)
-        process = ServerProcess(jobs, *flags, port=process.port)
+    try:
+        server["url"] = process.url
         server_up.set()
-        for future in futures:
-            future.result()
-    client = process.client()
-    states: dict[str, int] = {}
-    reasons: dict[str, int] = {}
-    undecodable = []
-    not_final = []
-    for job_id in accepted:
-        body = client.status(job_id)
-        state = body.get("state", "missing")
-        states[state] = states.get(state, 0) + 1
-        if state not in FINAL:
-            not_final.append(job_id)
-        if state == "failed":
-            reasons[body["error"]] = reasons.get(body["error"], 0) + 1
-        if state == "done":
-            with tempfile.NamedTemporaryFile(suffix=".mp4") as handle:
-                handle.write(client.video(job_id))
-                handle.flush()
-                try:
-                    frames = read_video(handle.name)
-                    assert frames.shape[0] > 1
-                except Exception as err:  # noqa: BLE001 - counted and reported
-                    undecodable.append(f"{job_id}: {err}")
-    metrics = client.http.get("/metrics").text
-    process.kill()
+        with ThreadPoolExecutor(args.soak_clients) as pool:
+            futures = [pool.submit(one_client, i) for i in range(args.soak_clients)]
+            kill_at = time.monotonic() + args.soak_seconds / 2
+            half = args.soak_requests // 2
+            while len(accepted) + sum(rejected.values()) < half and time.monotonic() < kill_at:
+                time.sleep(0.05)
+            server_up.clear()
+            process.kill()  # SIGKILL in the middle of the work
+            killed_after = len(accepted)
+            process = ServerProcess(jobs, *flags, port=process.port)
+            server_up.set()
+            for future in futures:
+                future.result()
+        client = process.client()
+        states: dict[str, int] = {}
+        reasons: dict[str, int] = {}
+        undecodable = []
+        not_final = []
+        for job_id in accepted:
+            body = client.status(job_id)
+            state = body.get("state", "missing")
+            states[state] = states.get(state, 0) + 1
+            if state not in FINAL:
+                not_final.append(job_id)
+            if state == "failed":
+                reasons[body["error"]] = reasons.get(body["error"], 0) + 1
+            if state == "done":
+                with tempfile.NamedTemporaryFile(suffix=".mp4") as handle:
+                    handle.write(client.video(job_id))
+                    handle.flush()
+                    try:
+                        frames = read_video(handle.name)
+                        assert frames.shape[0] > 1
+                    except Exception as err:  # noqa: BLE001 - counted and reported
+                        undecodable.append(f"{job_id}: {err}")
+        metrics = client.http.get("/metrics").text
+    finally:
+        process.kill()
     return {"sent": len(accepted) + sum(rejected.values()), "accepted": len(accepted),
             "accepted_before_kill": killed_after, "rejected_by_status": rejected, "final_states": states, "failure_reasons": reasons,
             "not_final": not_final, "undecodable": undecodable, "p50_s": percentile(latencies, 50),
