@@ -5,9 +5,10 @@
     python benchmarks/serving.py --soak                   # a few hundred requests, a kill -9 and restart
 
 Everything runs on the loopback: `cinemo-rt serve` as a child process (batching off = --max-batch 1, on =
---max-batch 4, exact or not: see cinemo_rt/serve/runner.py), closed-loop clients (each submits a request, waits for it, submits the next). Latency is
-submit-to-done as the client sees it; throughput is videos finished per minute of wall time. The first request
-of every run is a warm-up and not counted. Results go to <out>/serving.md and serving.json, atomically.
+--max-batch 4, exact or not: see cinemo_rt/serve/runner.py), closed-loop clients (each submits a request,
+waits for it, submits the next). Latency is submit-to-done as the client sees it; throughput is videos
+finished per minute of wall time. Each server's first request is a warm-up and not counted. A UNet call's
+cost by its rows is measured in-process first. Results go to <out>/serving.md and serving.json, atomically.
 """
 
 from __future__ import annotations
@@ -228,7 +229,8 @@ def soak(args) -> dict:
     finally:
         process.kill()
     return {"sent": len(accepted) + sum(rejected.values()), "accepted": len(accepted),
-            "accepted_before_kill": killed_after, "rejected_by_status": rejected, "final_states": states, "failure_reasons": reasons,
+            "accepted_before_kill": killed_after, "rejected_by_status": rejected, "final_states": states,
+            "failure_reasons": reasons,
             "not_final": not_final, "undecodable": undecodable, "p50_s": percentile(latencies, 50),
             "p95_s": percentile(latencies, 95), "p99_s": percentile(latencies, 99),
             "metrics_sample": [line for line in metrics.splitlines() if line.startswith("cinemo_jobs")]}

@@ -102,5 +102,5 @@ def test_page_animates_the_example_photo(server_url, browser, tmp_path):
     assert browser.find_element("id", "download").get_attribute("download").endswith(".mp4")
     assert "the camera pans right" in browser.find_element("id", "recent").text
     path = os.environ.get("CINEMO_RT_SCREENSHOT") or str(tmp_path / "serve_page.png")
-    browser.execute_script("document.getElementById('video').pause(); document.getElementById('video').currentTime = 0.5")
+    browser.execute_script("const v = document.getElementById('video'); v.pause(); v.currentTime = 0.5;")
     assert browser.save_screenshot(path)
