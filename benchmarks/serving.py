@@ -228,7 +228,7 @@ def soak(args) -> dict:
         metrics = client.http.get("/metrics").text
     finally:
         process.kill()
-    return {"sent": len(accepted) + sum(rejected.values()), "accepted": len(accepted),
+    return {"steps": args.steps, "sent": len(accepted) + sum(rejected.values()), "accepted": len(accepted),
             "accepted_before_kill": killed_after, "rejected_by_status": rejected, "final_states": states,
             "failure_reasons": reasons,
             "not_final": not_final, "undecodable": undecodable, "p50_s": percentile(latencies, 50),
@@ -247,7 +247,8 @@ def environment() -> dict:
 
 def to_markdown(report: dict) -> str:
     env = report["environment"]
-    lines = ["# Serving: throughput and latency (demo model, CPU, loopback)", "",
+    title = "load-and-fault soak" if "soak" in report else "throughput and latency"
+    lines = [f"# Serving: {title} (demo model, CPU, loopback)", "",
              f"`{env['command']}`, {env['date']}; {env['machine']}, load average at the start "
              f"{', '.join(f'{x:.1f}' for x in env['load_average'])} (a shared machine: other jobs ran too); "
              f"Python {env['python']}, torch {env['torch']}.", ""]
@@ -265,7 +266,7 @@ def to_markdown(report: dict) -> str:
                   + ". Per row: " + ", ".join(f"{ms / int(rows):.1f}" for rows, ms in unet.items()) + " ms."]
     if "soak" in report:
         s = report["soak"]
-        lines += ["", "## Soak: valid and invalid requests, kill -9 and restart in the middle", "",
+        lines += [f"Valid and invalid requests ({s['steps']} steps each), a kill -9 and restart in the middle.", "",
                   f"- sent {s['sent']}, accepted {s['accepted']} ({s['accepted_before_kill']} before the kill), "
                   f"rejected by status {s['rejected_by_status']}",
                   f"- final states of accepted jobs: {s['final_states']}; failure reasons: {s['failure_reasons']}",
