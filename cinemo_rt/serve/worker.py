@@ -42,7 +42,6 @@ def request_of(job_request: dict) -> AnimationRequest:
 class Active:
     job_id: str
     segment: Segment
-    image: np.ndarray
     steps_done: int
     steps_total: int
 
@@ -186,7 +185,7 @@ class Worker:
             self._fail(job_id, err)
             return None
         self._observe("prepare", started)
-        return Active(job_id, segment, image, 0, request.steps * request.segments)
+        return Active(job_id, segment, 0, request.steps * request.segments)
 
     def _drop_cancelled(self, active: list[Active]) -> list[Active]:
         cancelled = self.store.cancel_requested([a.job_id for a in active])
@@ -231,7 +230,7 @@ class Worker:
             request = a.segment.request
             if a.segment.segment + 1 < request.segments:
                 segment = self.runner.prepare(video[-1], request, a.segment.segment + 1, frames)
-                return Active(a.job_id, segment, video[-1], a.steps_done, a.steps_total)
+                return Active(a.job_id, segment, a.steps_done, a.steps_total)
             started = time.perf_counter()
             job = self.store.get(a.job_id)
             if job is None:  # deleted meanwhile
