@@ -257,3 +257,34 @@ def test_serve_command_refuses_bad_settings_with_exit_2(capsys):
 
     assert main(["serve", "--max-queue", "0"]) == 2
     assert main(["serve", "--max-batch", "0"]) == 2
+
+
+def test_not_ready_until_the_model_is_loaded(tmp_path, runner):
+    loaded = threading.Event()
+
+    def slow_open():
+        assert loaded.wait(30)
+        return runner
+
+    settings = ServeSettings(jobs_dir=tmp_path / "jobs")
+    with TestClient(create_app(settings, open_runner=slow_open)) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 503
+        refused = submit(client)
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        loaded.set()
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert submit(client).status_code == 202
+
+
+def test_take_compatible_keeps_the_order_of_the_rest():
+    from collections import deque
+
+    from cinemo_rt.serve.batching import take_compatible
+
+    queue = deque(["a1", "b1", "a2", "a3", "b2"])
+    taken = take_compatible(queue, "a", lambda job_id: job_id[0], capacity=2)
+    assert taken == ["a1", "a2"] and list(queue) == ["b1", "a3", "b2"]
