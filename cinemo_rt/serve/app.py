@@ -61,10 +61,11 @@ class ServeSettings:
     keep_s: float = 24 * 3600.0   # finished jobs and their videos are deleted after this
     requeue: bool = False         # after a restart, run interrupted jobs again instead of failing them
     exact_batching: bool = True   # batched videos bit-equal to running alone (fixed UNet rows; runner.py)
+    threads: int | None = None    # CPU threads (None: the CLI's policy, cinemo_rt/threads.py)
 
     def open_runner(self) -> Runner:
         return Runner.open(self.checkpoint, self.engines, self.device, self.dtype, self.policy.max_batch,
-                           self.exact_batching)
+                           self.exact_batching, self.threads)
 
 
 def _key_checker(api_key: str | None) -> Callable:

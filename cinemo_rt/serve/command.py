@@ -15,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--engines", default=None, help="folder built by `python -m export.build_engines`")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None)
+    parser.add_argument("--threads", default=None, metavar="N",
+                        help="CPU threads for PyTorch (default: as `cinemo-rt run`, see --threads there)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--jobs", default="cinemo-jobs", help="folder for the job database, inputs and videos")
@@ -48,6 +50,7 @@ def default_max_batch(device: str | None) -> int:
 def settings_from_args(args):
     import os
 
+    from ..threads import parse_threads
     from .app import ServeSettings
     from .batching import BatchPolicy
 
@@ -60,7 +63,7 @@ def settings_from_args(args):
                          api_key=args.api_key or os.environ.get("CINEMO_API_KEY") or None,
                          max_queue=args.max_queue, policy=BatchPolicy(args.max_batch, args.max_wait_ms),
                          keep_s=args.keep_hours * 3600, requeue=args.requeue,
-                         exact_batching=args.exact_batching)
+                         exact_batching=args.exact_batching, threads=parse_threads(args.threads))
 
 
 def serve(args) -> int:

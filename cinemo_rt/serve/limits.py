@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from ..image import InputError, load_image
+from ..limits import MAX_IMAGE_PIXELS
 from .runner import AnimationRequest
 
 FORMATS = ("mp4", "gif")
@@ -19,7 +20,7 @@ MEDIA_TYPES = {"mp4": "video/mp4", "gif": "image/gif"}
 @dataclass(frozen=True)
 class Limits:
     max_upload_bytes: int = 10 * 2**20
-    max_image_pixels: int = 40_000_000       # decoded size; a 40 MP photo is fine, a decompression bomb is not
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # decoded size, the CLI's limit: a photo yes, a decompression bomb no
     max_steps: int = 100
     max_video_pixels: int = 16 * 576 * 1024  # frames x height x width of one segment
     max_segments: int = 8

@@ -36,6 +36,7 @@ from ..image import InputError, load_image, preprocess
 from ..motion import bucket_to_motion_id
 from ..pipeline import DCT_FRACTION, DCT_TAU, DECODE_CHUNK, Animator, Defaults, reconstruct
 from ..sampling import sample
+from ..threads import apply_threads
 
 
 @dataclass(frozen=True)
@@ -122,14 +123,21 @@ class Runner:
 
     @classmethod
     def open(cls, checkpoint=None, engines=None, device=None, dtype=None, max_batch: int = 1,
-             exact: bool = True) -> "Runner":
+             exact: bool = True, threads: int | None = None) -> "Runner":
+        """The model from a checkpoint (default: the embedded demo) or an engines folder, with the CLI's
+        CPU thread policy (`cinemo_rt.threads`: one thread for a small model, else one per core)."""
         if engines:
-            return cls(Animator.from_engines(engines, device=device), max_batch, exact)
-        if checkpoint is None:
-            from ..defaults import default_checkpoint
+            animator = Animator.from_engines(engines, device=device)
+        else:
+            if checkpoint is None:
+                from ..defaults import default_checkpoint
 
-            checkpoint = default_checkpoint()
-        return cls(Animator.from_checkpoint(checkpoint, device=device, dtype=dtype), max_batch, exact)
+                checkpoint = default_checkpoint()
+            animator = Animator.from_checkpoint(checkpoint, device=device, dtype=dtype)
+        unet = getattr(getattr(animator.backend, "checkpoint", None), "unet", None)
+        parameters = sum(p.numel() for p in unet.parameters()) if isinstance(unet, torch.nn.Module) else None
+        apply_threads(parameters, threads)
+        return cls(animator, max_batch, exact)
 
     @property
     def defaults(self):
