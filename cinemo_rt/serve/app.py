@@ -24,7 +24,9 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
+from ..errors import InputError
 from ..files import give_default_mode
+from ..samplers import DEFAULT_SAMPLER, SAMPLERS
 from .batching import BatchPolicy
 from .jobs import FINAL_STATES, QUEUED, RUNNING, JobStore, is_job_id, new_job_id
 from .limits import MEDIA_TYPES, Limits, RequestError, check_request, read_upload
@@ -197,6 +199,7 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
                width: Annotated[int | None, Form(description="default: the model's")] = None,
                frames: Annotated[int | None, Form(description="frames after the input frame")] = None,
                segments: Annotated[int, Form(description="chained segments for longer videos")] = 1,
+               sampler: Annotated[str, Form(description=f"one of {', '.join(SAMPLERS)}")] = DEFAULT_SAMPLER,
                format: Annotated[str, Form(description="mp4 or gif")] = "mp4"):
         executor, store = state["executor"], state["store"]
         if not executor.ready.is_set():
@@ -205,8 +208,12 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
         wanted = AnimationRequest(prompt=prompt, bucket=None if motion_id is not None else bucket,
                                   motion_id=motion_id, negative_prompt=negative_prompt, steps=steps,
                                   guidance=guidance, seed=seed, height=height, width=width, frames=frames,
-                                  segments=segments).resolved(executor.defaults)
+                                  segments=segments, sampler=sampler).resolved(executor.defaults)
         check_request(wanted, format, settings.limits)
+        try:
+            Runner.pipeline_request(wanted)  # what the pipeline itself refuses (sampler, eta with it, ...)
+        except InputError as err:
+            raise RequestError(422, str(err)) from err
         pixels = read_upload(image.file.read(settings.limits.max_upload_bytes + 1), settings.limits)
         job_id = new_job_id()
         _save_png_atomically(pixels, store.input_path(job_id))

@@ -27,15 +27,18 @@ import queue
 import random
 import threading
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from ..components import images_to_uint8
-from ..image import InputError, load_image, preprocess
-from ..motion import bucket_to_motion_id
-from ..pipeline import DCT_FRACTION, DCT_TAU, DECODE_CHUNK, Animator, Defaults, reconstruct
-from ..sampling import sample
+from .. import stages
+from ..image import load_image, preprocess
+from ..pipeline import Animator
+from ..request import Request
+from ..residuals import frames_from_residuals
+from ..samplers import DEFAULT_SAMPLER
+from ..settings import Size
 from ..threads import apply_threads
 
 
@@ -55,8 +58,9 @@ class AnimationRequest:
     frames: int | None = None
     segments: int = 1
     eta: float = 0.0
+    sampler: str = DEFAULT_SAMPLER
 
-    def resolved(self, d: Defaults) -> "AnimationRequest":
+    def resolved(self, d: Size) -> "AnimationRequest":
         """The model's defaults filled in (and a seed drawn), so the stored request reproduces the video."""
         seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**31)
         return AnimationRequest(**{**self.__dict__, "seed": seed, "height": self.height or d.height,
@@ -65,7 +69,7 @@ class AnimationRequest:
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys share UNet calls (same latent shape; same steps, so they finish together)."""
-        return (self.height, self.width, self.frames, self.steps)
+        return (self.height, self.width, self.frames, self.steps, self.sampler)
 
 
 class Abandoned(Exception):
@@ -146,31 +150,35 @@ class Runner:
     def check_image(self, image) -> np.ndarray:
         return load_image(image)
 
+    @staticmethod
+    def pipeline_request(r: AnimationRequest, segment: int = 0) -> Request:
+        """The pipeline's `Request` for one segment (seed + k for segment k, as `Animator.run_segments`);
+        raises InputError for what the pipeline refuses."""
+        return Request.create(r.prompt, r.bucket, r.motion_id, negative_prompt=r.negative_prompt,
+                              height=r.height, width=r.width, frames=r.frames, steps=r.steps, guidance=r.guidance,
+                              eta=r.eta, seed=r.seed + segment, sampler=r.sampler)
+
     @torch.no_grad()
     def prepare(self, image: np.ndarray, request: AnimationRequest, segment: int = 0,
                 frames_so_far: list[np.ndarray] | None = None) -> Segment:
         """Stages 1-4 of the pipeline for one segment, drawing from the generator in the Animator's order.
         Segment k uses seed + k, as `Animator.animate_segments` does."""
-        a, r = self.animator, request
-        if r.steps < 1 or r.frames < 1:
-            raise InputError("steps and frames must be at least 1")
-        generator = torch.Generator("cpu").manual_seed(r.seed + segment)
+        a, b = self.animator, self.backend
+        r = self.pipeline_request(request, segment)
+        generator = torch.Generator("cpu").manual_seed(r.seed)
         pixels = preprocess(load_image(image), r.height, r.width)
-        z1 = a.encode_z1(pixels, generator)
-        text, text_uncond = a.encode_prompts(r.prompt, r.negative_prompt, r.guidance)
-        x_T = a.initial_noise(z1, r.frames, generator, True, DCT_FRACTION, DCT_TAU)
-        dtype, device = self.backend.dtype, self.backend.device
-        motion = float(r.motion_id) if r.motion_id is not None else bucket_to_motion_id(r.bucket)
-        seg = Segment(request=r, z1=z1, segment=segment, frames_so_far=list(frames_so_far or []))
-        options = dict(z1=z1.to(device, dtype), text=text, text_uncond=text_uncond,
-                       motion_id=torch.full((1,), motion, dtype=torch.float32, device=device), steps=r.steps,
-                       guidance=r.guidance, eta=r.eta, generator=generator,
-                       prediction_type=self.backend.info.prediction_type)
+        z1 = stages.encode_z1(b, pixels, generator)
+        text, text_uncond = stages.encode_prompts(b, a.tokenizer, r.prompt, r.negative_prompt, r.guidance)
+        conditioning = stages.Conditioning(z1, text, text_uncond, stages.motion_ids(b, r))
+        x_T = a.initial_noise(z1, r.frames, generator, r.dct)
+        seg = Segment(request=request, z1=z1, segment=segment, frames_so_far=list(frames_so_far or []))
+        # the sampler thread's backend: the real one, with the stand-in UNet
+        stand_in = SimpleNamespace(unet=seg.unet, device=b.device, dtype=b.dtype, info=b.info)
 
         def run() -> None:
             try:
                 with torch.no_grad():
-                    seg.to_worker.put(("done", sample(seg.unet, x_T.to(device, dtype), **options)))
+                    seg.to_worker.put(("done", stages.denoise(stand_in, conditioning, x_T, r, generator)))
             except Abandoned:
                 pass
             except Exception as err:  # noqa: BLE001 - re-raised in the worker by `advance`
@@ -211,10 +219,8 @@ class Runner:
     @torch.no_grad()
     def finish(self, s: Segment) -> np.ndarray:
         """Decode a finished segment -> uint8 frames (F + 1, H, W, 3)."""
-        info = self.backend.info
-        latents = reconstruct(s.z1.to(s.x_0.dtype), s.x_0)
-        images = self.backend.decode(latents, chunk=DECODE_CHUNK if info.temporal_vae else None)
-        return images_to_uint8(images, rounding=not info.temporal_vae)[0].cpu().numpy()
+        images = stages.decode_latents(self.backend, frames_from_residuals(s.z1.to(s.x_0.dtype), s.x_0))
+        return stages.to_uint8(self.backend, images)[0].cpu().numpy()
 
     def join(self, s: Segment, video: np.ndarray) -> list[np.ndarray]:
         """Frames so far with this segment's appended (the shared boundary frame once)."""
