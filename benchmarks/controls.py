@@ -27,6 +27,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -120,6 +121,50 @@ def strip(videos: list[np.ndarray], scale: int = 3) -> np.ndarray:
     return np.concatenate(rows, 0)
 
 
+RunFn = Callable[[np.ndarray, str, int, int], np.ndarray]  # (image, prompt, bucket, seed) -> uint8 video
+
+
+def bucket_curve(run: RunFn, images: dict[str, np.ndarray], seeds: list[int],
+                 prompts: tuple[str, ...] = BUCKET_PROMPTS) -> dict:
+    """Mean consecutive SSIM per bucket 0..19 over images, prompts and seeds, and its Spearman correlation
+    with the bucket (-1: more motion with every bucket step)."""
+    curve = []
+    for b in range(20):
+        values = [mean_consecutive_ssim(run(img, p, b, s)) for img in images.values() for p in prompts for s in seeds]
+        curve.append(float(np.mean(values)))
+    return {"buckets": list(range(20)), "mean_ssim": [round(v, 4) for v in curve],
+            "spearman": round(spearman(range(20), curve), 4), "prompts": list(prompts)}
+
+
+def direction_test(run: RunFn, images: dict[str, np.ndarray], seeds: list[int], defaults,
+                   pairs: tuple[tuple[str, str], ...] = DIRECTION_PAIRS) -> dict:
+    """Per prompt: mean displacement along its axis and sign agreement with the training clips rendered from
+    the same images; per pair: the paired difference (same image and seed, only the prompt differs)."""
+    directions, per_sample, paired = {}, {}, {}
+    for pair in pairs:
+        for prompt in pair:
+            motion = prompt.replace(" ", "_")
+            gen, ref = [], []
+            for img in images.values():
+                for s in seeds:
+                    gen.append(mean_shift(run(img, prompt, DIRECTION_BUCKET, s)))
+                clip = render_clip(img, motion, 0.03, defaults.frames + 1, defaults.height, np.random.default_rng(0))
+                ref.append(mean_shift(clip))
+            axis = 0 if "left" in prompt or "right" in prompt else 1
+            values = [g[axis] for g in gen]
+            directions[prompt] = {"axis": "x" if axis == 0 else "y",
+                                  "generated_mean_px_per_frame": round(float(np.mean(values)), 4),
+                                  "generated_sign_agreement": round(float(np.mean(
+                                      np.sign(values) == np.sign(np.mean([r[axis] for r in ref])))), 3),
+                                  "training_clip_px_per_frame": round(float(np.mean([r[axis] for r in ref])), 4)}
+            per_sample[prompt] = values
+        first, second = pair
+        training_sign = np.sign(directions[first]["training_clip_px_per_frame"]
+                                - directions[second]["training_clip_px_per_frame"])
+        paired[f"{first} - {second}"] = paired_difference(per_sample[first], per_sample[second], training_sign)
+    return {"bucket": DIRECTION_BUCKET, "seeds": seeds, "by_prompt": directions, "paired": paired}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -162,41 +207,9 @@ def main() -> int:
                                   "held_out_images": list(images)}}
 
     # 1. buckets -> SSIM
-    curve = []
-    for b in range(20):
-        values = [mean_consecutive_ssim(run(img, p, b, s)) for img in images.values() for p in BUCKET_PROMPTS
-                  for s in seeds]
-        curve.append(float(np.mean(values)))
-    results["bucket_ssim"] = {"buckets": list(range(20)), "mean_ssim": [round(v, 4) for v in curve],
-                              "spearman": round(spearman(range(20), curve), 4),
-                              "prompts": list(BUCKET_PROMPTS)}
-
+    results["bucket_ssim"] = bucket_curve(run, images, seeds)
     # 2. direction from the prompt
-    directions, per_sample, pairs = {}, {}, {}
-    direction_seeds = list(range(args.direction_seeds))
-    for pair in DIRECTION_PAIRS:
-        for prompt in pair:
-            motion = prompt.replace(" ", "_")
-            gen, ref = [], []
-            for name, img in images.items():
-                for s in direction_seeds:
-                    gen.append(mean_shift(run(img, prompt, DIRECTION_BUCKET, s)))
-                clip = render_clip(img, motion, 0.03, d.frames + 1, d.height, np.random.default_rng(0))
-                ref.append(mean_shift(clip))
-            axis = 0 if "left" in prompt or "right" in prompt else 1
-            values = [g[axis] for g in gen]
-            directions[prompt] = {"axis": "x" if axis == 0 else "y",
-                                  "generated_mean_px_per_frame": round(float(np.mean(values)), 4),
-                                  "generated_sign_agreement": round(float(np.mean(
-                                      np.sign(values) == np.sign(np.mean([r[axis] for r in ref])))), 3),
-                                  "training_clip_px_per_frame": round(float(np.mean([r[axis] for r in ref])), 4)}
-            per_sample[prompt] = values
-        first, second = pair
-        training_sign = np.sign(directions[first]["training_clip_px_per_frame"]
-                                - directions[second]["training_clip_px_per_frame"])
-        pairs[f"{first} - {second}"] = paired_difference(per_sample[first], per_sample[second], training_sign)
-    results["direction"] = {"bucket": DIRECTION_BUCKET, "seeds": direction_seeds, "by_prompt": directions,
-                            "paired": pairs}
+    results["direction"] = direction_test(run, images, list(range(args.direction_seeds)), d)
 
     # 3. frame 0 and 4. DCTInit
     frame0, vae_ceiling, dct = [], [], {"on": {"jerk": [], "drift_psnr": []}, "off": {"jerk": [], "drift_psnr": []}}

@@ -55,8 +55,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 log = logging.getLogger("benchmarks.latency")
 TORCH_BACKENDS = ("torch-fp32", "torch-fp16", "torch-fast", "torch-fast-compile")
 ENGINE_BACKENDS = tuple(name for name, entry in BACKENDS.items() if entry.source == "engines")
-STAGES = ("text_encode", "vae_encode", "dct_init", "unet_call", "denoise_loop", "vae_decode", "end_to_end")
-LONG_STAGES = ("denoise_loop", "end_to_end")
+STAGES = ("text_encode", "vae_encode", "dct_init", "unet_call", "cache_indicator", "denoise_loop", "vae_decode",
+          "end_to_end", "end_to_end_fast")
+LONG_STAGES = ("denoise_loop", "end_to_end", "end_to_end_fast")
 GUIDANCE = 7.5
 EXIT_NO_GPU = 2
 EXIT_BACKEND_FAILED = 1
@@ -303,6 +304,7 @@ def profile_blocks(backend, inputs: tuple, clock: Clock, repeats: int) -> dict:
 def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_per_call: int,
                 ceiling: dict, reference: dict | None) -> dict:
     from cinemo_rt.dctinit import select_dct_init
+    from cinemo_rt.fewer_calls import REFERENCE_STEPS, relative_l1
     from cinemo_rt.pipeline import Animator
     from cinemo_rt.sampling import sample
     from cinemo_rt.settings import DCT_FRACTION, DCT_TAU
@@ -354,9 +356,14 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
         "vae_encode": lambda: backend.vae_encoder(pixels),
         "dct_init": lambda: dct_init(z1, noise, alpha_tau, DCT_FRACTION),
         "unet_call": lambda: backend.unet(x2, t2, text_both, z1_both, motion2),
+        # The step cache's per-step decision: a reduction and its one host sync (issue 18).
+        "cache_indicator": lambda: float(relative_l1(x2[:1], x2[1:])),
         "denoise_loop": loop,
         "vae_decode": lambda: decode_latents(backend, latents),
         "end_to_end": lambda: animator(image, "a boat on the sea", steps=shape.steps, seed=args.seed),
+        # `cinemo-rt run --fast` (issue 18): the preset's own steps at the released 50, else this run's steps.
+        "end_to_end_fast": lambda: animator(image, "a boat on the sea", fast=True, seed=args.seed,
+                                            steps=None if shape.steps == REFERENCE_STEPS else shape.steps),
     }
     stages = {}
     with torch.no_grad():
@@ -382,6 +389,7 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
         "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
         "other_memory_gib": other_memory(device),
         "profile": profile,
+        "fast_unet_calls": animator.last_unet_calls,  # of the last end_to_end_fast video (a CFG call counts 2)
     }
     if reference is not None and (args.checkpoint or name not in ENGINE_BACKENDS):
         result["parity_rel_l2_vs_torch_fp32"] = {k: relative_error(outputs[k], reference[k]) for k in outputs}

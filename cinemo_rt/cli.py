@@ -71,6 +71,20 @@ def _seed(value: str) -> int:
         raise argparse.ArgumentTypeError(message) from None
 
 
+def _fraction(maximum: float | None):
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        if not number >= 0 or (maximum is not None and number > maximum):
+            bound = f"in 0..{maximum:g}" if maximum is not None else ">= 0"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return number
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -89,11 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     motion.add_argument("--motion-id", type=_finite_float("--motion-id"), default=None,
                         help="raw motion id for other checkpoints (the released model uses 99 - bucket)")
     run.add_argument("--negative-prompt", default="", help="what to steer away from")
-    run.add_argument("--steps", type=_positive_int, default=Request.steps, help="sampling steps")
-    run.add_argument("--sampler", choices=tuple(SAMPLERS), default=Request.sampler,
-                     help="ddim (the original's) or dpmpp-2m (DPM-Solver++(2M): fewer steps)")
+    run.add_argument("--steps", type=_positive_int, default=None,
+                     help="sampling steps (None: 50, or the --fast preset's)")
+    run.add_argument("--sampler", choices=tuple(SAMPLERS), default=None,
+                     help="ddim (the original's) or dpmpp-2m (DPM-Solver++(2M): fewer steps); None: ddim, or the "
+                          "--fast preset's")
     run.add_argument("--guidance", type=_finite_float("--guidance"), default=Request.guidance,
                      help="classifier-free guidance scale (1 = off)")
+    fewer = run.add_argument_group("fewer UNet calls (off by default; benchmarks/results/fewer_calls.md)")
+    fewer.add_argument("--fast", action="store_true",
+                       help="the preset measured on the demo model: fewer steps and the step cache")
+    fewer.add_argument("--cache", type=_fraction(maximum=None), default=None, metavar="THRESHOLD",
+                       help="step cache: skip the UNet while the accumulated estimated output change stays under "
+                            "THRESHOLD (e.g. 0.5; 0 = off in effect)")
+    fewer.add_argument("--guidance-until", type=_fraction(maximum=1.0), default=None, metavar="FRACTION",
+                       help="run both CFG branches only on this first fraction of the steps, then the "
+                            "conditional one with the last guidance direction (1 = every step)")
+    fewer.add_argument("--guidance-every", type=_positive_int, default=None, metavar="N",
+                       help="after --guidance-until, refresh the guidance direction every N-th step")
     run.add_argument("--seed", type=_seed, default=None, help="random seed (bit-reproducible per backend)")
     run.add_argument("--frames", type=_positive_int, default=None, help="frames to generate (None: the model's)")
     run.add_argument("--height", type=_positive_int, default=None,
@@ -189,7 +216,9 @@ def build_request(args) -> Request:
     return Request.create(args.prompt, None if args.motion_id is not None else args.bucket, args.motion_id,
                           negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                           frames=args.frames, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                          sampler=args.sampler, dct=None if args.no_dct else DCTInit(args.dct_fraction, args.dct_tau))
+                          sampler=args.sampler, dct=None if args.no_dct else DCTInit(args.dct_fraction, args.dct_tau),
+                          fast=args.fast, cache=args.cache, guidance_until=args.guidance_until,
+                          guidance_every=args.guidance_every)
 
 
 def cmd_run(args) -> int:
@@ -224,6 +253,7 @@ def cmd_run(args) -> int:
     for stage, seconds in animator.last_timings.items():
         log.info("  %-16s %8.3f s", stage, seconds)
     log.info("  %-16s %8.3f s", "total", sum(animator.last_timings.values()))
+    log.info("UNet calls: %d (single-image; a CFG call counts 2)", animator.last_unet_calls)
     log.debug("write: %.2f s", phases["write"])
     print(f"wrote {video.shape[0]} frames of {video.shape[1]}x{video.shape[2]} (height x width) to {path}")
     return EXIT_OK

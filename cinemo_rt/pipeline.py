@@ -9,6 +9,7 @@ layer that builds a `Request`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -22,12 +23,14 @@ from . import stages
 from .backends.base import Backend
 from .dctinit import select_dct_init
 from .errors import InputError
+from .fewer_calls import CallCounter, load_coefficients
 from .image import load_image, preprocess
-from .request import DCTInit, Request
+from .request import DCTInit, FewerCalls, Request
 from .residuals import frames_from_residuals
 from .schedule import make_schedule
 from .settings import DCT_FRACTION, DCT_TAU, Size
 
+log = logging.getLogger(__name__)
 Defaults = Size  # the name this class had before issue 14
 
 
@@ -50,13 +53,18 @@ class StageTimer:
 class Animator:
     """`Animator.from_checkpoint(folder)(image, prompt, bucket)` -> uint8 video (frames + 1, H, W, 3)."""
 
-    def __init__(self, backend: Backend, tokenizer, defaults: Size = Size()):
+    def __init__(self, backend: Backend, tokenizer, defaults: Size = Size(),
+                 cache_coefficients: tuple[float, ...] | None = None):
         self.backend = backend
         self.tokenizer = tokenizer
         self.defaults = defaults
         self.alphas_cumprod = make_schedule()
         self.dct_init = select_dct_init(backend.device)  # chosen once (CUDA kernels or CPU reference)
         self.last_timings: dict[str, float] = {}
+        # Step-cache indicator fitted to this checkpoint (cinemo_rt.json "step_cache"; None: not calibrated).
+        self.cache_coefficients = cache_coefficients
+        self.last_unet_calls = 0  # single-image UNet calls of the last video (a CFG call counts 2)
+        self._warned_uncalibrated = False
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -71,7 +79,7 @@ class Animator:
 
             folder = default_checkpoint()
         opened, tokenizer = open_checkpoint(folder, backend, device, dtype, **load_options)
-        return cls(opened, tokenizer, Size.from_folder(folder))
+        return cls(opened, tokenizer, Size.from_folder(folder), load_coefficients(folder))
 
     @classmethod
     def from_engines(cls, folder: str | os.PathLike, backend: str = "auto", device=None, dtype=None) -> "Animator":
@@ -80,7 +88,7 @@ class Animator:
         from .backends.registry import open_engines
 
         opened, tokenizer = open_engines(folder, backend, device)
-        return cls(opened, tokenizer, Size.from_folder(folder))
+        return cls(opened, tokenizer, Size.from_folder(folder), load_coefficients(folder))
 
     # -- the job --------------------------------------------------------------------------------------
     def run(self, image, request: Request, callback: Callable[[int, int, torch.Tensor], None] | None = None
@@ -100,24 +108,40 @@ class Animator:
         with timer.stage("4 initial noise"):
             x_T = self.initial_noise(z1, request.frames, generator, request.dct)
         with timer.stage("5 denoise"):
-            x_0 = stages.denoise(backend, conditioning, x_T, request, generator, callback)
+            counter = CallCounter()
+            x_0 = stages.denoise(backend, conditioning, x_T, request, generator, callback, counter=counter,
+                                 cache_coefficients=self._coefficients_for(request))
         with timer.stage("6 decode"):
             images = stages.decode_latents(backend, frames_from_residuals(z1.to(x_0.dtype), x_0))
         with timer.stage("7 to uint8"):
             video = stages.to_uint8(backend, images)[0].cpu().numpy()
         self.last_timings = timer.seconds
+        self.last_unet_calls = counter.calls
         return video
 
+    def _coefficients_for(self, request: Request) -> tuple[float, ...] | None:
+        if request.fewer_calls.cache is not None and self.cache_coefficients is None and not self._warned_uncalibrated:
+            self._warned_uncalibrated = True
+            log.warning("this checkpoint has no step-cache calibration (cinemo_rt.json \"step_cache\"): the cache "
+                        "threshold applies to the raw input change; run benchmarks/calibrate_cache.py")
+        return self.cache_coefficients
+
     def __call__(self, image, prompt: str, bucket: int | None = 9, *, negative_prompt: str = "",
-                 steps: int = Request.steps, guidance: float = Request.guidance, seed: int | None = None,
+                 steps: int | None = None, guidance: float = Request.guidance, seed: int | None = None,
                  height: int | None = None, width: int | None = None, frames: int | None = None,
                  motion_id: float | None = None, use_dct: bool = True, dct_fraction: float = DCT_FRACTION,
-                 dct_tau: int = DCT_TAU, eta: float = Request.eta, sampler: str = Request.sampler,
-                 callback: Callable[[int, int, torch.Tensor], None] | None = None) -> np.ndarray:
-        """The keyword API: builds a `Request` and runs it."""
+                 dct_tau: int = DCT_TAU, eta: float = Request.eta, sampler: str | None = None,
+                 callback: Callable[[int, int, torch.Tensor], None] | None = None, fast: bool = False,
+                 fewer_calls: FewerCalls | None = None, cache: float | None = None,
+                 guidance_until: float | None = None, guidance_every: int | None = None) -> np.ndarray:
+        """The keyword API: builds a `Request` and runs it. `steps` defaults to 50, or the fast preset's with
+        `fast=True`; `fewer_calls`, `cache`, `guidance_until`, `guidance_every` set fewer UNet calls
+        (`Request.create`); the calls of the video are in `last_unet_calls`."""
         fields = _request_fields(dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
                                       height=height, width=width, frames=frames, eta=eta, sampler=sampler,
-                                      use_dct=use_dct, dct_fraction=dct_fraction, dct_tau=dct_tau))
+                                      use_dct=use_dct, dct_fraction=dct_fraction, dct_tau=dct_tau, fast=fast,
+                                      fewer_calls=fewer_calls, cache=cache, guidance_until=guidance_until,
+                                      guidance_every=guidance_every))
         return self.run(image, Request.create(prompt, bucket, motion_id, **fields), callback)
 
     # -- stages, bound to this animator (tests and tools call them) ------------------------------------
@@ -144,7 +168,7 @@ class Animator:
         """`animate_segments` for a request: segment i runs with seed + i."""
         if segments < 1:
             raise InputError(f"segments must be at least 1; got {segments}")
-        parts, timings = [], {}
+        parts, timings, calls = [], {}, 0
         current = image
         request = request.resolve(self.defaults)
         for index in range(segments):
@@ -153,7 +177,9 @@ class Animator:
             current = video[-1]
             for name, sec in self.last_timings.items():
                 timings[name] = timings.get(name, 0.0) + sec
+            calls += self.last_unet_calls
         self.last_timings = timings
+        self.last_unet_calls = calls
         return np.concatenate(parts)
 
 

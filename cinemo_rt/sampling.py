@@ -184,14 +184,22 @@ def sample(
     callback: Callback | None = None,
     prediction_type: str = "epsilon",
     sampler: str = DEFAULT_SAMPLER,
+    fewer_calls=None,
+    cache_coefficients: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Cinemo's denoising loop: `sampler` (DDIM by default) with `steps` steps and CFG of scale `guidance`.
 
     x_T (B, 4, F, h, w) initial noise (DCTInit output); z1 (B, 4, 1, h, w); text, text_uncond
-    (B, 77, D); motion_id (B,) float. Returns the residual latents x_0 (B, 4, F, h, w)."""
+    (B, 77, D); motion_id (B,) float. Returns the residual latents x_0 (B, 4, F, h, w). `fewer_calls`
+    (a `request.FewerCalls`; None: off, `cfg_model_fn` exactly) adds step caching / guidance truncation with
+    the checkpoint's `cache_coefficients` (`fewer_calls.py`), under the raw model output of any sampler."""
+    from .fewer_calls import IDENTITY, wrap_model_fn  # it builds on cfg_model_fn, defined above
+    from .request import FewerCalls
+
     run = load_sampler(sampler)
     alphas_cumprod = make_schedule()
-    model_fn = cfg_model_fn(unet_fn, text=text, text_uncond=text_uncond, z1=z1, motion_id=motion_id,
-                            guidance=guidance)
+    model_fn = wrap_model_fn(unet_fn, fewer_calls or FewerCalls(), text=text, text_uncond=text_uncond, z1=z1,
+                             motion_id=motion_id, guidance=guidance, steps=steps,
+                             coefficients=cache_coefficients or IDENTITY)
     model_fn = epsilon_model_fn(model_fn, prediction_type, alphas_cumprod)
     return run(model_fn, x_T, steps, alphas_cumprod, eta=eta, generator=generator, callback=callback)

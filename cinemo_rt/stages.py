@@ -18,6 +18,7 @@ from .backends.base import Backend
 from .components import images_to_uint8, tokenize
 from .residuals import frames_from_residuals
 from .request import DCTInit, Request
+from .fewer_calls import CallCounter
 from .sampling import needs_unconditional, sample
 from .settings import DECODE_CHUNK
 
@@ -78,16 +79,21 @@ def initial_noise(z1: torch.Tensor, frames: int, generator: torch.Generator, dct
 
 
 def denoise(backend: Backend, conditioning: Conditioning, x_T: torch.Tensor, request: Request,
-            generator: torch.Generator, callback=None) -> torch.Tensor:
-    """The sampler named by the request over the backend's UNet with CFG -> residual latents x_0. Latents
-    that turn NaN or infinite raise `NonFiniteError` after the loop, naming the first such step."""
+            generator: torch.Generator, callback=None, *, counter: CallCounter | None = None,
+            cache_coefficients: tuple[float, ...] | None = None) -> torch.Tensor:
+    """The sampler named by the request over the backend's UNet with CFG -> residual latents x_0, with the
+    request's `fewer_calls` (step cache with the checkpoint's `cache_coefficients`, guidance truncation);
+    `counter` counts the single-image UNet calls. Latents that turn NaN or infinite raise `NonFiniteError`
+    after the loop, naming the first such step."""
     c = conditioning
     dtype = backend.dtype
     watch = NonFiniteWatch(backend.device, callback)
-    x_0 = sample(backend.unet, x_T.to(backend.device, dtype), z1=c.z1.to(dtype), text=c.text,
+    unet = backend.unet if counter is None else counter.wrap(backend.unet)
+    x_0 = sample(unet, x_T.to(backend.device, dtype), z1=c.z1.to(dtype), text=c.text,
                  text_uncond=c.text_uncond, motion_id=c.motion_id, steps=request.steps, guidance=request.guidance,
                  eta=request.eta, generator=generator, callback=watch,
-                 prediction_type=backend.info.prediction_type, sampler=request.sampler)
+                 prediction_type=backend.info.prediction_type, sampler=request.sampler,
+                 fewer_calls=request.fewer_calls, cache_coefficients=cache_coefficients)
     watch.check(request.steps)
     return x_0
 

@@ -1,0 +1,210 @@
+"""Fewer UNet calls per video (issue 18): step caching and guidance truncation as model-function wrappers.
+
+Everything here keeps the denoiser contract `model_fn(x_t, t) -> output` of `sampling.py`, so it works over
+any backend's `unet_fn` and under any sampler that calls the model once per step (DDIM, DPM-Solver++(2M)):
+
+- `CallCounter` counts single-image UNet calls (a batch-2 CFG call counts 2).
+- `truncated_cfg_model_fn`: classifier-free guidance for the first `guidance_until` fraction of the steps
+  (and optionally every N-th step after), the conditional branch alone on the others plus the last measured
+  guidance direction eps_c - eps_u held fixed (FasterCache-style reuse of the unconditional branch): those
+  steps cost one call instead of two.
+- `StepCache`: TeaCache-style output caching. A cheap indicator per step, the relative L1 change of the
+  model input x_t since the previous step, is rescaled by a polynomial fitted per checkpoint (the estimated
+  relative change of the model *output*; `benchmarks/calibrate_cache.py`) and accumulated; while the sum
+  stays under `threshold` the UNet is skipped and the output is extrapolated from the last two computed
+  ones (TaylorSeer-like, first order) or reused; else the UNet is called and the sum resets. The first and
+  the last step are always computed.
+
+The options (`FewerCalls`) and the measured preset behind `cinemo-rt run --fast` (`FAST_PRESET`) live in
+`request.py`, which the CLI reads without importing torch.
+
+Off by default: `FewerCalls()` (no cache, guidance on every step) builds exactly today's closure.
+
+Host synchronisation: the cache decision needs the indicator on the host, one small `.item()` per step
+(on CUDA one device sync per step). It is taken here, between UNet calls, never inside the backend's
+`unet_fn` (which the torch-fast backend may replay as a captured CUDA graph). Guidance truncation decides
+by step index and never syncs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .request import FAST_PRESET, REFERENCE_STEPS, FewerCalls, resolve_options  # noqa: F401 (re-exported)
+from .sampling import ModelFn, UNetFn, cfg_model_fn
+from .settings import SIZE_FILE as CONFIG_FILE
+from .settings import STEP_CACHE_KEY as CALIBRATION_KEY
+
+log = logging.getLogger(__name__)
+
+IDENTITY = (1.0, 0.0)  # uncalibrated: the input change itself stands for the output change
+
+
+@dataclass
+class StepClock:
+    """The index of the current sampling step, advanced once per model evaluation by the outermost wrapper
+    (`ticking`), so the inner ones agree on it even when the cache skips the UNet."""
+
+    step: int = 0
+
+    def ticking(self, model_fn: ModelFn) -> ModelFn:
+        def ticked(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = model_fn(x_t, t)
+            self.step += 1
+            return out
+
+        return ticked
+
+
+@dataclass
+class CallCounter:
+    """Single-image UNet calls: each call adds its batch size (CFG's doubled batch of one image adds 2)."""
+
+    calls: int = 0
+
+    def wrap(self, unet_fn: UNetFn) -> UNetFn:
+        def counted(x_t, t, text, z1, motion_id):
+            self.calls += int(x_t.shape[0])
+            return unet_fn(x_t, t, text, z1, motion_id)
+
+        return counted
+
+
+def guided(step: int, steps: int, options: FewerCalls) -> bool:
+    """Whether `step` runs both CFG branches: the first ceil(guidance_until * steps) steps (at least one: the
+    direction reused later must have been measured), and then every `guidance_every`-th step if set."""
+    if step < max(1, math.ceil(options.guidance_until * steps - 1e-9)):
+        return True
+    return options.guidance_every is not None and step % options.guidance_every == 0
+
+
+def truncated_cfg_model_fn(unet_fn: UNetFn, options: FewerCalls, *, text: torch.Tensor,
+                           text_uncond: torch.Tensor | None, z1: torch.Tensor, motion_id: torch.Tensor,
+                           guidance: float, steps: int, clock: StepClock) -> ModelFn:
+    """CFG on the steps `guided` picks; on the others the conditional branch alone (one call instead of two)
+    plus the guidance direction d = eps_c - eps_u of the last guided step, held fixed:
+    eps_u + g (eps_c - eps_u) = eps_c + (g - 1) d. With guidance 1, or guidance on every step, it is
+    `cfg_model_fn` itself."""
+    if guidance == 1.0 or options.guidance_until >= 1.0:
+        return cfg_model_fn(unet_fn, text=text, text_uncond=text_uncond, z1=z1, motion_id=motion_id,
+                            guidance=guidance)
+    last_batch: dict[str, torch.Tensor] = {}
+
+    def tapped(*args):  # keeps CFG's doubled output so the guidance direction can be read off it
+        last_batch["eps"] = unet_fn(*args)
+        return last_batch["eps"]
+
+    both = cfg_model_fn(tapped, text=text, text_uncond=text_uncond, z1=z1, motion_id=motion_id, guidance=guidance)
+    conditional = cfg_model_fn(unet_fn, text=text, text_uncond=None, z1=z1, motion_id=motion_id, guidance=1.0)
+    state: dict[str, torch.Tensor] = {}
+
+    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if guided(clock.step, steps, options) or "direction" not in state:
+            out = both(x_t, t)
+            eps_u, eps_c = last_batch.pop("eps").chunk(2)  # (B, 4, F, h, w) each
+            state["direction"] = eps_c - eps_u
+            return out
+        return conditional(x_t, t) + (guidance - 1.0) * state["direction"]
+
+    return model_fn
+
+
+def relative_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mean |a - b| / mean |b| as a 0-d fp32 tensor on a's device."""
+    return (a.float() - b.float()).abs().mean() / b.float().abs().mean().clamp_min(1e-12)
+
+
+def polynomial(coefficients: Sequence[float], x: float) -> float:
+    """numpy.polyval on host floats (highest power first)."""
+    value = 0.0
+    for c in coefficients:
+        value = value * x + c
+    return value
+
+
+@dataclass
+class StepCache:
+    """TeaCache-style output caching around `model_fn` (see the module docstring). Stateful: build one per
+    video. `coefficients` (highest power first) map the relative L1 change of the model input between
+    consecutive steps to the estimated relative L1 change of the output. A skipped step returns the last
+    computed output, or with `reuse="extrapolate"` (the default: +4 to +7 dB at equal calls on the demo
+    model, benchmarks/results/fewer_calls.md) its linear extrapolation from the last two computed outputs
+    over the step index."""
+
+    model_fn: ModelFn
+    threshold: float
+    steps: int
+    clock: StepClock
+    coefficients: Sequence[float] = IDENTITY
+    reuse: str = "extrapolate"
+    accumulated: float = 0.0
+    skipped: list[int] = field(default_factory=list)
+    _previous_x: torch.Tensor | None = None
+    _computed: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # last two (step, output)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        step = self.clock.step
+        compute = not self._computed or step >= self.steps - 1
+        if not compute:
+            # The one host sync per step (a 0-d reduction), taken between UNet calls.
+            change = float(relative_l1(x_t, self._previous_x))
+            self.accumulated += max(polynomial(self.coefficients, change), 0.0)
+            compute = self.accumulated >= self.threshold
+        self._previous_x = x_t
+        if compute:
+            self.accumulated = 0.0
+            self._computed = [*self._computed[-1:], (step, self.model_fn(x_t, t))]
+            return self._computed[-1][1]
+        self.skipped.append(step)
+        last_step, last = self._computed[-1]
+        if self.reuse != "extrapolate" or len(self._computed) < 2:
+            return last
+        before_step, before = self._computed[0]
+        return last + (last - before) * ((step - last_step) / (last_step - before_step))
+
+
+def wrap_model_fn(unet_fn: UNetFn, options: FewerCalls, *, text: torch.Tensor, text_uncond: torch.Tensor | None,
+                  z1: torch.Tensor, motion_id: torch.Tensor, guidance: float, steps: int,
+                  coefficients: Sequence[float] = IDENTITY) -> ModelFn:
+    """The model function for one video: CFG (truncated per `options`), then step caching. Off
+    (`FewerCalls()`) it is `cfg_model_fn`'s closure itself: the default path is today's, bit for bit."""
+    clock = StepClock()
+    model_fn = truncated_cfg_model_fn(unet_fn, options, text=text, text_uncond=text_uncond, z1=z1,
+                                      motion_id=motion_id, guidance=guidance, steps=steps, clock=clock)
+    if options.cache is not None:
+        model_fn = StepCache(model_fn, threshold=options.cache, steps=steps, clock=clock,
+                             coefficients=tuple(coefficients), reuse=options.cache_reuse)
+    return model_fn if options.is_off else clock.ticking(model_fn)
+
+
+# -- calibration stored with the checkpoint ---------------------------------------------------------------
+def load_coefficients(folder: str | os.PathLike | None) -> tuple[float, ...] | None:
+    """The fitted indicator polynomial from `folder/cinemo_rt.json` (key "step_cache"), None if absent.
+    Other keys of the file are left to their readers."""
+    path = Path(folder) / CONFIG_FILE if folder else None
+    if path is None or not path.is_file():
+        return None
+    entry = json.loads(path.read_text(encoding="utf-8")).get(CALIBRATION_KEY)
+    if not isinstance(entry, dict) or not entry.get("coefficients"):
+        return None
+    return tuple(float(c) for c in entry["coefficients"])
+
+
+def store_calibration(folder: str | os.PathLike, entry: dict) -> Path:
+    """Merge `entry` under "step_cache" into `folder/cinemo_rt.json`, keeping every other key (temp then
+    rename: a reader never sees half a file)."""
+    path = Path(folder) / CONFIG_FILE
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    data[CALIBRATION_KEY] = entry
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
