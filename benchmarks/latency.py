@@ -456,7 +456,7 @@ def markdown(report: dict) -> str:
              f"UNet GFLOP per CFG call: {report['unet_flops']['total'] / 1e9:.1f} "
              f"(conv {report['unet_flops']['conv'] / 1e9:.1f}, linear {report['unet_flops']['linear'] / 1e9:.1f}, "
              f"attention {report['unet_flops']['attention'] / 1e9:.1f})  ",
-             f"Matmul ceiling: {report['matmul_ceiling']['tflops']:.1f} TFLOP/s "
+             f"Matmul ceiling: {report['matmul_ceiling']['tflops']:.3g} TFLOP/s "
              f"({report['matmul_ceiling']['n']}^3 {report['matmul_ceiling']['dtype']})", "",
              "Median ms (min-max) per stage:", "",
              "| backend | dtype | " + " | ".join(STAGES)
@@ -535,8 +535,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend for torch-fast-compile (eager: dynamo alone, seconds; a rehearsal)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and Markdown results")
+    p.add_argument("--out", default=None,
+                   help=f"folder for the JSON and Markdown results (default {RESULTS.relative_to(ROOT)}; with --tiny a "
+                        "temporary folder, since a smoke test's numbers are not results)")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="cinemo-latency-tiny-") if args.tiny else str(RESULTS)
     args.named = args.backends is not None  # named backends must run: unavailable is a failure then
     args.repeats = args.repeats or (2 if args.tiny else 20)
     args.loop_repeats = args.loop_repeats or (1 if args.tiny else 3)
