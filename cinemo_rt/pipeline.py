@@ -110,7 +110,7 @@ class Animator:
         with timer.stage("5 denoise"):
             counter = CallCounter()
             x_0 = stages.denoise(backend, conditioning, x_T, request, generator, callback, counter=counter,
-                                 cache_coefficients=self._coefficients_for(request))
+                                 cache_coefficients=self.coefficients_for(request))
         with timer.stage("6 decode"):
             images = stages.decode_latents(backend, frames_from_residuals(z1.to(x_0.dtype), x_0))
         with timer.stage("7 to uint8"):
@@ -119,7 +119,7 @@ class Animator:
         self.last_unet_calls = counter.calls
         return video
 
-    def _coefficients_for(self, request: Request) -> tuple[float, ...] | None:
+    def coefficients_for(self, request: Request) -> tuple[float, ...] | None:
         if request.fewer_calls.cache is not None and self.cache_coefficients is None and not self._warned_uncalibrated:
             self._warned_uncalibrated = True
             log.warning("this checkpoint has no step-cache calibration (cinemo_rt.json \"step_cache\"): the cache "

@@ -164,6 +164,17 @@ def test_queue_full_position_and_cancel(tmp_path, runner):
         assert 'cinemo_http_rejections_total{status="429"} 1.0' in client.get("/metrics").text
 
 
+def run_group(runner, image, group, calls=None):
+    """Denoise `group` together, one runner step per UNet call of the segments still running (with fewer
+    calls they finish at different steps) -> videos; `calls` gets each request's UNet calls."""
+    segments = [runner.prepare(image, r) for r in group]
+    while live := [s for s in segments if not s.done]:
+        runner.step(live)
+    if calls is not None:
+        calls.extend(s.counter.calls for s in segments)
+    return [runner.finish(s) for s in segments]
+
+
 def test_batched_requests_equal_running_alone(runner):
     image = load_image(EXAMPLE_IMAGE)
     requests = [AnimationRequest(prompt=p, bucket=b, seed=s, guidance=g, steps=3).resolved(runner.defaults)
@@ -171,10 +182,7 @@ def test_batched_requests_equal_running_alone(runner):
                                    ("zooms in", 9, 3, 5.0)]]
 
     def run(group, runner=runner):
-        segments = [runner.prepare(image, r) for r in group]
-        while not segments[0].done:
-            runner.step(segments)
-        return [runner.finish(s) for s in segments]
+        return run_group(runner, image, group)
 
     alone = [run([r])[0] for r in requests]
     together = run(requests)
@@ -193,6 +201,62 @@ def test_batched_requests_equal_running_alone(runner):
     r = requests[0]
     reference = runner.animator(image, r.prompt, r.bucket, steps=r.steps, guidance=r.guidance, seed=r.seed)
     assert np.array_equal(run([r], Runner(runner.animator, max_batch=1))[0], reference)
+
+
+def test_fewer_calls_requests_batch_with_plain_ones_bit_for_bit(runner):
+    """A step-cached and a guidance-truncated request next to a plain one: each skips or halves its own calls
+    (never waiting in the batch for a call it does not make) and gets the video it gets alone."""
+    image = load_image(EXAMPLE_IMAGE)
+    base = dict(prompt="the camera pans left", steps=8, sampler="dpmpp-2m")
+    requests = [AnimationRequest(**base, seed=1).resolved(runner.defaults),
+                AnimationRequest(**base, seed=2, cache=0.5).resolved(runner.defaults),
+                AnimationRequest(**base, seed=3, guidance_until=0.25, guidance_every=3).resolved(runner.defaults)]
+    alone_calls, together_calls = [], []
+    alone = [run_group(runner, image, [r], alone_calls)[0] for r in requests]
+    together = run_group(runner, image, requests, together_calls)
+    for a, b in zip(alone, together):
+        assert np.array_equal(a, b)  # bit for bit
+    assert together_calls == alone_calls
+    plain, cached, truncated = alone_calls
+    # guided on steps 0, 1, 3, 6 (the first quarter, then every 3rd): 4 x 2 + 4 x 1 rows
+    assert plain == 16 and cached < 16 and truncated == 12, alone_calls
+    # batching off: the Animator's video and UNet calls for the step-cached request
+    r = requests[1]
+    reference = runner.animator(image, r.prompt, r.bucket, steps=r.steps, sampler=r.sampler, seed=r.seed,
+                                cache=r.cache)
+    single = []
+    assert np.array_equal(run_group(Runner(runner.animator, max_batch=1), image, [r], single)[0], reference)
+    assert single == [runner.animator.last_unet_calls] == [cached]
+
+
+def test_fast_requests_over_http_report_unet_calls(tmp_path, runner):
+    gated = GatedRunner(runner)
+    settings = ServeSettings(jobs_dir=tmp_path / "jobs", policy=BatchPolicy(max_batch=4, max_wait_ms=0))
+    with TestClient(create_app(settings, open_runner=lambda: gated)) as client:
+        for fields, words in [({"cache": "-1"}, "cache threshold"), ({"guidance_until": "1.5"}, "guidance_until"),
+                              ({"guidance_every": "0"}, "guidance_every"), ({"cache": "nan"}, "cache threshold")]:
+            refused = submit(client, **fields)
+            assert refused.status_code == 422 and words in refused.json()["detail"], refused.text
+        plain = submit(client, steps="6", sampler="dpmpp-2m").json()
+        assert gated.entered.wait(30)  # the plain request holds the worker at its first call
+        fast = submit(client, steps="6", fast="true", seed="2").json()
+        assert fast["request"]["cache"] == 0.5 and fast["request"]["sampler"] == "dpmpp-2m"
+        gated.gate.set()
+        plain, fast = (wait_final(client, job["id"]) for job in (plain, fast))
+        assert plain["state"] == fast["state"] == "done"
+        assert plain["unet_calls"] == 12 and 2 <= fast["unet_calls"] < 12, (plain, fast)
+        metrics = client.get("/metrics").text
+        assert f"cinemo_unet_calls_total {plain['unet_calls'] + fast['unet_calls']}.0" in metrics
+        assert "cinemo_denoise_steps_total 12.0" in metrics  # skipped steps are steps done too
+        batched = client.get(fast["urls"]["video"]).content
+        preset = submit(client, fast="true", steps="").json()  # no steps given: the preset's
+        assert (preset["request"]["steps"], preset["request"]["guidance_until"]) == (20, 1.0)
+        client.delete(preset["urls"]["status"])
+    with make_client(tmp_path / "alone", runner) as client:
+        alone = submit(client, steps="6", fast="true", seed="2").json()
+        alone = wait_final(client, alone["id"])
+        assert alone["unet_calls"] == fast["unet_calls"]
+        assert client.get(alone["urls"]["video"]).content == batched
 
 
 def test_worker_batches_concurrent_requests(tmp_path, runner):

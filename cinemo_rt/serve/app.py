@@ -25,10 +25,11 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
 from ..errors import InputError
+from ..request import FAST_PRESET, REFERENCE_STEPS, resolve_options
 from ..files import give_default_mode
 from ..samplers import DEFAULT_SAMPLER, SAMPLERS
 from .batching import BatchPolicy
-from .jobs import FINAL_STATES, QUEUED, RUNNING, JobStore, is_job_id, new_job_id
+from .jobs import DONE, FINAL_STATES, QUEUED, RUNNING, JobStore, is_job_id, new_job_id
 from .limits import MEDIA_TYPES, Limits, RequestError, check_request, read_upload
 from .metrics import Metrics
 from .runner import AnimationRequest, Runner
@@ -180,6 +181,8 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
             body["position"] = executor.position(job.id)
         if job.state == RUNNING:
             body.update(step=job.step, total=job.total or job.request["steps"] * job.request["segments"])
+        if job.state in (RUNNING, DONE):
+            body["unet_calls"] = job.calls  # single-image UNet calls so far (a CFG step counts 2)
         if job.error:
             body["error"] = job.error
         return body
@@ -192,25 +195,39 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
                bucket: Annotated[int | None, Form(description="motion intensity 0..19, larger = more")] = 9,
                motion_id: Annotated[float | None, Form(description="raw motion id instead of bucket")] = None,
                negative_prompt: Annotated[str, Form()] = "",
-               steps: Annotated[int, Form(description="DDIM steps")] = 50,
+               steps: Annotated[int | None, Form(description=f"sampling steps (default {REFERENCE_STEPS}, or "
+                                                             f"{FAST_PRESET.steps} with fast)")] = None,
                guidance: Annotated[float, Form(description="CFG scale; 1 turns it off")] = 7.5,
                seed: Annotated[int | None, Form(description="seed; drawn and reported when absent")] = None,
                height: Annotated[int | None, Form(description="default: the model's")] = None,
                width: Annotated[int | None, Form(description="default: the model's")] = None,
                frames: Annotated[int | None, Form(description="frames after the input frame")] = None,
                segments: Annotated[int, Form(description="chained segments for longer videos")] = 1,
-               sampler: Annotated[str, Form(description=f"one of {', '.join(SAMPLERS)}")] = DEFAULT_SAMPLER,
-               format: Annotated[str, Form(description="mp4 or gif")] = "mp4"):
+               sampler: Annotated[str | None, Form(description=f"one of {', '.join(SAMPLERS)} (default "
+                                            f"{DEFAULT_SAMPLER}, or {FAST_PRESET.sampler} with fast)")] = None,
+               format: Annotated[str, Form(description="mp4 or gif")] = "mp4",
+               fast: Annotated[bool, Form(description="the measured fewer-UNet-calls preset: steps, sampler and "
+                                          "step cache (the fields given override it)")] = False,
+               cache: Annotated[float | None, Form(description="step cache threshold >= 0: skip the UNet while "
+                                                   "the estimated output change stays under it (e.g. 0.5)")] = None,
+               guidance_until: Annotated[float | None, Form(description="fraction 0..1 of the steps that run "
+                                                            "both CFG branches (default 1: all)")] = None,
+               guidance_every: Annotated[int | None, Form(description="after guidance_until, refresh the "
+                                                          "guidance direction every N-th step (N >= 1)")] = None):
         executor, store = state["executor"], state["store"]
         if not executor.ready.is_set():
             raise HTTPException(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
         executor.check_capacity()
-        wanted = AnimationRequest(prompt=prompt, bucket=None if motion_id is not None else bucket,
-                                  motion_id=motion_id, negative_prompt=negative_prompt, steps=steps,
-                                  guidance=guidance, seed=seed, height=height, width=width, frames=frames,
-                                  segments=segments, sampler=sampler).resolved(executor.defaults)
-        check_request(wanted, format, settings.limits)
-        try:
+        try:  # the request stores the options resolved, so it reproduces the video without the preset
+            steps, sampler, options = resolve_options(fast, steps, sampler, cache=cache, guidance_until=guidance_until,
+                                                      guidance_every=guidance_every)
+            wanted = AnimationRequest(prompt=prompt, bucket=None if motion_id is not None else bucket,
+                                      motion_id=motion_id, negative_prompt=negative_prompt, steps=steps,
+                                      guidance=guidance, seed=seed, height=height, width=width, frames=frames,
+                                      segments=segments, sampler=sampler, cache=options.cache,
+                                      guidance_until=options.guidance_until,
+                                      guidance_every=options.guidance_every).resolved(executor.defaults)
+            check_request(wanted, format, settings.limits)
             Runner.pipeline_request(wanted)  # what the pipeline itself refuses (sampler, eta with it, ...)
         except InputError as err:
             raise RequestError(422, str(err)) from err

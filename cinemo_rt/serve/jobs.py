@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner TEXT,                     -- which server process (or Ray replica) runs it
     step INTEGER NOT NULL DEFAULT 0,
     total INTEGER NOT NULL DEFAULT 0,
-    cancel INTEGER NOT NULL DEFAULT 0  -- asked to stop; the worker running it stops before its next step
+    cancel INTEGER NOT NULL DEFAULT 0, -- asked to stop; the worker running it stops before its next step
+    calls INTEGER NOT NULL DEFAULT 0   -- single-image UNet calls so far (a CFG step counts 2)
 );
 CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs (state, created);
 """
@@ -51,6 +52,7 @@ class Job:
     total: int = 0
     cancel: bool = False
     owner: str = ""
+    calls: int = 0
 
     @property
     def format(self) -> str:
@@ -82,6 +84,8 @@ class JobStore:
         # the last few commits but never corrupts the database. Progress is written every step, so no fsync each.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        if "calls" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:  # a store from before
+            self._db.execute("ALTER TABLE jobs ADD COLUMN calls INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -120,13 +124,13 @@ class JobStore:
             return True
         return False
 
-    def set_progress(self, progress: list[tuple[str, int, int]]) -> None:
-        """(job id, steps done, steps in all) for several jobs, in one transaction."""
+    def set_progress(self, progress: list[tuple[str, int, int, int]]) -> None:
+        """(job id, steps done, steps in all, UNet calls so far) for several jobs, in one transaction."""
         with self._lock:
             with self._db:
                 self._db.execute("BEGIN")
-                self._db.executemany("UPDATE jobs SET step=?, total=? WHERE id=?",
-                                     [(step, total, job_id) for job_id, step, total in progress])
+                self._db.executemany("UPDATE jobs SET step=?, total=?, calls=? WHERE id=?",
+                                     [(step, total, calls, job_id) for job_id, step, total, calls in progress])
 
     def request_cancel(self, job_id: str) -> None:
         self._execute("UPDATE jobs SET cancel=1 WHERE id=?", (job_id,))
@@ -145,7 +149,7 @@ class JobStore:
         return row[0] or None
 
     def requeue(self, job_id: str) -> None:
-        self._execute("UPDATE jobs SET state=?, started=NULL, step=0 WHERE id=?", (QUEUED, job_id))
+        self._execute("UPDATE jobs SET state=?, started=NULL, step=0, calls=0 WHERE id=?", (QUEUED, job_id))
 
     def delete(self, job_id: str) -> None:
         job = self.get(job_id)
@@ -157,8 +161,8 @@ class JobStore:
 
     # -- reads ----------------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
-        row = self._execute("SELECT id, state, request, created, started, finished, error, step, total, cancel, owner "
-                            "FROM jobs WHERE id=?", (job_id,)).fetchone()
+        row = self._execute("SELECT id, state, request, created, started, finished, error, step, total, cancel, owner, "
+                            "calls FROM jobs WHERE id=?", (job_id,)).fetchone()
         return None if row is None else Job(row[0], row[1], json.loads(row[2]), *row[3:])
 
     def ids_in_state(self, *states: str) -> list[str]:

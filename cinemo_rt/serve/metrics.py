@@ -43,6 +43,8 @@ class Metrics:
                                        ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
         self.steps = Counter("cinemo_denoise_steps", "denoising steps done, counted per request",
                              registry=self.registry)
+        self.unet_calls = Counter("cinemo_unet_calls", "single-image UNet calls for requests (a CFG step counts "
+                                  "2; padding rows not counted)", registry=self.registry)
         self.steps_per_second = Gauge("cinemo_denoise_steps_per_second",
                                       "request-steps per second in the last batched step", registry=self.registry)
         self.batch_size = Histogram("cinemo_batch_requests", "requests per UNet call", buckets=(1, 2, 3, 4, 6, 8, 16),
@@ -52,12 +54,15 @@ class Metrics:
         Gauge("cinemo_device_memory_bytes", "CUDA memory allocated (CPU: peak resident memory)",
               registry=self.registry).set_function(_device_memory_bytes)
 
-    def observe_step(self, requests: int, seconds: float) -> None:
+    def observe_step(self, requests: int, steps: int, unet_calls: int, seconds: float) -> None:
+        """One batched UNet call: `steps` request-steps done (more than `requests` where a step cache skipped
+        the UNet), `unet_calls` rows of requests in it."""
         self.stage_seconds.labels("denoise").observe(seconds)
-        self.steps.inc(requests)
+        self.steps.inc(steps)
+        self.unet_calls.inc(unet_calls)
         self.batch_size.observe(requests)
         if seconds > 0:
-            self.steps_per_second.set(requests / seconds)
+            self.steps_per_second.set(steps / seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,6 +11,13 @@ thread of its own whose UNet is a stand-in: it hands its (CFG-doubled) UNet inpu
 the threads advance in lockstep, one at a time (never two computing at once), and each request's arithmetic
 is exactly the unbatched loop's.
 
+Fewer UNet calls (`request.FewerCalls`: step cache, guidance truncation) need nothing of the worker: they
+live in the sampler's model function, above the stand-in UNet. A request whose step cache skips a step
+simply passes on to its next real call before it hands anything over, and a guidance-truncated step hands
+over one row (the conditional one) instead of two; `step` batches whatever rows each segment hands over.
+So no request ever waits in a group for a call it will not make, requests finish after different numbers
+of calls, and each still sees exactly the rows it would alone.
+
 Bit-for-bit equality with or without companions: CPU kernels (MKL matrix products, oneDNN convolutions)
 choose their blocking by batch size, so a row's result can change in the last bits when the batch grows
 (measured: 4e-6 relative). With a fixed batch size the result of a row does not depend on its position or
@@ -35,7 +42,8 @@ import torch
 from .. import stages
 from ..image import load_image, preprocess
 from ..pipeline import Animator
-from ..request import Request
+from ..fewer_calls import CallCounter
+from ..request import FewerCalls, Request
 from ..residuals import frames_from_residuals
 from ..samplers import DEFAULT_SAMPLER
 from ..settings import Size
@@ -59,6 +67,9 @@ class AnimationRequest:
     segments: int = 1
     eta: float = 0.0
     sampler: str = DEFAULT_SAMPLER
+    cache: float | None = None      # fewer UNet calls (`request.FewerCalls`); batch like any other request
+    guidance_until: float = 1.0
+    guidance_every: int | None = None
 
     def resolved(self, d: Size) -> "AnimationRequest":
         """The model's defaults filled in (and a seed drawn), so the stored request reproduces the video."""
@@ -71,6 +82,10 @@ class AnimationRequest:
         """Requests with equal keys share UNet calls (same latent shape; same steps, so they finish together)."""
         return (self.height, self.width, self.frames, self.steps, self.sampler)
 
+    @property
+    def fewer_calls(self) -> FewerCalls:
+        return FewerCalls(cache=self.cache, guidance_until=self.guidance_until, guidance_every=self.guidance_every)
+
 
 class Abandoned(Exception):
     """Raised inside a segment's sampler thread when the worker drops it (cancelled, or its batch failed)."""
@@ -78,7 +93,9 @@ class Abandoned(Exception):
 
 @dataclass
 class Segment:
-    """One request's denoising, paused at a UNet call (`pending`) or finished (`x_0`)."""
+    """One request's denoising, paused at a UNet call (`pending`) or finished (`x_0`). With fewer UNet calls
+    a sampler may pass several steps between two calls (`steps_done` counts them; `counter` the rows it
+    handed over), so a segment never waits in a group for a call it will not make."""
 
     request: AnimationRequest
     z1: torch.Tensor
@@ -86,6 +103,8 @@ class Segment:
     frames_so_far: list[np.ndarray] = field(default_factory=list)
     pending: tuple | None = None      # the UNet inputs the sampler waits on
     x_0: torch.Tensor | None = None
+    steps_done: int = 0
+    counter: CallCounter = field(default_factory=CallCounter)
     to_worker: queue.Queue = field(default_factory=queue.Queue)
     to_sampler: queue.Queue = field(default_factory=queue.Queue)
 
@@ -156,7 +175,7 @@ class Runner:
         raises InputError for what the pipeline refuses."""
         return Request.create(r.prompt, r.bucket, r.motion_id, negative_prompt=r.negative_prompt,
                               height=r.height, width=r.width, frames=r.frames, steps=r.steps, guidance=r.guidance,
-                              eta=r.eta, seed=r.seed + segment, sampler=r.sampler)
+                              eta=r.eta, seed=r.seed + segment, sampler=r.sampler, fewer_calls=r.fewer_calls)
 
     @torch.no_grad()
     def prepare(self, image: np.ndarray, request: AnimationRequest, segment: int = 0,
@@ -174,11 +193,17 @@ class Runner:
         seg = Segment(request=request, z1=z1, segment=segment, frames_so_far=list(frames_so_far or []))
         # the sampler thread's backend: the real one, with the stand-in UNet
         stand_in = SimpleNamespace(unet=seg.unet, device=b.device, dtype=b.dtype, info=b.info)
+        coefficients = a.coefficients_for(r)
+
+        def count_step(i: int, t: int, x: torch.Tensor) -> None:
+            seg.steps_done = i + 1  # read by the worker once `advance` returns (the queue orders it)
 
         def run() -> None:
             try:
                 with torch.no_grad():
-                    seg.to_worker.put(("done", stages.denoise(stand_in, conditioning, x_T, r, generator)))
+                    x_0 = stages.denoise(stand_in, conditioning, x_T, r, generator, count_step, counter=seg.counter,
+                                         cache_coefficients=coefficients)
+                    seg.to_worker.put(("done", x_0))
             except Abandoned:
                 pass
             except Exception as err:  # noqa: BLE001 - re-raised in the worker by `advance`

@@ -42,8 +42,17 @@ def request_of(job_request: dict) -> AnimationRequest:
 class Active:
     job_id: str
     segment: Segment
-    steps_done: int
+    steps_before: int   # steps and UNet calls of the job's earlier segments
     steps_total: int
+    calls_before: int = 0
+
+    @property
+    def steps_done(self) -> int:
+        return self.steps_before + self.segment.steps_done
+
+    @property
+    def calls(self) -> int:
+        return self.calls_before + self.segment.counter.calls
 
 
 class Worker:
@@ -176,7 +185,7 @@ class Worker:
             return None
         self.store.mark_running(job_id, self.owner)
         request = request_of(job.request)
-        self.store.set_progress([(job_id, 0, request.steps * request.segments)])
+        self.store.set_progress([(job_id, 0, request.steps * request.segments, 0)])
         started = time.perf_counter()
         try:
             image = self.runner.check_image(self.store.input_path(job_id))
@@ -198,6 +207,7 @@ class Worker:
 
     def _step(self, active: list[Active]) -> list[Active]:
         started = time.perf_counter()
+        steps_before, rows = sum(a.steps_done for a in active), sum(a.segment.rows for a in active)
         try:
             self.runner.step([a.segment for a in active])
         except Exception as err:  # noqa: BLE001
@@ -207,10 +217,9 @@ class Worker:
                 self._fail(a.job_id, err)
             return []
         if self.metrics:
-            self.metrics.observe_step(len(active), time.perf_counter() - started)
-        for a in active:
-            a.steps_done += 1
-        self.store.set_progress([(a.job_id, a.steps_done, a.steps_total) for a in active])
+            steps = sum(a.steps_done for a in active) - steps_before
+            self.metrics.observe_step(len(active), steps, rows, time.perf_counter() - started)
+        self.store.set_progress([(a.job_id, a.steps_done, a.steps_total, a.calls) for a in active])
         still = []
         for a in active:
             if not a.segment.done:
@@ -230,7 +239,7 @@ class Worker:
             request = a.segment.request
             if a.segment.segment + 1 < request.segments:
                 segment = self.runner.prepare(video[-1], request, a.segment.segment + 1, frames)
-                return Active(a.job_id, segment, a.steps_done, a.steps_total)
+                return Active(a.job_id, segment, a.steps_done, a.steps_total, a.calls)
             started = time.perf_counter()
             job = self.store.get(a.job_id)
             if job is None:  # deleted meanwhile

@@ -54,6 +54,7 @@ function describe(job) {
   if (job.state === "queued") return `queued, position ${job.position ?? "?"}`;
   if (job.state === "running") return `denoising: step ${job.step} of ${job.total}`;
   if (job.state === "failed") return "failed: " + job.error;
+  if (job.state === "done" && job.unet_calls) return `done (${job.unet_calls} UNet calls)`;
   return job.state;
 }
 
@@ -125,7 +126,13 @@ async function submit(event) {
   }
 }
 
+// Fast leaves steps and sampler to the server's preset (disabled fields are not sent).
+function showFast() {
+  for (const name of ["steps", "sampler"]) document.querySelector(`[name=${name}]`).disabled = $("fast").checked;
+}
+
 $("bucket").addEventListener("input", showBucket);
+$("fast").addEventListener("change", showFast);
 $("image").addEventListener("change", () => pickImage($("image").files[0]));
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
@@ -133,4 +140,5 @@ drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); pickImage(e.dataTransfer.files[0]); });
 $("form").addEventListener("submit", submit);
 showBucket();
+showFast();
 showRecent();
