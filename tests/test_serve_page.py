@@ -90,6 +90,10 @@ def test_page_animates_the_example_photo(server_url, browser, tmp_path):
     assert browser.find_element("id", "bucket-value").text == "15"
     browser.execute_script("document.querySelector('[name=steps]').value = 20;"
                            "document.querySelector('[name=seed]').value = 3;")
+    browser.find_element("tag name", "summary").click()  # open the advanced options
+    browser.find_element("id", "fast").click()  # the preset's 20 steps and sampler, with the step cache
+    assert not browser.find_element("name", "steps").is_enabled()
+    browser.find_element("tag name", "summary").click()  # fold them again (the screenshot shows the video)
     browser.find_element("id", "submit").click()
 
     wait_for(browser, "const v = document.getElementById('video');"
@@ -99,8 +103,11 @@ def test_page_animates_the_example_photo(server_url, browser, tmp_path):
     assert any(0 < value < 20 for value in values), seen  # the bar moved through the steps
     assert values[-1] == 20
     assert "done" in browser.find_element("id", "status").text
+    calls = int(browser.find_element("id", "status").text.split("(")[1].split()[0])  # "done (N UNet calls)"
+    assert 0 < calls < 40  # fewer than 20 steps with both CFG branches
     assert browser.find_element("id", "download").get_attribute("download").endswith(".mp4")
     assert "the camera pans right" in browser.find_element("id", "recent").text
     path = os.environ.get("CINEMO_RT_SCREENSHOT") or str(tmp_path / "serve_page.png")
-    browser.execute_script("const v = document.getElementById('video'); v.pause(); v.currentTime = 0.5;")
+    browser.execute_script("const v = document.getElementById('video'); v.pause(); v.currentTime = 0.5;"
+                           "window.scrollTo(0, 0);")
     assert browser.save_screenshot(path)
