@@ -259,10 +259,15 @@ def main() -> int:
     results["gif"] = f"controls_example.gif: {', '.join(gif_prompts)} at bucket 15 (x4 nearest upscale)"
     results["seconds"] = round(time.perf_counter() - start, 1)
 
-    (out / "controls.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "controls.md").write_text(report(results))
-    print(report(results))
+    write_results(out, "controls", results, report(results))
     return 0
+
+
+def write_results(out: Path, stem: str, results: dict, text: str) -> None:
+    """<stem>.json and the <stem>.md report under `out`; the report is printed too."""
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(text)
 
 
 def report(r: dict) -> str:

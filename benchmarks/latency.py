@@ -11,7 +11,8 @@ Backends (each built fresh with the same weights, measured one after another in 
   onnxruntime, tensorrt    engines from --engines DIR (skipped, with the reason, when absent or not importable)
 A backend that fails while being measured (or a named one that is unavailable) makes the exit status 1.
 Stages: text encoding, VAE encode, DCTInit, one UNet call (CFG batch), the denoising loop, VAE decode, end to end
-(`Animator.__call__`). CUDA events on a GPU, perf_counter on the CPU; median, quartiles, min, max over repeats
+(`Animator.__call__`), and one video edit end to end (`Animator.run_edit`: 16-frame encode, inversion, sampling
+at guidance 1 as the original). CUDA events on a GPU, perf_counter on the CPU; median, quartiles, min, max over repeats
 after warm-up. Writes <out>/latency-<device>.json and .md atomically.
 """
 
@@ -56,8 +57,8 @@ log = logging.getLogger("benchmarks.latency")
 TORCH_BACKENDS = ("torch-fp32", "torch-fp16", "torch-fast", "torch-fast-compile")
 ENGINE_BACKENDS = tuple(name for name, entry in BACKENDS.items() if entry.source == "engines")
 STAGES = ("text_encode", "vae_encode", "dct_init", "unet_call", "cache_indicator", "denoise_loop", "vae_decode",
-          "end_to_end", "end_to_end_fast")
-LONG_STAGES = ("denoise_loop", "end_to_end", "end_to_end_fast")
+          "end_to_end", "end_to_end_fast", "edit")
+LONG_STAGES = ("denoise_loop", "end_to_end", "end_to_end_fast", "edit")
 GUIDANCE = 7.5
 EXIT_NO_GPU = 2
 EXIT_BACKEND_FAILED = 1
@@ -306,6 +307,7 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
     from cinemo_rt.dctinit import select_dct_init
     from cinemo_rt.fewer_calls import REFERENCE_STEPS, relative_l1
     from cinemo_rt.pipeline import Animator
+    from cinemo_rt.request import EditRequest
     from cinemo_rt.sampling import sample
     from cinemo_rt.settings import DCT_FRACTION, DCT_TAU
     from cinemo_rt.stages import decode_latents
@@ -346,6 +348,10 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
         tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     animator = Animator(backend, tokenizer, Size(shape.height, shape.width, shape.frames))
     image = (np.random.default_rng(args.seed).random((shape.height, shape.width, 3)) * 255).astype(np.uint8)
+    clip = (np.random.default_rng(args.seed).random((shape.frames + 1, shape.height, shape.width, 3)) * 255
+            ).astype(np.uint8)
+    edit_request = EditRequest.create("a boat on the sea", 90.0, source_prompt="a boat", steps=shape.steps,
+                                      seed=args.seed)
 
     def loop():
         return sample(backend.unet, x_T, z1=z1_dev, text=text, text_uncond=text_uncond, motion_id=motion,
@@ -364,6 +370,8 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
         # `cinemo-rt run --fast` (issue 18): the preset's own steps at the released 50, else this run's steps.
         "end_to_end_fast": lambda: animator(image, "a boat on the sea", fast=True, seed=args.seed,
                                             steps=None if shape.steps == REFERENCE_STEPS else shape.steps),
+        # Video editing (issue 15) as the original runs it: guidance 1, inversion + sampling, 16-frame encode.
+        "edit": lambda: animator.run_edit(clip, image, edit_request),
     }
     stages = {}
     with torch.no_grad():

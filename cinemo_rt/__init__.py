@@ -1,10 +1,10 @@
 """cinemo-rt: a fast inference runtime for Cinemo image animation.
 
-`from cinemo_rt import Animator, Request`; heavy imports (diffusers, transformers) happen on first use.
+`from cinemo_rt import Animator, Request, EditRequest`; heavy imports (diffusers, transformers) happen on first use.
 """
 
 __version__ = "0.1.0"
-__all__ = ["Animator", "Request"]
+__all__ = ["Animator", "Request", "EditRequest"]
 
 
 def __getattr__(name):
@@ -12,8 +12,8 @@ def __getattr__(name):
         from .pipeline import Animator
 
         return Animator
-    if name == "Request":
-        from .request import Request
+    if name in ("Request", "EditRequest"):
+        from . import request
 
-        return Request
+        return getattr(request, name)
     raise AttributeError(f"module 'cinemo_rt' has no attribute {name!r}")

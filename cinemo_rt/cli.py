@@ -1,4 +1,4 @@
-"""`cinemo-rt run`, `cinemo-rt info` and `cinemo-rt serve`.
+"""`cinemo-rt run`, `cinemo-rt edit`, `cinemo-rt info` and `cinemo-rt serve`.
 
 Exit codes: 0 success, 1 an unexpected failure (with traceback), 2 bad input or configuration (one clear
 message, no traceback), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM; cleaned up the same way).
@@ -18,7 +18,7 @@ from .backends.registry import BACKENDS, CHOICES
 from .interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, exit_code_for, terminate_as_interrupt
 from .request import Request
 from .samplers import SAMPLERS
-from .settings import DCT_FRACTION, DCT_TAU
+from .settings import DCT_FRACTION, DCT_TAU, DEFAULT_SPAN_S, EDIT_DCT_TAU
 from .threads import ENV_VAR
 
 log = logging.getLogger("cinemo_rt")
@@ -85,6 +85,53 @@ def _fraction(maximum: float | None):
     return parse
 
 
+def _bucket_or_auto(value: str) -> int | str:
+    return "auto" if value == "auto" else _bucket(value)
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = validate.finite(value, "--start")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--start must be a finite number of seconds, got {value!r}") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"--start must be >= 0 seconds, got {value}")
+    return seconds
+
+
+def _add_job_options(parser: argparse.ArgumentParser, dct_tau: int, out: str,
+                     segments_help: str = "chain N segments, each starting from the previous last frame") -> None:
+    """The flags `run` and `edit` share: size, DCTInit, model source, output and threads."""
+    parser.add_argument("--seed", type=_seed, default=None, help="random seed (bit-reproducible per backend)")
+    parser.add_argument("--frames", type=_positive_int, default=None, help="frames to generate (None: the model's)")
+    parser.add_argument("--height", type=_positive_int, default=None,
+                        help="output height, divisible by 8 (None: the model's)")
+    parser.add_argument("--width", type=_positive_int, default=None,
+                        help="output width, divisible by 8 (None: the model's)")
+    parser.add_argument("--segments", type=_positive_int, default=1, help=segments_help)
+    parser.add_argument("--no-dct", action="store_true", help="plain initial latents instead of DCTInit")
+    parser.add_argument("--dct-fraction", type=_finite_float("--dct-fraction"), default=DCT_FRACTION,
+                        help="DCTInit low-pass box fraction")
+    parser.add_argument("--dct-tau", type=int, default=dct_tau, help="DCTInit noise level of the kept frequencies")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", default=None, help="checkpoint folder in the released layout")
+    source.add_argument("--engines", default=None, help="folder built by `python -m export.build_engines`")
+    parser.add_argument("--backend", choices=CHOICES, default="auto",
+                        help="auto: the reference for a checkpoint; TensorRT, else ONNX Runtime, for --engines; "
+                             + "; ".join(f"{e.name}: {e.summary} ({e.source})" for e in BACKENDS.values()))
+    parser.add_argument("--device", type=_argument_type(validate.device_name, "device"), default=None,
+                        help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                        help="PyTorch backend precision (default fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--out", default=out, help="output .mp4, .gif, or a folder for PNG frames")
+    parser.add_argument("--format", choices=("mp4", "gif", "png"), default=None, help="override the suffix")
+    parser.add_argument("--fps", type=_argument_type(validate.fps, "fps"), default=8.0, help="frames per second")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (never an input)")
+    parser.add_argument("--threads", default=None, metavar="N",
+                        help=f"CPU threads for PyTorch and ONNX Runtime (None: the {ENV_VAR} variable, else 1 for "
+                             "small models and one per available core for large ones)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -121,36 +168,36 @@ def build_parser() -> argparse.ArgumentParser:
                             "conditional one with the last guidance direction (1 = every step)")
     fewer.add_argument("--guidance-every", type=_positive_int, default=None, metavar="N",
                        help="after --guidance-until, refresh the guidance direction every N-th step")
-    run.add_argument("--seed", type=_seed, default=None, help="random seed (bit-reproducible per backend)")
-    run.add_argument("--frames", type=_positive_int, default=None, help="frames to generate (None: the model's)")
-    run.add_argument("--height", type=_positive_int, default=None,
-                     help="output height, divisible by 8 (None: the model's)")
-    run.add_argument("--width", type=_positive_int, default=None,
-                     help="output width, divisible by 8 (None: the model's)")
-    run.add_argument("--segments", type=_positive_int, default=1,
-                     help="chain N segments, each starting from the previous last frame")
-    run.add_argument("--no-dct", action="store_true", help="plain Gaussian initial noise instead of DCTInit")
-    run.add_argument("--dct-fraction", type=_finite_float("--dct-fraction"), default=DCT_FRACTION,
-                     help="DCTInit low-pass box fraction")
-    run.add_argument("--dct-tau", type=int, default=DCT_TAU, help="DCTInit noise level of the kept frequencies")
-    source = run.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", default=None, help="checkpoint folder in the released layout")
-    source.add_argument("--engines", default=None, help="folder built by `python -m export.build_engines`")
-    run.add_argument("--backend", choices=CHOICES, default="auto",
-                     help="auto: the reference for a checkpoint; TensorRT, else ONNX Runtime, for --engines; "
-                          + "; ".join(f"{e.name}: {e.summary} ({e.source})" for e in BACKENDS.values()))
-    run.add_argument("--device", type=_argument_type(validate.device_name, "device"), default=None,
-                     help="cpu or cuda[:N] (default: cuda when available)")
-    run.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
-                     help="PyTorch backend precision (default fp16 on CUDA, fp32 on CPU)")
-    run.add_argument("--out", default="cinemo.mp4", help="output .mp4, .gif, or a folder for PNG frames")
-    run.add_argument("--format", choices=("mp4", "gif", "png"), default=None, help="override the suffix")
-    run.add_argument("--fps", type=_argument_type(validate.fps, "fps"), default=8.0,
-                     help="frames per second")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the input)")
-    run.add_argument("--threads", default=None, metavar="N",
-                     help=f"CPU threads for PyTorch and ONNX Runtime (None: the {ENV_VAR} variable, else 1 for "
-                          "small models and one per available core for large ones)")
+    _add_job_options(run, dct_tau=DCT_TAU, out="cinemo.mp4")
+
+    edit = sub.add_parser("edit", help="move a new first frame the way a video moves (video editing, motion "
+                                       "transfer)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    edit.add_argument("--video", required=True,
+                      help="source clip: a video file (mp4, webm, mov, gif, ...) or a folder of frames")
+    edit.add_argument("--image", default=None,
+                      help="the new first frame (None: the clip's own, which reconstructs or re-prompts it)")
+    edit.add_argument("--prompt", required=True, help="text describing the edited video")
+    edit.add_argument("--source-prompt", default="", help="text describing the source clip (for the inversion)")
+    motion = edit.add_mutually_exclusive_group()
+    motion.add_argument("--bucket", type=_bucket_or_auto, default="auto",
+                        help="motion intensity 0..19, or auto: measured on the clip with the training rule "
+                             "clamp(floor(100 * mean SSIM of consecutive frames), 80, 99)")
+    motion.add_argument("--motion-id", type=_finite_float("--motion-id"), default=None,
+                        help="raw motion id for other checkpoints")
+    edit.add_argument("--negative-prompt", default="", help="the unconditional prompt when guidance is not 1")
+    edit.add_argument("--steps", type=_positive_int, default=Request.steps,
+                      help="DDIM steps, of the inversion and of the sampling each")
+    edit.add_argument("--guidance", type=_finite_float("--guidance"), default=1.0,
+                      help="classifier-free guidance of the sampling (1 = off, as the original)")
+    edit.add_argument("--inversion-guidance", type=_finite_float("--inversion-guidance"), default=1.0,
+                      help="classifier-free guidance of the inversion (1 = off, as the original)")
+    edit.add_argument("--stride", type=_positive_int, default=None,
+                      help=f"use every K-th frame of the clip (None: the stride spanning about {DEFAULT_SPAN_S:g} s "
+                           "per segment)")
+    edit.add_argument("--start", type=_seconds, default=0.0, help="seconds into the clip to start")
+    _add_job_options(edit, dct_tau=EDIT_DCT_TAU, out="cinemo_edit.mp4",
+                     segments_help="chain N segments: segment k inverts the clip's k-th window and starts from "
+                                   "the previous segment's last frame")
 
     sub.add_parser("info", help="versions, devices and usable backends")
 
@@ -173,7 +220,8 @@ def _check_output(args) -> None:
         raise OutputError(f"output folder {str(parent)!r} does not exist; create it or choose another --out")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output folder {str(parent)!r} is not writable; choose another --out")
-    check_file_output(args.out, overwrite=args.overwrite, inputs=[args.image], is_folder_output=fmt == "png")
+    check_file_output(args.out, overwrite=args.overwrite, inputs=[args.image, getattr(args, "video", None)],
+                      is_folder_output=fmt == "png")
     validate.seed(args.seed or 0, args.segments)
 
 
@@ -192,11 +240,11 @@ def _open_animator(args, plan):
     return Animator.from_checkpoint(plan.folder, backend=args.backend, device=args.device, dtype=args.dtype)
 
 
-def _progress(total: int):
+def _progress(total: int, desc: str = "denoising"):
     """A bar on a terminal; log lines every 10% otherwise (a redirected run used to be silent for minutes)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc="denoising", unit="step", disable=None)
+    bar = tqdm(total=total, desc=desc, unit="step", disable=None)
     if not bar.disable:
         return bar, lambda i, t, x: bar.update(1)
     start, done, every = time.perf_counter(), [0], max(1, total // 10)
@@ -204,7 +252,7 @@ def _progress(total: int):
     def log_step(i, t, x):
         done[0] += 1
         if done[0] % every == 0 or done[0] == total:
-            log.info("denoising: step %d/%d, %.1f s", done[0], total, time.perf_counter() - start)
+            log.info("%s: step %d/%d, %.1f s", desc, done[0], total, time.perf_counter() - start)
 
     return bar, log_step
 
@@ -231,6 +279,57 @@ def cmd_run(args) -> int:
         threads = parse_threads(args.threads)
         plan = plan_run(args)  # image, folder, sizes, memory: before any heavy import
         request = build_request(args)
+    return _execute(args, plan, threads, phases, request.steps * args.segments, "denoising",
+                    lambda animator, callback: animator.run_segments(plan.image, request, args.segments,
+                                                                     callback=callback))
+
+
+def cmd_edit(args) -> int:
+    """As `run`, with the clip read and its frame window chosen before any model loads."""
+    from .clip import read_clip
+    from .preflight import plan_run
+    from .threads import parse_threads
+
+    phases: dict[str, float] = {}
+    with _phase(phases, "validate"):
+        _check_output(args)
+        threads = parse_threads(args.threads)
+        plan = plan_run(args)  # the new image (optional), folder, sizes, memory
+        frames = plan.size.frames
+        clip, window = read_clip(args.video, args.segments * frames + 1, args.stride, args.start, frames + 1)
+    print(f"source clip {args.video}: {window.describe(clip.fps)}"
+          + ("" if args.stride else " (the default stride; --stride K to choose)"))
+
+    def job(animator, callback):
+        request = build_edit_request(args, plan.size, clip.frames)
+        return animator.run_edit_segments(clip.frames, plan.image, request, args.segments, callback=callback)
+
+    return _execute(args, plan, threads, phases, 2 * args.steps * args.segments, "inverting + denoising", job)
+
+
+def build_edit_request(args, size, clip_frames):
+    """The CLI's edit flags as an `EditRequest`; `--bucket auto` measures the clip (and says what it found)."""
+    from .motion import bucket_from_motion_id, bucket_to_motion_id
+    from .pipeline import clip_motion_id
+    from .request import DCTInit, EditRequest
+
+    if args.motion_id is not None:
+        motion_id = args.motion_id
+    elif args.bucket == "auto":
+        motion_id = clip_motion_id(clip_frames, size)
+        print(f"motion bucket {bucket_from_motion_id(motion_id)} measured on the clip (--bucket auto)")
+    else:
+        motion_id = bucket_to_motion_id(args.bucket)
+    return EditRequest.create(
+        args.prompt, motion_id, source_prompt=args.source_prompt, inversion_guidance=args.inversion_guidance,
+        guidance=args.guidance, negative_prompt=args.negative_prompt, height=size.height, width=size.width,
+        frames=size.frames, steps=args.steps, seed=args.seed,
+        dct=None if args.no_dct else DCTInit(args.dct_fraction, args.dct_tau))
+
+
+def _execute(args, plan, threads, phases: dict[str, float], total_steps: int, desc: str, job) -> int:
+    """The part of `run` and `edit` after validation: imports, the model, `job(animator, callback)` under a
+    progress bar, the video written, timings logged."""
     with _phase(phases, "import"):
         import torch  # noqa: F401  (timed here, not inside the first stage that needs it)
 
@@ -245,14 +344,14 @@ def cmd_run(args) -> int:
     log.info("backend: %s on %s (%s)", animator.backend.name, animator.backend.device,
              str(animator.backend.dtype).removeprefix("torch."))
     log.debug("start-up: %s", ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases.items()))
-    bar, callback = _progress(request.steps * args.segments)
+    bar, callback = _progress(total_steps, desc)
     with bar:
-        video = animator.run_segments(plan.image, request, args.segments, callback=callback)
+        video = job(animator, callback)
     with _phase(phases, "write"):
         path = write_video(video, args.out, fps=args.fps, format=args.format, overwrite=args.overwrite)
     for stage, seconds in animator.last_timings.items():
-        log.info("  %-16s %8.3f s", stage, seconds)
-    log.info("  %-16s %8.3f s", "total", sum(animator.last_timings.values()))
+        log.info("  %-18s %8.3f s", stage, seconds)
+    log.info("  %-18s %8.3f s", "total", sum(animator.last_timings.values()))
     log.info("UNet calls: %d (single-image; a CFG call counts 2)", animator.last_unet_calls)
     log.debug("write: %.2f s", phases["write"])
     print(f"wrote {video.shape[0]} frames of {video.shape[1]}x{video.shape[2]} (height x width) to {path}")
@@ -298,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     with terminate_as_interrupt():
         try:
-            return {"run": cmd_run, "info": cmd_info, "serve": cmd_serve}[args.command](args)
+            return {"run": cmd_run, "edit": cmd_edit, "info": cmd_info, "serve": cmd_serve}[args.command](args)
         except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM, also during imports
             log.error("interrupted; no output was written")
             return exit_code_for(interrupt)

@@ -25,10 +25,13 @@ from .dctinit import select_dct_init
 from .errors import InputError
 from .fewer_calls import CallCounter, load_coefficients
 from .image import load_image, preprocess
-from .request import DCTInit, FewerCalls, Request
-from .residuals import frames_from_residuals
+from .motion import bucket_to_motion_id
+from .request import DCTInit, EditRequest, FewerCalls, Request
+from .residuals import frames_from_residuals, residuals_from_frames
 from .schedule import make_schedule
-from .settings import DCT_FRACTION, DCT_TAU, Size
+from .settings import DCT_FRACTION, DCT_TAU, EDIT_DCT_TAU, Size
+
+log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 Defaults = Size  # the name this class had before issue 14
@@ -111,10 +114,7 @@ class Animator:
             counter = CallCounter()
             x_0 = stages.denoise(backend, conditioning, x_T, request, generator, callback, counter=counter,
                                  cache_coefficients=self.coefficients_for(request))
-        with timer.stage("6 decode"):
-            images = stages.decode_latents(backend, frames_from_residuals(z1.to(x_0.dtype), x_0))
-        with timer.stage("7 to uint8"):
-            video = stages.to_uint8(backend, images)[0].cpu().numpy()
+        video = self._decode(timer, "6", z1, x_0)
         self.last_timings = timer.seconds
         self.last_unet_calls = counter.calls
         return video
@@ -125,6 +125,13 @@ class Animator:
             log.warning("this checkpoint has no step-cache calibration (cinemo_rt.json \"step_cache\"): the cache "
                         "threshold applies to the raw input change; run benchmarks/calibrate_cache.py")
         return self.cache_coefficients
+
+    def _decode(self, timer: StageTimer, number: str, z1: torch.Tensor, x_0: torch.Tensor) -> np.ndarray:
+        """The last two stages of every mode: frames [z1, z1 + x_0] decoded -> uint8 (F + 1, H, W, 3)."""
+        with timer.stage(f"{number} decode"):
+            images = stages.decode_latents(self.backend, frames_from_residuals(z1.to(x_0.dtype), x_0))
+        with timer.stage(f"{int(number) + 1} to uint8"):
+            return stages.to_uint8(self.backend, images)[0].cpu().numpy()
 
     def __call__(self, image, prompt: str, bucket: int | None = 9, *, negative_prompt: str = "",
                  steps: int | None = None, guidance: float = Request.guidance, seed: int | None = None,
@@ -143,6 +150,100 @@ class Animator:
                                       fewer_calls=fewer_calls, cache=cache, guidance_until=guidance_until,
                                       guidance_every=guidance_every))
         return self.run(image, Request.create(prompt, bucket, motion_id, **fields), callback)
+
+    # -- video editing and motion transfer (SPEC 10) -------------------------------------------------------
+    def run_edit(self, clip_frames: np.ndarray, image, request: EditRequest,
+                 callback: Callable[[int, int, torch.Tensor], None] | None = None) -> np.ndarray:
+        """Move `image` the way `clip_frames` (frames + 1, H0, W0, 3) uint8 move: invert the clip's residual
+        latents under the source prompt, mix the new first frame's low frequencies in (DCTInit over the
+        inverted latents), sample with the target prompt. `image=None` keeps the clip's own first frame
+        (reconstruction, or re-prompting the clip). The clip's frames are resized and centre-cropped exactly
+        like the image (the original feeds them uncropped at the model's size)."""
+        request = request.resolve(self.defaults)
+        target = request.target
+        if len(clip_frames) != target.frames + 1:
+            raise InputError(f"the edit needs {target.frames + 1} clip frames (frames + 1); got {len(clip_frames)}")
+        generator = torch.Generator("cpu").manual_seed(target.seed)
+        backend = self.backend
+        timer = StageTimer(backend.device)
+        with timer.stage("1 preprocess"):
+            pixels = torch.cat([preprocess(frame, target.height, target.width) for frame in clip_frames])
+            new_pixels = None
+            if image is not None:
+                picture = load_image(image)
+                warn_if_aspect_differs(picture.shape, clip_frames.shape[1:], target.height, target.width)
+                new_pixels = preprocess(picture, target.height, target.width)
+        with timer.stage("2 encode clip"):
+            # Draw order on the one generator: the clip's posterior noise, then the new image's.
+            base, residuals = residuals_from_frames(stages.encode_frames(backend, pixels, generator))
+        with timer.stage("3 encode image"):
+            z1 = base if new_pixels is None else stages.encode_z1(backend, new_pixels, generator)
+        with timer.stage("4 encode text"):
+            motion = stages.motion_ids(backend, target)
+            source = stages.Conditioning(base, *self.encode_prompts(request.source_prompt, target.negative_prompt,
+                                                                     request.inversion_guidance), motion)
+            conditioning = stages.Conditioning(z1, *self.encode_prompts(target.prompt, target.negative_prompt,
+                                                                         target.guidance), motion)
+        counter = CallCounter()
+        with timer.stage("5 invert"):
+            inverted = stages.invert_residuals(backend, source, residuals, target.steps, request.inversion_guidance,
+                                               callback, counter=counter)
+        with timer.stage("6 initial latents"):
+            x_T = stages.mix_low_frequencies(z1, inverted, target.dct, self.dct_init, self.alphas_cumprod)
+        with timer.stage("7 denoise"):
+            x_0 = stages.denoise(backend, conditioning, x_T, target, generator, callback, counter=counter,
+                                 cache_coefficients=self.coefficients_for(target))
+        video = self._decode(timer, "8", z1, x_0)
+        self.last_timings = timer.seconds
+        self.last_unet_calls = counter.calls
+        return video
+
+    def run_edit_segments(self, clip_frames: np.ndarray, image, request: EditRequest, segments: int,
+                          callback=None) -> np.ndarray:
+        """`segments` chained edits: segment k inverts the clip's k-th window (frames k*F .. (k+1)*F of
+        `clip_frames`, which has segments * F + 1) and starts from the previous segment's last frame."""
+        request = request.resolve(self.defaults)
+        frames = request.target.frames
+        if segments < 1 or len(clip_frames) != segments * frames + 1:
+            raise InputError(f"{segments} segments of {frames} frames need {segments * frames + 1} clip frames; "
+                             f"got {len(clip_frames)}")
+        def segment(k: int, first_frame) -> np.ndarray:
+            target = dataclasses.replace(request.target, seed=request.target.seed + k)
+            return self.run_edit(clip_frames[k * frames:(k + 1) * frames + 1], first_frame,
+                                 dataclasses.replace(request, target=target), callback)
+
+        return self._chain(segments, image, segment)
+
+    def edit(self, video, image=None, prompt: str | None = None, *, source_prompt: str = "",
+             bucket: int | None = None, motion_id: float | None = None, steps: int = Request.steps,
+             guidance: float = 1.0,
+             inversion_guidance: float = 1.0, dct_tau: int = EDIT_DCT_TAU, dct_fraction: float = DCT_FRACTION,
+             use_dct: bool = True, seed: int | None = None, height: int | None = None, width: int | None = None,
+             frames: int | None = None, stride: int | None = None, start: float = 0.0, fps: float | None = None,
+             negative_prompt: str = "", segments: int = 1, callback=None) -> np.ndarray:
+        """The keyword API of editing: `video` is a path (video file or folder of frames), a `Clip` or a
+        (T, H, W, 3) uint8 array (`fps` gives its frame rate for `start` and the default stride). Frames are
+        taken `start` seconds in, every `stride`-th (default: spanning about 2 s). `prompt=None` re-uses the
+        source prompt; `bucket=None` and `motion_id=None` measure the clip's motion (SSIM rule, SPEC 9).
+        Returns uint8 (segments * frames + 1, H, W, 3) whose first frame is `image` (or the clip's)."""
+        from .clip import Clip, clip_from_array, read_clip
+
+        size = Size(height or self.defaults.height, width or self.defaults.width, frames or self.defaults.frames)
+        count = segments * size.frames + 1
+        if isinstance(video, (str, os.PathLike)):
+            clip, _ = read_clip(video, count, stride, start, size.frames + 1)
+        else:
+            if isinstance(video, Clip):
+                video, fps = video.frames, video.fps if fps is None else fps
+            clip, _ = clip_from_array(video, count, stride, fps, start, size.frames + 1)
+        if motion_id is None:
+            motion_id = clip_motion_id(clip.frames, size) if bucket is None else bucket_to_motion_id(bucket)
+        request = EditRequest.create(
+            source_prompt if prompt is None else prompt, motion_id, source_prompt=source_prompt,
+            inversion_guidance=inversion_guidance, guidance=guidance, steps=steps, seed=seed, height=size.height,
+            width=size.width, frames=size.frames, negative_prompt=negative_prompt,
+            dct=DCTInit(dct_fraction, dct_tau) if use_dct else None)
+        return self.run_edit_segments(clip.frames, image, request, segments, callback)
 
     # -- stages, bound to this animator (tests and tools call them) ------------------------------------
     def encode_z1(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -168,12 +269,17 @@ class Animator:
         """`animate_segments` for a request: segment i runs with seed + i."""
         if segments < 1:
             raise InputError(f"segments must be at least 1; got {segments}")
-        parts, timings, calls = [], {}, 0
-        current = image
         request = request.resolve(self.defaults)
-        for index in range(segments):
-            video = self.run(current, dataclasses.replace(request, seed=request.seed + index), callback)
-            parts.append(video if index == 0 else video[1:])
+        return self._chain(segments, image, lambda k, first_frame: self.run(
+            first_frame, dataclasses.replace(request, seed=request.seed + k), callback))
+
+    def _chain(self, segments: int, image, run_segment: Callable[[int, object], np.ndarray]) -> np.ndarray:
+        """`run_segment(k, first_frame)` for k < segments, each starting from the previous one's last frame;
+        all frames once (shared boundary frames once), stage timings and UNet calls summed over the segments."""
+        parts, timings, calls, current = [], {}, 0, image
+        for k in range(segments):
+            video = run_segment(k, current)
+            parts.append(video if k == 0 else video[1:])
             current = video[-1]
             for name, sec in self.last_timings.items():
                 timings[name] = timings.get(name, 0.0) + sec
@@ -181,6 +287,27 @@ class Animator:
         self.last_timings = timings
         self.last_unet_calls = calls
         return np.concatenate(parts)
+
+
+def clip_motion_id(frames: np.ndarray, size: Size) -> float:
+    """The motion id of the clip as the model sees it (resized and cropped to `size`), by the training rule
+    clamp(floor(100 * mean consecutive SSIM), 80, 99) (SPEC 9); logged with its bucket."""
+    from .motion import motion_intensity
+
+    pixels = torch.cat([preprocess(frame, size.height, size.width) for frame in frames])  # (N, 3, H, W)
+    ssim, motion_id, bucket = motion_intensity((pixels.permute(0, 2, 3, 1) / 2 + 0.5).clamp(0, 1))
+    log.info("the clip's motion: mean consecutive SSIM %.3f -> bucket %d (motion id %d)", ssim, bucket, motion_id)
+    return float(motion_id)
+
+
+def warn_if_aspect_differs(image_shape, clip_shape, height: int, width: int, tolerance: float = 0.01) -> None:
+    """The image and the clip are each centre-cropped to height x width: with different aspect ratios they
+    show different parts of their scenes, so the user hears about it."""
+    image_aspect, clip_aspect = image_shape[1] / image_shape[0], clip_shape[1] / clip_shape[0]
+    if abs(image_aspect / clip_aspect - 1) > tolerance:
+        log.warning("the image is %dx%d and the clip %dx%d (aspect %.2f vs %.2f): both are centre-cropped to "
+                    "%dx%d, so the crops differ", image_shape[1], image_shape[0], clip_shape[1], clip_shape[0],
+                    image_aspect, clip_aspect, width, height)
 
 
 def _request_fields(options: dict) -> dict:

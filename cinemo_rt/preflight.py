@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .image import InputError, load_image
+from .settings import Size
 from .limits import available_memory, check_output_size, checkpoint_estimate_inputs, estimate_run_bytes, size_defaults
 from .vocabulary import warn_unknown_words
 
@@ -27,8 +28,9 @@ _DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 class RunPlan:
     folder: Path               # the checkpoint or engines folder that will be loaded
     engines: bool
-    image: np.ndarray          # RGB uint8, decoded once
+    image: np.ndarray | None   # RGB uint8, decoded once (None: `edit` without --image)
     parameters: int | None     # the UNet's parameter count where its header says (chooses CPU threads)
+    size: Size                 # the output size: the flags, else the folder's defaults
 
 
 def model_folder(args) -> tuple[Path, bool]:
@@ -56,7 +58,7 @@ def plan_run(args) -> RunPlan:
     flag = "--engines" if engines else "--checkpoint"
     if not folder.is_dir():
         raise InputError(f"{flag} folder {str(folder)!r} does not exist or is not a folder")
-    image = load_image(args.image)
+    image = load_image(args.image) if args.image is not None else None
     defaults = size_defaults(folder)
     height, width = args.height or defaults["height"], args.width or defaults["width"]
     frames = args.frames or defaults["frames"]
@@ -72,4 +74,5 @@ def plan_run(args) -> RunPlan:
     memory = available_memory() if _runs_on_cpu(args.device) else None
     check_output_size(height, width, frames, estimate=estimate, defaults=defaults, memory=memory)
     warn_unknown_words(f"{args.prompt} {args.negative_prompt}", folder / "tokenizer")
-    return RunPlan(folder=folder, engines=engines, image=image, parameters=parameters)
+    return RunPlan(folder=folder, engines=engines, image=image, parameters=parameters,
+                   size=Size(height, width, frames))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from . import validate
 from .errors import InputError
 from .samplers import DEFAULT_SAMPLER, SAMPLERS, needs_unconditional
-from .settings import DCT_FRACTION, DCT_TAU, NUM_TRAIN_TIMESTEPS, Size
+from .settings import DCT_FRACTION, DCT_TAU, EDIT_DCT_TAU, NUM_TRAIN_TIMESTEPS, Size
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +144,27 @@ class Request:
             log.info("seed %d (pass --seed %d to reproduce this video)", seed, seed)
         return dataclasses.replace(self, height=self.height or defaults.height, width=self.width or defaults.width,
                                    frames=self.frames or defaults.frames, seed=seed)
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """A video edit (SPEC 10): invert a clip's motion under `source_prompt` (and its own first frame), then
+    sample `target` from those latents with a new first frame. The target's DCTInit runs over the inverted
+    latents, at tau 985 by default; guidance is 1 in both stages by default, as the original script."""
+
+    target: Request
+    source_prompt: str = ""
+    inversion_guidance: float = 1.0
+
+    def __post_init__(self):
+        validate.finite(self.inversion_guidance, "inversion_guidance")
+
+    @classmethod
+    def create(cls, prompt: str, motion_id: float, *, source_prompt: str = "", inversion_guidance: float = 1.0,
+               guidance: float = 1.0, dct: DCTInit | None = DCTInit(DCT_FRACTION, EDIT_DCT_TAU),
+               **fields) -> "EditRequest":
+        target = Request(prompt=prompt, motion_id=float(motion_id), guidance=guidance, dct=dct, **fields)
+        return cls(target, source_prompt, inversion_guidance)
+
+    def resolve(self, defaults: Size) -> "EditRequest":
+        return dataclasses.replace(self, target=self.target.resolve(defaults))

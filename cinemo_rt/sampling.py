@@ -6,6 +6,7 @@ and t (B,) long. Model functions are built by wrapping: `cfg_model_fn` turns Cin
 v-predicting one into an eps-predicting one; further wrappers (step caching, guidance truncation) stack
 the same way. A sampler is a free function `(model_fn, x_T, steps, alphas_cumprod, *, eta, generator,
 callback) -> x_0` registered in `samplers.SAMPLERS`: DDIM (default, the original's) and DPM-Solver++(2M).
+`invert` runs DDIM backwards over the same model functions (video editing, SPEC 10).
 
 Settings in force in the original (`DDIMScheduler` as configured by Cinemo): epsilon prediction, no
 clipping or thresholding, final alpha = alphas_cumprod[0] (set_alpha_to_one=False), eta 0. A checkpoint whose
@@ -22,7 +23,7 @@ import torch
 from .samplers import DEFAULT_SAMPLER, SAMPLERS, load_sampler, needs_unconditional
 from .schedule import PREDICTION_TYPES, ddim_timesteps, make_schedule
 
-__all__ = ["ddim_timesteps", "ddim_step", "ddim_sample", "cfg_model_fn", "epsilon_model_fn", "sample",
+__all__ = ["ddim_timesteps", "ddim_step", "ddim_sample", "cfg_model_fn", "epsilon_model_fn", "sample", "invert",
            "SAMPLERS", "PREDICTION_TYPES", "needs_unconditional"]
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -59,7 +60,8 @@ def ddim_step(
     z is `variance_noise` if given, else drawn from `generator` (only when sigma > 0)."""
     a_t = _alpha_bar(alphas_cumprod, t)
     a_prev = _alpha_bar(alphas_cumprod, t_prev)
-    sigma = eta * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)) ** 0.5
+    # eta 0 skips the variance term outright: run backwards (inversion, a_prev > a_t) its root is imaginary.
+    sigma = eta * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)) ** 0.5 if eta else 0.0
 
     # Coefficients as 0-d CPU tensors of at least fp32, like diffusers' fp32 alphas: a 0-d tensor does not
     # promote x_t (fp16 stays fp16) and is not rounded to fp16 first. Rounding them to fp16 instead changed
@@ -203,3 +205,41 @@ def sample(
                              coefficients=cache_coefficients or IDENTITY)
     model_fn = epsilon_model_fn(model_fn, prediction_type, alphas_cumprod)
     return run(model_fn, x_T, steps, alphas_cumprod, eta=eta, generator=generator, callback=callback)
+
+
+def invert(
+    unet_fn: UNetFn,
+    x_0: torch.Tensor,
+    *,
+    z1: torch.Tensor,
+    text: torch.Tensor,
+    text_uncond: torch.Tensor | None,
+    motion_id: torch.Tensor,
+    steps: int = 50,
+    guidance: float = 1.0,
+    callback: Callback | None = None,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
+    """DDIM inversion, the counterpart of `sample` (SPEC 10; the original's `VideoGenInversionPipeline`):
+    residual latents x_0 (B, 4, F, h, w) -> the initial latents x_T that DDIM sampling with the same
+    conditioning maps back to about x_0. Same contract, CFG and dtype rules as `sample`.
+
+    The sampling timesteps are visited in ascending order, t_k = k * (1000 // steps) + 1; each step is a DDIM
+    step run backwards, from s = t_k - 1000 // steps (alphas_cumprod[0] = 0.9999 when s < 0, not 1) up to
+    t_k, with the model evaluated at the *destination* t_k on the latent still at level s (the
+    null-text-inversion convention the original uses). That update is `ddim_step(eps, s, t_k, x)` exactly.
+    A v-predicting model's output is turned into eps at t_k, the timestep the model is told."""
+    alphas_cumprod = make_schedule()
+    # CFG and v -> eps as in `sample`, never step caching: every inversion step runs the UNet.
+    model_fn = epsilon_model_fn(cfg_model_fn(unet_fn, text=text, text_uncond=text_uncond, z1=z1, motion_id=motion_id,
+                                             guidance=guidance), prediction_type, alphas_cumprod)
+    ascending = ddim_timesteps(steps, len(alphas_cumprod)).flip(0).tolist()
+    ratio = len(alphas_cumprod) // steps
+    batch = x_0.shape[0]
+    t_batches = [torch.full((batch,), t, dtype=torch.long, device=x_0.device) for t in ascending]
+    x = x_0
+    for i, t in enumerate(ascending):
+        x = ddim_step(model_fn(x, t_batches[i]), t - ratio, t, x, alphas_cumprod)
+        if callback is not None:
+            callback(i, t, x)
+    return x

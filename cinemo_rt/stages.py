@@ -19,7 +19,7 @@ from .components import images_to_uint8, tokenize
 from .residuals import frames_from_residuals
 from .request import DCTInit, Request
 from .fewer_calls import CallCounter
-from .sampling import needs_unconditional, sample
+from .sampling import invert, needs_unconditional, sample
 from .settings import DECODE_CHUNK
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,29 @@ class Conditioning:
     motion_id: torch.Tensor
 
 
+def _posterior_sample(backend: Backend, mean: torch.Tensor, std: torch.Tensor,
+                      generator: torch.Generator) -> torch.Tensor:
+    """The reference's `.latent_dist.sample() * scaling_factor`, its noise drawn on the CPU generator."""
+    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+    return (mean + std * eps) * backend.info.scaling_factor
+
+
 def encode_z1(backend: Backend, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Posterior *sample* (as the reference's `.sample()`), scaled: (B, 4, 1, h, w)."""
     mean, std = backend.vae_encoder(pixels)
-    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-    return ((mean + std * eps) * backend.info.scaling_factor).unsqueeze(2)
+    return _posterior_sample(backend, mean, std, generator).unsqueeze(2)
+
+
+def encode_frames(backend: Backend, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The frames of a video (N, 3, H, W) -> scaled latents (1, 4, N, h, w), posterior samples as `encode_z1`.
+
+    One frame per VAE-encoder call: the VAE encoder is per-frame (no temporal layers), and every backend's
+    graph runs batch 1 (TensorRT's static profile is 1), so 16 frames need no wider export. The noise of all
+    N frames is one draw, as the reference's one batched `.sample()`."""
+    parts = [backend.vae_encoder(pixels[i:i + 1]) for i in range(pixels.shape[0])]
+    mean = torch.cat([m for m, _ in parts])
+    std = torch.cat([s for _, s in parts])
+    return _posterior_sample(backend, mean, std, generator).permute(1, 0, 2, 3).unsqueeze(0)
 
 
 def encode_prompts(backend: Backend, tokenizer, prompt: str, negative_prompt: str, guidance: float):
@@ -73,9 +91,16 @@ def initial_noise(z1: torch.Tensor, frames: int, generator: torch.Generator, dct
     b, c, _, h, w = z1.shape
     # Drawn on the CPU generator whatever the device, so a seed means the same video everywhere.
     noise = torch.randn((b, c, frames, h, w), generator=generator, dtype=torch.float32).to(z1.device)
+    return mix_low_frequencies(z1, noise, dct, dct_init, alphas_cumprod)
+
+
+def mix_low_frequencies(z1: torch.Tensor, noise: torch.Tensor, dct: DCTInit | None, dct_init: Callable,
+                        alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """DCTInit of `noise` (B, 4, F, h, w) towards z1, or `noise` itself when `dct` is None. Editing passes the
+    inverted latents of a clip as the noise (SPEC 10, step 3)."""
     if dct is None:
         return noise
-    return dct_init(z1.float(), noise, float(alphas_cumprod[dct.tau]), dct.fraction)
+    return dct_init(z1.float(), noise.float(), float(alphas_cumprod[dct.tau]), dct.fraction)
 
 
 def denoise(backend: Backend, conditioning: Conditioning, x_T: torch.Tensor, request: Request,
@@ -123,6 +148,19 @@ class NonFiniteWatch:
             raise NonFiniteError(f"the latents became NaN or infinite at denoising step {step} of {steps}; the "
                                  "checkpoint's weights may hold NaN/inf values, or the precision overflowed "
                                  "(try --dtype fp32)")
+
+
+def invert_residuals(backend: Backend, conditioning: Conditioning, residuals: torch.Tensor, steps: int,
+                     guidance: float, callback=None, *, counter: CallCounter | None = None) -> torch.Tensor:
+    """DDIM inversion of a clip's residual latents (B, 4, F, h, w) under `conditioning` (the clip's own first
+    frame and the source prompt) -> the initial latents that carry its motion (SPEC 10); `counter` counts the
+    single-image UNet calls."""
+    c = conditioning
+    dtype = backend.dtype
+    unet = backend.unet if counter is None else counter.wrap(backend.unet)
+    return invert(unet, residuals.to(backend.device, dtype), z1=c.z1.to(dtype), text=c.text,
+                  text_uncond=c.text_uncond, motion_id=c.motion_id, steps=steps, guidance=guidance,
+                  callback=callback, prediction_type=backend.info.prediction_type)
 
 
 def decode_latents(backend: Backend, latents: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,8 @@ class EngineBuildError(RuntimeError):
 # -------------------------------------------------------------------------------------------------
 def static_batches(spec, dims) -> tuple[int, ...]:
     """The values of a spec's dynamic axis the pipeline actually runs, each a static profile by default:
-    the UNet at 2 (CFG: both halves in one call), the text encoder at 2 and 1 (guidance 1), the VAE encoder at 1,
+    the UNet at 2 (CFG: both halves in one call), the text encoder at 2 and 1 (guidance 1), the VAE encoder at 1
+    (an edit's clip too: `cinemo_rt.stages.encode_frames` encodes one frame per call),
     and the temporal decoder at its chunk lengths (14 + 2 for 16 frames, SPEC 1 step 8)."""
     if spec.name == "vae_decoder":
         frames, chunk = dims.video_frames, spec.nominal_batch  # z1 + generated frames

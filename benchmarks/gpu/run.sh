@@ -151,7 +151,8 @@ kernel_ctest() {
 export -f install_wheels record_environment kernel_ctest
 export SCRATCH
 
-GPU_TESTS=("$PY" -m pytest -q -rA -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_kernels.py tests/test_tensorrt.py)
+GPU_TESTS=("$PY" -m pytest -q -rA -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_kernels.py tests/test_tensorrt.py
+           tests/test_editing.py tests/test_edit_backends.py)
 if [[ $MODE == gpu ]]; then
   LATENCY=("$PY" benchmarks/latency.py --repeats 5 --loop-repeats 1 --warmup 1)
   COMPILE_NEEDS=150  # Inductor's compile of the full UNet is minutes

@@ -45,8 +45,8 @@ DESCRIPTION = """Animate a still image with Cinemo: submit a job, follow its pro
 
 Jobs are stored in SQLite under the server's jobs folder and survive restarts; finished videos expire after
 the server's keep time. With `--api-key`, every `/v1` route needs `Authorization: Bearer KEY` (or
-`X-API-Key: KEY`). Video editing (`POST /v1/edits`) is not available yet: it arrives with the video-editing
-feature.
+`X-API-Key: KEY`). Video editing (`POST /v1/edits`) is not available yet: it runs from the command line
+(`cinemo-rt edit`) and from Python (`Animator.edit`).
 """
 
 
