@@ -110,14 +110,7 @@ class Animator:
             conditioning = stages.Conditioning(z1, text, text_uncond, stages.motion_ids(backend, request))
         with timer.stage("4 initial noise"):
             x_T = self.initial_noise(z1, request.frames, generator, request.dct)
-        with timer.stage("5 denoise"):
-            counter = CallCounter()
-            x_0 = stages.denoise(backend, conditioning, x_T, request, generator, callback, counter=counter,
-                                 cache_coefficients=self.coefficients_for(request))
-        video = self._decode(timer, "6", z1, x_0)
-        self.last_timings = timer.seconds
-        self.last_unet_calls = counter.calls
-        return video
+        return self._denoise_and_decode(timer, 5, conditioning, x_T, request, generator, callback, CallCounter())
 
     def coefficients_for(self, request: Request) -> tuple[float, ...] | None:
         if request.fewer_calls.cache is not None and self.cache_coefficients is None and not self._warned_uncalibrated:
@@ -126,12 +119,22 @@ class Animator:
                         "threshold applies to the raw input change; run benchmarks/calibrate_cache.py")
         return self.cache_coefficients
 
-    def _decode(self, timer: StageTimer, number: str, z1: torch.Tensor, x_0: torch.Tensor) -> np.ndarray:
-        """The last two stages of every mode: frames [z1, z1 + x_0] decoded -> uint8 (F + 1, H, W, 3)."""
-        with timer.stage(f"{number} decode"):
-            images = stages.decode_latents(self.backend, frames_from_residuals(z1.to(x_0.dtype), x_0))
-        with timer.stage(f"{int(number) + 1} to uint8"):
-            return stages.to_uint8(self.backend, images)[0].cpu().numpy()
+    def _denoise_and_decode(self, timer: StageTimer, number: int, conditioning: stages.Conditioning,
+                            x_T: torch.Tensor, request: Request, generator: torch.Generator, callback,
+                            counter: CallCounter) -> np.ndarray:
+        """The last three stages of every mode, numbered from `number`: denoise, decode the frames
+        [z1, z1 + x_0], uint8 (F + 1, H, W, 3); the timings and UNet calls are kept in `last_*`."""
+        backend, z1 = self.backend, conditioning.z1
+        with timer.stage(f"{number} denoise"):
+            x_0 = stages.denoise(backend, conditioning, x_T, request, generator, callback, counter=counter,
+                                 cache_coefficients=self.coefficients_for(request))
+        with timer.stage(f"{number + 1} decode"):
+            images = stages.decode_latents(backend, frames_from_residuals(z1.to(x_0.dtype), x_0))
+        with timer.stage(f"{number + 2} to uint8"):
+            video = stages.to_uint8(backend, images)[0].cpu().numpy()
+        self.last_timings = timer.seconds
+        self.last_unet_calls = counter.calls
+        return video
 
     def __call__(self, image, prompt: str, bucket: int | None = 9, *, negative_prompt: str = "",
                  steps: int | None = None, guidance: float = Request.guidance, seed: int | None = None,
@@ -190,13 +193,7 @@ class Animator:
                                                callback, counter=counter)
         with timer.stage("6 initial latents"):
             x_T = stages.mix_low_frequencies(z1, inverted, target.dct, self.dct_init, self.alphas_cumprod)
-        with timer.stage("7 denoise"):
-            x_0 = stages.denoise(backend, conditioning, x_T, target, generator, callback, counter=counter,
-                                 cache_coefficients=self.coefficients_for(target))
-        video = self._decode(timer, "8", z1, x_0)
-        self.last_timings = timer.seconds
-        self.last_unet_calls = counter.calls
-        return video
+        return self._denoise_and_decode(timer, 7, conditioning, x_T, target, generator, callback, counter)
 
     def run_edit_segments(self, clip_frames: np.ndarray, image, request: EditRequest, segments: int,
                           callback=None) -> np.ndarray:
