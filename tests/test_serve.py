@@ -358,3 +358,104 @@ def test_take_compatible_keeps_the_order_of_the_rest():
     queue = deque(["a1", "b1", "a2", "a3", "b2"])
     taken = take_compatible(queue, "a", lambda job_id: job_id[0], capacity=2)
     assert taken == ["a1", "a2"] and list(queue) == ["b1", "a3", "b2"]
+
+
+# -------------------------------------------------------------------------------------------------
+# POST /v1/edits (issue 16)
+# -------------------------------------------------------------------------------------------------
+EDIT = {"prompt": "a cat", "frames": "3", "steps": "2", "seed": "1", "stride": "2", "format": "gif"}
+
+
+@pytest.fixture(scope="module")
+def clip_gif(tmp_path_factory):
+    """An 8-frame 32x32 pan rendered by the demo data's own clip renderer, as a gif."""
+    from cinemo_rt.demo_data import photo, render_clip
+    from cinemo_rt.video import write_video
+
+    frames = render_clip(photo("chelsea"), "pan_left", 0.5, 8, 32, np.random.default_rng(0))
+    path = tmp_path_factory.mktemp("clip") / "clip.gif"
+    write_video(frames, path, fps=8, format="gif")
+    return path
+
+
+def submit_edit(client, video: bytes, headers=None, image=None, **fields):
+    files = {"video": ("clip.gif", video, "image/gif")}
+    if image is not None:
+        files["image"] = ("photo.png", image, "image/png")
+    return client.post("/v1/edits", data={**EDIT, **fields}, files=files, headers=headers or {})
+
+
+def test_edit_job_matches_animator_edit_bit_for_bit(tmp_path, runner, clip_gif):
+    from cinemo_rt.video import write_video
+
+    photo = png_bytes()
+    with make_client(tmp_path, runner) as client:
+        response = submit_edit(client, clip_gif.read_bytes(), image=photo)
+        assert response.status_code == 202, response.text
+        job = response.json()
+        assert job["kind"] == "edit" and job["urls"]["status"] == f"/v1/edits/{job['id']}"
+        assert response.headers["location"] == job["urls"]["status"]
+        body = wait_final(client, job["id"])
+        assert body["state"] == "done", body
+        assert body["unet_calls"] == 2 * 2  # 2 inversion + 2 sampling steps, guidance 1: one row each
+        served = client.get(job["urls"]["video"])
+        assert served.status_code == 200 and served.headers["content-type"] == "image/gif"
+        (tmp_path / "served.gif").write_bytes(served.content)
+
+        again = submit_edit(client, clip_gif.read_bytes())  # no image: the clip's own first frame
+        assert wait_final(client, again.json()["id"])["state"] == "done"
+        assert not any((tmp_path / "jobs" / "inputs").iterdir())  # uploads go once their job is done
+
+    expected = runner.animator.edit(clip_gif, load_image(Image.open(io.BytesIO(photo))), "a cat", frames=3, steps=2, seed=1,
+                                    stride=2)
+    write_video(expected, tmp_path / "expected.gif", fps=8, format="gif")
+    video = read_video(tmp_path / "served.gif")
+    assert video.shape == (4, 32, 32, 3)
+    assert np.array_equal(video, read_video(tmp_path / "expected.gif"))
+
+
+def wav_bytes() -> bytes:
+    import wave
+
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1), out.setsampwidth(2), out.setframerate(8000)
+        out.writeframes(b"\0\0" * 800)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("video, fields, status, words", [
+    (b"not a video at all", {}, 400, "not a readable video"),
+    ("wav", {}, 400, "no video stream"),
+    ("clip", {"stride": "5"}, 400, "stride 5 needs 16 frames but the clip has 8; stride 2 or less fits"),
+    ("clip", {"frames": "8"}, 400, "the clip has 8 frames; the edit needs 9"),
+    ("clip", {"bucket": "fast"}, 422, "bucket must be a whole number in 0..19 or auto"),
+    ("clip", {"bucket": "25"}, 422, "bucket must be a whole number in 0..19"),
+    ("clip", {"stride": "0"}, 422, "stride must be at least 1"),
+    ("clip", {"format": "webm"}, 422, "format must be one of"),
+    (b"", {}, 400, "the video field is empty"),
+])
+def test_bad_edits_are_refused_with_the_reason(tmp_path, runner, clip_gif, video, fields, status, words):
+    data = {"wav": wav_bytes(), "clip": clip_gif.read_bytes()}.get(video, video)
+    with make_client(tmp_path, runner) as client:
+        response = submit_edit(client, data, **fields)
+        assert response.status_code == status, response.text
+        detail = response.json()["detail"]
+        assert words in detail and str(tmp_path) not in detail  # never the server's paths
+        assert not any((tmp_path / "jobs" / "inputs").iterdir())
+
+
+def test_oversized_clip_and_missing_key_are_refused(tmp_path, runner, clip_gif):
+    with make_client(tmp_path, runner, api_key=KEY, limits=Limits(max_video_bytes=1000)) as client:
+        assert submit_edit(client, clip_gif.read_bytes()).status_code == 401
+        response = submit_edit(client, clip_gif.read_bytes(), headers={"Authorization": f"Bearer {KEY}"})
+        assert response.status_code == 413 and "limit" in response.json()["detail"]
+        assert not any((tmp_path / "jobs" / "inputs").iterdir())
+
+
+def test_an_edit_can_be_cancelled(tmp_path, runner, clip_gif):
+    with make_client(tmp_path, runner) as client:
+        job = submit_edit(client, clip_gif.read_bytes(), steps="100").json()
+        assert client.delete(f"/v1/edits/{job['id']}").status_code == 200
+        assert wait_final(client, job["id"])["state"] == "cancelled"
+        assert client.get(f"/v1/edits/{job['id']}/video").status_code == 409

@@ -29,10 +29,11 @@ from ..request import FAST_PRESET, REFERENCE_STEPS, resolve_options
 from ..files import give_default_mode
 from ..samplers import DEFAULT_SAMPLER, SAMPLERS
 from .batching import BatchPolicy
-from .jobs import DONE, FINAL_STATES, QUEUED, RUNNING, JobStore, is_job_id, new_job_id
-from .limits import MEDIA_TYPES, Limits, RequestError, check_request, read_upload
+from .jobs import DONE, EDIT, FINAL_STATES, QUEUED, RUNNING, JobStore, is_job_id, new_job_id
+from .limits import (MEDIA_TYPES, Limits, RequestError, check_clip, check_edit, check_request, read_upload,
+                     save_clip_upload)
 from .metrics import Metrics
-from .runner import AnimationRequest, Runner
+from .runner import AnimationRequest, EditJobRequest, Runner
 from .worker import QueueFull, Worker
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,18 @@ log = logging.getLogger(__name__)
 PAGE = Path(__file__).parent / "page"
 EVENT_POLL_S = 0.1
 FORM_OVERHEAD_BYTES = 64 * 1024  # the form fields and multipart boundaries around the image
+COLLECTIONS = {"animation": "animations", EDIT: "edits"}  # job kind -> its URL prefix under /v1
 
 DESCRIPTION = """Animate a still image with Cinemo: submit a job, follow its progress, download the video.
 
 Jobs are stored in SQLite under the server's jobs folder and survive restarts; finished videos expire after
 the server's keep time. With `--api-key`, every `/v1` route needs `Authorization: Bearer KEY` (or
-`X-API-Key: KEY`). Video editing (`POST /v1/edits`) is not available yet: it runs from the command line
-(`cinemo-rt edit`) and from Python (`Animator.edit`).
+`X-API-Key: KEY`).
+
+`POST /v1/edits` edits a video: upload a clip (mp4, webm, mov or gif) and optionally a new first frame; the
+clip's motion moves the new frame (`cinemo-rt edit` over HTTP). Edit jobs share the queue and the job routes
+(`/v1/edits/{id}`, its events, video and DELETE, the same as `/v1/animations/{id}`); a job's `kind` says which
+it is. Edits run one at a time, un-batched.
 """
 
 
@@ -148,10 +154,14 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
             length = request.headers.get("content-length")
             if length is None or not length.isdigit():
                 return JSONResponse({"detail": "send a Content-Length header with the upload"}, status_code=411)
-            if int(length) > settings.limits.max_upload_bytes + FORM_OVERHEAD_BYTES:
+            limits = settings.limits
+            edit = request.url.path.rstrip("/") == "/v1/edits"
+            limit = limits.max_upload_bytes + (limits.max_video_bytes if edit else 0)
+            if int(length) > limit + FORM_OVERHEAD_BYTES:
                 state["metrics"].requests.labels("413").inc()
-                return JSONResponse({"detail": f"the upload is {length} bytes; the image limit is "
-                                               f"{settings.limits.max_upload_bytes}"}, status_code=413)
+                what = "video and image limits are" if edit else "image limit is"
+                return JSONResponse({"detail": f"the upload is {length} bytes; the {what} {limit} bytes"},
+                                    status_code=413)
         return await call_next(request)
 
     @app.exception_handler(RequestError)
@@ -173,13 +183,13 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
 
     def describe(job) -> dict:
         executor = state["executor"]
-        base = f"/v1/animations/{job.id}"
-        body = {"id": job.id, "state": job.state, "created": job.created, "started": job.started,
+        base = f"/v1/{COLLECTIONS[job.kind]}/{job.id}"
+        body = {"id": job.id, "kind": job.kind, "state": job.state, "created": job.created, "started": job.started,
                 "finished": job.finished, "request": job.request,
                 "urls": {"status": base, "events": f"{base}/events", "video": f"{base}/video"}}
         if job.state == QUEUED:
             body["position"] = executor.position(job.id)
-        if job.state == RUNNING:
+        if job.state == RUNNING:  # an edit's steps count inversion and sampling (its total is set when it starts)
             body.update(step=job.step, total=job.total or job.request["steps"] * job.request["segments"])
         if job.state in (RUNNING, DONE):
             body["unet_calls"] = job.calls  # single-image UNet calls so far (a CFG step counts 2)
@@ -215,9 +225,7 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
                guidance_every: Annotated[int | None, Form(description="after guidance_until, refresh the "
                                                           "guidance direction every N-th step (N >= 1)")] = None):
         executor, store = state["executor"], state["store"]
-        if not executor.ready.is_set():
-            raise HTTPException(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
-        executor.check_capacity()
+        ready_with_room(executor)
         try:  # the request stores the options resolved, so it reproduces the video without the preset
             steps, sampler, options = resolve_options(fast, steps, sampler, cache=cache, guidance_until=guidance_until,
                                                       guidance_every=guidance_every)
@@ -234,20 +242,79 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
         pixels = read_upload(image.file.read(settings.limits.max_upload_bytes + 1), settings.limits)
         job_id = new_job_id()
         _save_png_atomically(pixels, store.input_path(job_id))
-        job = store.add(job_id, {**wanted.__dict__, "format": format})
+        return enqueue(job_id, {**wanted.__dict__, "format": format})
+
+    def ready_with_room(executor) -> None:
+        if not executor.ready.is_set():
+            raise HTTPException(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
+        executor.check_capacity()
+
+    def enqueue(job_id: str, request: dict) -> JSONResponse:
+        store = state["store"]
+        job = store.add(job_id, request)
         try:
-            executor.submit(job_id)
+            state["executor"].submit(job_id)
         except QueueFull:
             store.delete(job_id)
             raise
-        return JSONResponse(describe(job), status_code=202, headers={"Location": f"/v1/animations/{job_id}"})
+        body = describe(job)
+        return JSONResponse(body, status_code=202, headers={"Location": body["urls"]["status"]})
 
-    @app.get("/v1/animations/{job_id}", dependencies=authorized, summary="Job status")
+    @app.post("/v1/edits", status_code=202, dependencies=authorized,
+              summary="Submit a video to edit (its motion moves a new first frame); returns the job id and URLs")
+    def submit_edit(video: Annotated[UploadFile, File(description="the source clip: mp4, webm, mov or gif")],
+                    image: Annotated[UploadFile | None, File(description="the new first frame, PNG or JPEG; "
+                                                             "absent: the clip's own (reconstruction)")] = None,
+                    prompt: Annotated[str | None, Form(description="the edited video; default: source_prompt")] = None,
+                    source_prompt: Annotated[str, Form(description="the source clip (for the inversion)")] = "",
+                    bucket: Annotated[str, Form(description="motion intensity 0..19, or auto: measured on the "
+                                                            "clip")] = "auto",
+                    motion_id: Annotated[float | None, Form(description="raw motion id instead of bucket")] = None,
+                    negative_prompt: Annotated[str, Form()] = "",
+                    steps: Annotated[int, Form(description="inversion and sampling steps")] = EditJobRequest.steps,
+                    guidance: Annotated[float, Form(description="CFG scale while sampling; 1 turns it off")] = 1.0,
+                    inversion_guidance: Annotated[float, Form(description="CFG scale while inverting")] = 1.0,
+                    seed: Annotated[int | None, Form(description="seed; drawn and reported when absent")] = None,
+                    height: Annotated[int | None, Form(description="default: the model's")] = None,
+                    width: Annotated[int | None, Form(description="default: the model's")] = None,
+                    frames: Annotated[int | None, Form(description="frames after the first, per segment")] = None,
+                    stride: Annotated[int | None, Form(description="use every stride-th clip frame (default: "
+                                                                   "spanning about 2 s)")] = None,
+                    start: Annotated[float, Form(description="seconds into the clip")] = 0.0,
+                    segments: Annotated[int, Form(description="chained segments over consecutive windows")] = 1,
+                    format: Annotated[str, Form(description="mp4 or gif")] = "mp4",
+                    use_dct: Annotated[bool, Form(description="mix the new frame's low frequencies into the "
+                                                              "inverted latents (DCTInit)")] = True):
+        executor, store = state["executor"], state["store"]
+        ready_with_room(executor)
+        try:
+            number = None if bucket.strip().lower() == "auto" or motion_id is not None else int(bucket)
+        except ValueError as err:
+            raise RequestError(422, f"bucket must be a whole number in 0..19 or auto; got {bucket!r}") from err
+        wanted = EditJobRequest(
+            prompt=source_prompt if prompt is None else prompt, source_prompt=source_prompt, bucket=number,
+            motion_id=motion_id, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+            inversion_guidance=inversion_guidance, seed=seed, height=height, width=width, frames=frames,
+            stride=stride, start=start, segments=segments, use_dct=use_dct).resolved(executor.defaults)
+        check_edit(wanted, format, settings.limits)
+        pixels = None
+        if image is not None and image.filename:
+            pixels = read_upload(image.file.read(settings.limits.max_upload_bytes + 1), settings.limits)
+        job_id = new_job_id()
+        clip = store.clip_path(job_id)
+        save_clip_upload(video.file, clip, settings.limits)
+        try:
+            check_clip(clip, wanted)
+            if pixels is not None:
+                _save_png_atomically(pixels, store.input_path(job_id))
+            return enqueue(job_id, {**wanted.__dict__, "format": format, "kind": EDIT})
+        except BaseException:
+            store.remove_inputs(job_id)
+            raise
+
     def status(job_id: str):
         return describe(job_or_404(job_id))
 
-    @app.get("/v1/animations/{job_id}/events", dependencies=authorized,
-             summary="Progress as server-sent events (one JSON status per change, ends at a final state)")
     async def events(job_id: str):
         job_or_404(job_id)
 
@@ -267,7 +334,6 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.get("/v1/animations/{job_id}/video", dependencies=authorized, summary="The finished video")
     def video(job_id: str):
         job = job_or_404(job_id)
         path = state["store"].video_path(job)
@@ -275,8 +341,6 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
             raise HTTPException(409, f"job {job_id} is {job.state}; the video exists once it is done")
         return FileResponse(path, media_type=MEDIA_TYPES[job.format], filename=f"cinemo-{job_id}.{job.format}")
 
-    @app.delete("/v1/animations/{job_id}", dependencies=authorized,
-                summary="Cancel queued or running work (between denoising steps) and delete its results")
     def delete(job_id: str):
         job = job_or_404(job_id)
         if job.state in FINAL_STATES:
@@ -284,6 +348,18 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
             return {"id": job_id, "state": "deleted"}
         state["executor"].cancel(job_id)
         return {"id": job_id, "state": "cancelling" if job.state == RUNNING else "cancelled"}
+
+    # the job routes, the same under both kinds' prefixes (any job id works under either)
+    for collection in COLLECTIONS.values():
+        base = f"/v1/{collection}/{{job_id}}"
+        for path, method, endpoint, summary in (
+                (base, "GET", status, "Job status"),
+                (f"{base}/events", "GET", events,
+                 "Progress as server-sent events (one JSON status per change, ends at a final state)"),
+                (f"{base}/video", "GET", video, "The finished video"),
+                (base, "DELETE", delete, "Cancel queued or running work (between steps) and delete its results")):
+            app.add_api_route(path, endpoint, methods=[method], dependencies=authorized, summary=summary,
+                              name=f"{endpoint.__name__}_{collection}")
 
     @app.get("/healthz", summary="The process is up")
     def healthz():

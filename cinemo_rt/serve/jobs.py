@@ -18,13 +18,14 @@ from pathlib import Path
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 FINAL_STATES = (DONE, FAILED, CANCELLED)
+ANIMATION, EDIT = "animation", "edit"
 INTERRUPTED = "interrupted: the server stopped while this job was {state}; submit it again"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     state TEXT NOT NULL,
-    request TEXT NOT NULL,          -- the resolved AnimationRequest as JSON, plus the output format
+    request TEXT NOT NULL,          -- the resolved request as JSON, plus the output format (and kind for edits)
     created REAL NOT NULL,
     started REAL,
     finished REAL,
@@ -57,6 +58,11 @@ class Job:
     @property
     def format(self) -> str:
         return self.request["format"]
+
+    @property
+    def kind(self) -> str:
+        """"animation" or "edit" (jobs stored before edits existed are animations)."""
+        return self.request.get("kind", ANIMATION)
 
 
 def new_job_id() -> str:
@@ -95,6 +101,18 @@ class JobStore:
     def input_path(self, job_id: str) -> Path:
         return self.inputs / f"{job_id}.png"
 
+    def clip_path(self, job_id: str) -> Path:
+        """An edit's uploaded source clip (PyAV finds the container from the content, not the name)."""
+        return self.inputs / f"{job_id}.clip"
+
+    def remove_inputs(self, job_id: str) -> None:
+        self.input_path(job_id).unlink(missing_ok=True)
+        self.clip_path(job_id).unlink(missing_ok=True)
+
+    def has_inputs(self, job: Job) -> bool:
+        """What the job needs to run again: the image of an animation, the clip of an edit."""
+        return (self.clip_path(job.id) if job.kind == EDIT else self.input_path(job.id)).is_file()
+
     def video_path(self, job: Job) -> Path:
         return self.videos / f"{job.id}.{job.format}"
 
@@ -114,13 +132,13 @@ class JobStore:
                       (RUNNING, time.time(), owner, job_id, QUEUED))
 
     def finish(self, job_id: str, state: str, error: str | None = None) -> bool:
-        """Move a job to a final state (its input image is no longer needed); False if it already was in one
+        """Move a job to a final state (its inputs are no longer needed); False if it already was in one
         (a cancel raced the worker)."""
         assert state in FINAL_STATES
         cursor = self._execute("UPDATE jobs SET state=?, finished=?, error=? WHERE id=? AND state IN (?, ?)",
                                (state, time.time(), error, job_id, QUEUED, RUNNING))
         if cursor.rowcount == 1:
-            self.input_path(job_id).unlink(missing_ok=True)
+            self.remove_inputs(job_id)
             return True
         return False
 
@@ -156,7 +174,7 @@ class JobStore:
         if job is None:
             return
         self.video_path(job).unlink(missing_ok=True)
-        self.input_path(job_id).unlink(missing_ok=True)
+        self.remove_inputs(job_id)
         self._execute("DELETE FROM jobs WHERE id=?", (job_id,))
 
     # -- reads ----------------------------------------------------------------------------------------
@@ -179,11 +197,11 @@ class JobStore:
     # -- restart and expiry ---------------------------------------------------------------------------
     def recover(self, requeue: bool = False) -> list[str]:
         """After a restart: jobs left queued or running are failed with the reason, or put back in the
-        queue when `requeue` (their input image is kept until they finish). Returns the re-queued ids."""
+        queue when `requeue` (their inputs are kept until they finish). Returns the re-queued ids."""
         requeued = []
         for job_id in self.ids_in_state(QUEUED, RUNNING):
             job = self.get(job_id)
-            if requeue and self.input_path(job_id).is_file():
+            if requeue and self.has_inputs(job):
                 self.requeue(job_id)
                 requeued.append(job_id)
             else:

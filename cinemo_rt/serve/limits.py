@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..files import give_default_mode
 from ..image import InputError, load_image
 from ..limits import MAX_IMAGE_PIXELS
-from .runner import AnimationRequest
+from .runner import AnimationRequest, EditJobRequest
 
 FORMATS = ("mp4", "gif")
 MEDIA_TYPES = {"mp4": "video/mp4", "gif": "image/gif"}
@@ -20,6 +24,7 @@ MEDIA_TYPES = {"mp4": "video/mp4", "gif": "image/gif"}
 @dataclass(frozen=True)
 class Limits:
     max_upload_bytes: int = 10 * 2**20
+    max_video_bytes: int = 64 * 2**20  # an edit's source clip
     max_image_pixels: int = MAX_IMAGE_PIXELS  # decoded size, the CLI's limit: a photo yes, a decompression bomb no
     max_steps: int = 100
     max_video_pixels: int = 16 * 576 * 1024  # frames x height x width of one segment
@@ -58,15 +63,20 @@ def read_upload(data: bytes, limits: Limits) -> np.ndarray:
         raise RequestError(400, str(err)) from err
 
 
-def check_request(request: AnimationRequest, format: str, limits: Limits) -> None:
-    """`request` is resolved (defaults filled in). Raises RequestError(400/422) naming the field and limit."""
-    def bad(message: str):
-        raise RequestError(422, message)
+def bad(message: str):
+    raise RequestError(422, message)
 
+
+def check_request(request: AnimationRequest | EditJobRequest, format: str, limits: Limits,
+                  auto_bucket: bool = False) -> None:
+    """`request` is resolved (defaults filled in). Raises RequestError(400/422) naming the field and limit.
+    `auto_bucket`: no bucket nor motion id means measuring the clip's motion (edits)."""
     if len(request.prompt) > limits.max_prompt_chars or len(request.negative_prompt) > limits.max_prompt_chars:
         bad(f"prompts may have at most {limits.max_prompt_chars} characters")
-    if request.motion_id is None and not (request.bucket is not None and 0 <= request.bucket <= 19):
-        bad("bucket must be a whole number in 0..19 (larger = more motion), or give motion_id")
+    auto = auto_bucket and request.bucket is None
+    if request.motion_id is None and not auto and not (request.bucket is not None and 0 <= request.bucket <= 19):
+        bad("bucket must be a whole number in 0..19 (larger = more motion)"
+            + (", or auto (measured on the clip)" if auto_bucket else "") + ", or give motion_id")
     if not 1 <= request.steps <= limits.max_steps:
         bad(f"steps must be in 1..{limits.max_steps}")
     if not 1 <= request.segments <= limits.max_segments:
@@ -84,3 +94,49 @@ def check_request(request: AnimationRequest, format: str, limits: Limits) -> Non
         bad("guidance must be in -100..100 (7.5 is usual, 1 turns guidance off)")
     if format not in FORMATS:
         bad(f"format must be one of {', '.join(FORMATS)}")
+
+
+def check_edit(request: EditJobRequest, format: str, limits: Limits) -> None:
+    """An edit's fields: the animation checks, then the edit's own."""
+    check_request(request, format, limits, auto_bucket=True)
+    if len(request.source_prompt) > limits.max_prompt_chars:
+        bad(f"prompts may have at most {limits.max_prompt_chars} characters")
+    if not -100 <= request.inversion_guidance <= 100:
+        bad("inversion_guidance must be in -100..100 (1, the default, turns guidance off while inverting)")
+    if request.stride is not None and request.stride < 1:
+        bad("stride must be at least 1 (every stride-th frame of the clip)")
+    if not request.start >= 0:
+        bad("start must be >= 0 seconds into the clip")
+
+
+def save_clip_upload(upload, path: Path, limits: Limits) -> None:
+    """Stream an uploaded clip to `path` (a temp file renamed into place), at most `max_video_bytes`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-", suffix=".clip")
+    try:
+        size = 0
+        with os.fdopen(fd, "wb") as handle:
+            while chunk := upload.read(2**20):
+                size += len(chunk)
+                if size > limits.max_video_bytes:
+                    raise RequestError(413, f"the video is over {limits.max_video_bytes} bytes, the limit; send a "
+                                            "shorter or smaller clip")
+                handle.write(chunk)
+        if size == 0:
+            raise RequestError(400, "the video field is empty; attach an mp4, webm, mov or gif file as 'video'")
+        give_default_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_clip(path: Path, request: EditJobRequest) -> None:
+    """The window the edit will read (stride, start, frames) exists in the clip and decodes: RequestError(400)
+    with the reason and the fix (the CLI's message, in the API's field names and without the server's path)."""
+    from ..clip import read_clip
+
+    try:
+        read_clip(path, request.clip_frames, request.stride, request.start, request.frames + 1)
+    except InputError as err:
+        message = str(err).replace(repr(str(path)), "the video").replace("--", "")
+        raise RequestError(400, message) from err

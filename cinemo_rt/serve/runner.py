@@ -46,7 +46,7 @@ from ..fewer_calls import CallCounter
 from ..request import FewerCalls, Request
 from ..residuals import frames_from_residuals
 from ..samplers import DEFAULT_SAMPLER
-from ..settings import Size
+from ..settings import DCT_FRACTION, EDIT_DCT_TAU, Size
 from ..threads import apply_threads
 
 
@@ -85,6 +85,40 @@ class AnimationRequest:
     @property
     def fewer_calls(self) -> FewerCalls:
         return FewerCalls(cache=self.cache, guidance_until=self.guidance_until, guidance_every=self.guidance_every)
+
+
+@dataclass(frozen=True)
+class EditJobRequest:
+    """What a client may set for an edit (`Animator.edit`'s keywords); None means the model's default (size,
+    frames), a drawn seed, or for bucket and motion_id together: measured on the clip (auto)."""
+
+    prompt: str
+    source_prompt: str = ""
+    bucket: int | None = None
+    motion_id: float | None = None
+    negative_prompt: str = ""
+    steps: int = Request.steps
+    guidance: float = 1.0
+    inversion_guidance: float = 1.0
+    seed: int | None = None
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    stride: int | None = None
+    start: float = 0.0
+    segments: int = 1
+    use_dct: bool = True
+    eta = 0.0  # not a field: inversion and sampling are deterministic DDIM (the checks read it)
+
+    def resolved(self, d: Size) -> "EditJobRequest":
+        seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**31)
+        return EditJobRequest(**{**self.__dict__, "seed": seed, "height": self.height or d.height,
+                                 "width": self.width or d.width, "frames": self.frames or d.frames})
+
+    @property
+    def clip_frames(self) -> int:
+        """Frames the edit reads from the clip: each segment's frames + 1, the boundary frames shared."""
+        return self.segments * self.frames + 1
 
 
 class Abandoned(Exception):
@@ -235,6 +269,17 @@ class Runner:
             start += s.rows
         for s in group:
             s.advance()
+
+    def edit(self, clip_path, image, r: EditJobRequest, callback=None) -> np.ndarray:
+        """One whole edit, un-batched: `Animator.edit` itself (inversion and sampling call the real UNet),
+        so the video is the CLI's bit for bit. `callback(i, t, x)` runs after every inversion and sampling
+        step (it may raise to stop the edit)."""
+        return self.animator.edit(
+            clip_path, image, r.prompt, source_prompt=r.source_prompt, bucket=r.bucket, motion_id=r.motion_id,
+            steps=r.steps, guidance=r.guidance, inversion_guidance=r.inversion_guidance, dct_tau=EDIT_DCT_TAU,
+            dct_fraction=DCT_FRACTION, use_dct=r.use_dct, seed=r.seed, height=r.height, width=r.width,
+            frames=r.frames, stride=r.stride, start=r.start, negative_prompt=r.negative_prompt,
+            segments=r.segments, callback=callback)
 
     def abandon(self, s: Segment) -> None:
         """Stop a segment's sampler thread, waiting on its UNet call (a finished thread ignores this)."""

@@ -2,6 +2,11 @@
 
 Only this thread touches the model and the device. HTTP handlers submit job ids, read progress and ask for
 cancellation; the store (SQLite) holds every state change, the worker's memory only the live step counts.
+
+Edit jobs run un-batched, one at a time (each is its own group): the worker takes one when no animation is
+active and runs `Animator.edit` through to the video (its inversion and sampling, in that order, call the
+real UNet), so an edit's video is the CLI's bit for bit; queued animations wait for it and it waits for the
+active ones. Cancelling stops an edit between steps, as an animation.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ import numpy as np
 
 from ..video import write_video
 from .batching import BatchPolicy, take_compatible
-from .jobs import CANCELLED, DONE, FAILED, JobStore
+from .jobs import CANCELLED, DONE, EDIT, FAILED, Job, JobStore
 from .metrics import Metrics
-from .runner import AnimationRequest, Runner, Segment
+from .runner import AnimationRequest, EditJobRequest, Runner, Segment
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +38,15 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
-def request_of(job_request: dict) -> AnimationRequest:
-    fields = AnimationRequest.__dataclass_fields__
-    return AnimationRequest(**{k: v for k, v in job_request.items() if k in fields})
+def request_of(job_request: dict, kind=AnimationRequest):
+    """The stored request (with format and kind beside its fields) as `kind` (AnimationRequest or
+    EditJobRequest)."""
+    fields = kind.__dataclass_fields__
+    return kind(**{k: v for k, v in job_request.items() if k in fields})
+
+
+class Cancelled(Exception):
+    """Raised from an edit's step callback when its job was asked to stop."""
 
 
 @dataclass
@@ -139,6 +150,7 @@ class Worker:
         self.ready.set()
         active: list[Active] = []
         while True:
+            edit = None
             with self.cond:
                 if not active:
                     while not self.queue and not self._stop:
@@ -150,6 +162,8 @@ class Worker:
                     key = self._key(first)
                     if key is None:
                         admitted = []
+                    elif key[0] == EDIT:
+                        edit, admitted = first, []
                     elif self.policy.max_batch > 1 and self.policy.max_wait_ms > 0:
                         deadline = time.monotonic() + self.policy.max_wait_ms / 1000
                         while (len(admitted) < self.policy.max_batch and not self._stop
@@ -163,6 +177,9 @@ class Worker:
                         return
                     key = active[0].segment.request.batch_key
                     admitted = take_compatible(self.queue, key, self._key, self.policy.max_batch - len(active))
+            if edit is not None:
+                self._run_edit(edit)
+                continue
             active += [a for a in (self._admit(job_id) for job_id in admitted) if a is not None]
             active = self._drop_cancelled(active)
             if active:
@@ -173,17 +190,14 @@ class Worker:
             job = self.store.get(job_id)
             if job is None:
                 return None
-            self._keys[job_id] = request_of(job.request).batch_key
+            # an edit's key is its own: it never shares a group
+            self._keys[job_id] = (EDIT, job_id) if job.kind == EDIT else request_of(job.request).batch_key
         return self._keys[job_id]
 
     def _admit(self, job_id: str) -> Active | None:
-        job = self.store.get(job_id)
-        if job is None or job.state != "queued":
+        job = self._start(job_id)
+        if job is None:
             return None
-        if job.cancel:
-            self.store.finish(job_id, CANCELLED, CANCELLED_REASON)
-            return None
-        self.store.mark_running(job_id, self.owner)
         request = request_of(job.request)
         self.store.set_progress([(job_id, 0, request.steps * request.segments, 0)])
         started = time.perf_counter()
@@ -240,21 +254,68 @@ class Worker:
             if a.segment.segment + 1 < request.segments:
                 segment = self.runner.prepare(video[-1], request, a.segment.segment + 1, frames)
                 return Active(a.job_id, segment, a.steps_done, a.steps_total, a.calls)
-            started = time.perf_counter()
-            job = self.store.get(a.job_id)
-            if job is None:  # deleted meanwhile
-                return None
-            write_video(np.concatenate(frames), self.store.video_path(job), fps=FPS, format=job.format)
-            self._observe("write", started)
-            if self.store.finish(a.job_id, DONE):
-                self._update_estimate(job)
-            else:  # cancelled while decoding: the video must not outlive its job
-                self.store.video_path(job).unlink(missing_ok=True)
+            self._write(a.job_id, np.concatenate(frames))
         except Exception as err:  # noqa: BLE001
             self._fail(a.job_id, err)
             return None
         self._forget(a.job_id)
         return None
+
+    def _write(self, job_id: str, video: np.ndarray) -> None:
+        """The finished video to the store, and the job done (unless deleted or cancelled meanwhile)."""
+        started = time.perf_counter()
+        job = self.store.get(job_id)
+        if job is None:  # deleted meanwhile
+            return
+        write_video(video, self.store.video_path(job), fps=FPS, format=job.format)
+        self._observe("write", started)
+        if self.store.finish(job_id, DONE):
+            self._update_estimate(job)
+        else:  # cancelled while decoding: the video must not outlive its job
+            self.store.video_path(job).unlink(missing_ok=True)
+
+    def _run_edit(self, job_id: str) -> None:
+        """One edit job start to end (its own group, see the module docstring). Progress counts inversion and
+        sampling steps (2 x steps x segments); the UNet calls are reported once it is done."""
+        job = self._start(job_id)
+        if job is None:
+            return
+        request = request_of(job.request, EditJobRequest)
+        total, done = 2 * request.steps * request.segments, 0
+
+        def on_step(i: int, t: int, x) -> None:
+            nonlocal done
+            done += 1
+            if self.store.cancel_requested([job_id]):
+                raise Cancelled()
+            self.store.set_progress([(job_id, done, total, 0)])
+
+        self.store.set_progress([(job_id, 0, total, 0)])
+        try:
+            image_path = self.store.input_path(job_id)
+            image = self.runner.check_image(image_path) if image_path.is_file() else None
+            video = self.runner.edit(self.store.clip_path(job_id), image, request, on_step)
+            self.store.set_progress([(job_id, done, total, self.runner.animator.last_unet_calls)])
+            self._write(job_id, video)
+        except Cancelled:
+            self.store.finish(job_id, CANCELLED, CANCELLED_REASON)
+        except Exception as err:  # noqa: BLE001 - the job fails with the reason, the server goes on
+            self._fail(job_id, err)
+            return
+        self._forget(job_id)
+
+    def _start(self, job_id: str) -> Job | None:
+        """Mark a queued job running; None when it is gone, no longer queued, or cancelled before it ran."""
+        job = self.store.get(job_id)
+        if job is None or job.state != "queued":
+            self._forget(job_id)
+            return None
+        if job.cancel:
+            self.store.finish(job_id, CANCELLED, CANCELLED_REASON)
+            self._forget(job_id)
+            return None
+        self.store.mark_running(job_id, self.owner)
+        return job
 
     def _fail(self, job_id: str, err: Exception) -> None:
         reason = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
