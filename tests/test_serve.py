@@ -18,6 +18,7 @@ from cinemo_rt.defaults import EXAMPLE_IMAGE  # noqa: E402
 from cinemo_rt.image import load_image  # noqa: E402
 from cinemo_rt.serve.app import ServeSettings, create_app  # noqa: E402
 from cinemo_rt.serve.batching import BatchPolicy  # noqa: E402
+from cinemo_rt.serve.client import Client  # noqa: E402
 from cinemo_rt.serve.jobs import DONE, FAILED, JobStore, new_job_id  # noqa: E402
 from cinemo_rt.serve.limits import Limits  # noqa: E402
 from cinemo_rt.serve.runner import AnimationRequest, Runner  # noqa: E402
@@ -402,8 +403,13 @@ def test_edit_job_matches_animator_edit_bit_for_bit(tmp_path, runner, clip_gif):
         assert served.status_code == 200 and served.headers["content-type"] == "image/gif"
         (tmp_path / "served.gif").write_bytes(served.content)
 
-        again = submit_edit(client, clip_gif.read_bytes())  # no image: the clip's own first frame
-        assert wait_final(client, again.json()["id"])["state"] == "done"
+        api = Client.__new__(Client)
+        api.http = client  # the Python client over the in-process app
+        again = api.submit_edit(clip_gif, **{**EDIT, "format": "mp4"})  # no image: the clip's first frame
+        assert again.status_code == 202, again.text
+        assert api.wait(again.json()["id"])["state"] == "done"
+        (tmp_path / "reconstruction.mp4").write_bytes(api.video(again.json()["id"]))
+        assert read_video(tmp_path / "reconstruction.mp4").shape == (4, 32, 32, 3)
         assert not any((tmp_path / "jobs" / "inputs").iterdir())  # uploads go once their job is done
 
     expected = runner.animator.edit(clip_gif, load_image(Image.open(io.BytesIO(photo))), "a cat", frames=3, steps=2, seed=1,
@@ -456,6 +462,11 @@ def test_oversized_clip_and_missing_key_are_refused(tmp_path, runner, clip_gif):
 def test_an_edit_can_be_cancelled(tmp_path, runner, clip_gif):
     with make_client(tmp_path, runner) as client:
         job = submit_edit(client, clip_gif.read_bytes(), steps="100").json()
-        assert client.delete(f"/v1/edits/{job['id']}").status_code == 200
-        assert wait_final(client, job["id"])["state"] == "cancelled"
+        while (body := client.get(job["urls"]["status"]).json())["state"] == "queued" or not body.get("step"):
+            assert body["state"] in ("queued", "running"), body
+            time.sleep(0.01)
+        assert body["total"] == 200  # inversion and sampling steps
+        assert client.delete(f"/v1/edits/{job['id']}").json()["state"] == "cancelling"  # between steps
+        final = wait_final(client, job["id"])
+        assert final["state"] == "cancelled" and final["error"] == "cancelled by the client"
         assert client.get(f"/v1/edits/{job['id']}/video").status_code == 409

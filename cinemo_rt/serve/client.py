@@ -23,9 +23,19 @@ class Client:
 
     def submit(self, image: bytes | str | os.PathLike, prompt: str, **fields) -> httpx.Response:
         """POST /v1/animations; fields as the API names them (steps, seed, bucket, format, ...)."""
-        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        data = _bytes(image)
         form = {"prompt": prompt, **{k: str(v) for k, v in fields.items() if v is not None}}
         return self.http.post("/v1/animations", files={"image": ("image.png", data, "image/png")}, data=form)
+
+    def submit_edit(self, video: bytes | str | os.PathLike, prompt: str | None = None,
+                    image: bytes | str | os.PathLike | None = None, **fields) -> httpx.Response:
+        """POST /v1/edits: the source clip, optionally a new first frame; fields as the API names them (steps,
+        seed, bucket, stride, start, frames, ...). The job routes below serve edits too."""
+        files = {"video": ("video", _bytes(video), "application/octet-stream")}
+        if image is not None:
+            files["image"] = ("image.png", _bytes(image), "image/png")
+        form = {k: str(v) for k, v in {"prompt": prompt, **fields}.items() if v is not None}
+        return self.http.post("/v1/edits", files=files, data=form)
 
     def status(self, job_id: str) -> dict:
         return self.http.get(f"/v1/animations/{job_id}").json()
@@ -48,6 +58,10 @@ class Client:
 
     def close(self) -> None:
         self.http.close()
+
+
+def _bytes(source: bytes | str | os.PathLike) -> bytes:
+    return source if isinstance(source, bytes) else Path(source).read_bytes()
 
 
 def free_port() -> int:
