@@ -17,7 +17,7 @@ from cinemo_rt.serve.client import Client, free_port  # noqa: E402
 from cinemo_rt.serve.jobs import JobStore  # noqa: E402
 from cinemo_rt.serve.ray_app import build_app  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 @pytest.fixture
