@@ -165,6 +165,15 @@ def direction_test(run: RunFn, images: dict[str, np.ndarray], seeds: list[int], 
     return {"bucket": DIRECTION_BUCKET, "seeds": seeds, "by_prompt": directions, "paired": paired}
 
 
+def open_demo(checkpoint: str, threads: int) -> tuple[Animator, dict[str, np.ndarray]]:
+    """The set-up every demo benchmark shares: CPU threads, quiet logs, the checkpoint on the CPU and the held-out
+    images at its size."""
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    animator = Animator.from_checkpoint(checkpoint, device="cpu")
+    return animator, held_out_images(min(animator.defaults.height, animator.defaults.width))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -181,13 +190,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                         help="folder for controls.json/.md and the example GIF and strip")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
-
-    animator = Animator.from_checkpoint(args.checkpoint, device="cpu")
+    animator, images = open_demo(args.checkpoint, args.threads)
     d = animator.defaults
-    images = held_out_images(min(d.height, d.width))
     seeds = list(range(args.seeds))
 
     def run(image, prompt, bucket, seed, use_dct=True):

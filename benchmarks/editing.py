@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from controls import held_out_images, mean_shift, paired_difference, psnr, strip, write_results  # noqa: E402
+from controls import mean_shift, open_demo, paired_difference, psnr, strip, write_results  # noqa: E402
 
 from cinemo_rt import stages  # noqa: E402
 from cinemo_rt.demo_data import CAPTIONS, render_clip  # noqa: E402
@@ -98,13 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
-
-    animator = Animator.from_checkpoint(args.checkpoint, device="cpu")
+    animator, images = open_demo(args.checkpoint, args.threads)
     d = animator.defaults
-    images = held_out_images(min(d.height, d.width))
     clips = {(motion, name): render_clip(img, motion, CLIP_SPEED, d.frames + 1, d.height,
                                          np.random.default_rng(0))
              for motion in MOTIONS for name, img in images.items()}

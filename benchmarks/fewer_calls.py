@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from controls import bucket_curve, direction_test, held_out_images, psnr  # noqa: E402
+from controls import bucket_curve, direction_test, open_demo, psnr  # noqa: E402
 from cinemo_rt.fewer_calls import IDENTITY  # noqa: E402
 from cinemo_rt.motion import mean_consecutive_ssim  # noqa: E402
 from cinemo_rt.pipeline import Animator  # noqa: E402
@@ -201,13 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         (out / "fewer_calls.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / "fewer_calls.md").write_text(report(result))
         return 0
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
-
-    animator = Animator.from_checkpoint(args.checkpoint, device="cpu")
+    animator, images = open_demo(args.checkpoint, args.threads)
     d = animator.defaults
-    images = held_out_images(min(d.height, d.width))
     out.mkdir(parents=True, exist_ok=True)
     if args.controls:
         result = {"preset": dataclasses.asdict(FAST_PRESET),
