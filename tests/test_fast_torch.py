@@ -126,3 +126,44 @@ def test_inductor_graphs_off_under_the_manual_graph(mode, manual_graph, expected
     from cinemo_rt.backends.fast_torch import inductor_mode
 
     assert inductor_mode(mode, manual_graph) == expected
+
+
+# -- memory layout: chosen per device, weights converted once at load ------------------------------
+def test_default_layout_per_device():
+    from cinemo_rt.backends.fast_torch import default_conv_layout
+
+    assert default_conv_layout(torch.device("cuda", 0)) == "channels_last"
+    assert default_conv_layout(torch.device("cpu")) == "contiguous"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_each_layout_matches_reference_and_converts_no_weight_per_call(components, layout, monkeypatch):
+    """Both layouts run on the CPU (the benchmark measures both); every 3x3 convolution's input is in its
+    weight's layout, so the convolution never converts the weight (or the input) on the call."""
+    unet = copy.deepcopy(components.unet)
+    fast = optimize_unet(unet, conv_layout=layout)
+    assert fast.conv_layout == layout
+    mismatched, conv2d = [], torch.nn.functional.conv2d
+
+    def checked_conv2d(x, weight, *args, **kwargs):
+        if weight.shape[-1] != 1:
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            if not (x.is_contiguous(memory_format=fmt) and weight.is_contiguous(memory_format=fmt)):
+                mismatched.append((tuple(x.shape), x.stride(), weight.stride()))
+        return conv2d(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", checked_conv2d)
+    x_t, t, text, z1, motion_id = _inputs(4, batch=2, frames=3, h=6, w=10)
+    with torch.no_grad():
+        out = fast(x_t, t, fast.prepare(text), z1, motion_id)
+        monkeypatch.undo()
+        reference = components.unet(x_t, t, text, z1, motion_id)
+    assert not mismatched, mismatched[:3]
+    assert relative_error(out, reference) < TOLERANCES["fp32"].relative_l2
+
+
+def test_cpu_layout_leaves_reference_weights_alone(components):
+    unet = copy.deepcopy(components.unet)
+    optimize_unet(unet)
+    convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.weight.is_contiguous() for m in convs)
