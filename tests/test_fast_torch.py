@@ -136,10 +136,17 @@ def test_default_layout_per_device():
     assert default_conv_layout(torch.device("cpu")) == "contiguous"
 
 
+def _strides(shape, layout):
+    n, c, h, w = shape
+    return (c * h * w, h * w, w, 1) if layout == "contiguous" else (c * h * w, 1, w * c, c)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_each_layout_matches_reference_and_converts_no_weight_per_call(components, layout, monkeypatch):
-    """Both layouts run on the CPU (the benchmark measures both); every 3x3 convolution's input is in its
-    weight's layout, so the convolution never converts the weight (or the input) on the call."""
+@pytest.mark.parametrize("h,w", [(6, 10), (2, 2)])  # 2x2: the second level's maps are 1x1
+def test_each_layout_matches_reference_and_converts_no_weight_per_call(components, layout, h, w, monkeypatch):
+    """Both layouts run on the CPU (the benchmark measures both); every 3x3 convolution's input has exactly its
+    weight's strides (at a 1x1 map both layouts count as contiguous, and the convolution follows the strides),
+    so the convolution never converts the weight (or the input) on the call."""
     unet = copy.deepcopy(components.unet)
     fast = optimize_unet(unet, conv_layout=layout)
     assert fast.conv_layout == layout
@@ -147,13 +154,12 @@ def test_each_layout_matches_reference_and_converts_no_weight_per_call(component
 
     def checked_conv2d(x, weight, *args, **kwargs):
         if weight.shape[-1] != 1:
-            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-            if not (x.is_contiguous(memory_format=fmt) and weight.is_contiguous(memory_format=fmt)):
+            if x.stride() != _strides(x.shape, layout) or weight.stride() != _strides(weight.shape, layout):
                 mismatched.append((tuple(x.shape), x.stride(), weight.stride()))
         return conv2d(x, weight, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "conv2d", checked_conv2d)
-    x_t, t, text, z1, motion_id = _inputs(4, batch=2, frames=3, h=6, w=10)
+    x_t, t, text, z1, motion_id = _inputs(4, batch=2, frames=3, h=h, w=w)
     with torch.no_grad():
         out = fast(x_t, t, fast.prepare(text), z1, motion_id)
         monkeypatch.undo()
