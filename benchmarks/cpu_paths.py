@@ -191,8 +191,10 @@ def compare(name: str, config, unet: UNet3D, before_model, sizes: list[int], arg
         with torch.inference_mode():
             seconds, outputs = measure(calls, args.warmup, args.repeats)
             parity = {n: relative_error(out, outputs["eager"]) for n, out in outputs.items() if n != "eager"}
-            ops = {n: top_ops(torch_ms_per_op(fn, args.profile_calls))
-                   for n, fn in calls.items() if n != "onnxruntime"}
+            ops = {}
+            if size in args.profile_sizes or name == "tiny":
+                ops = {n: top_ops(torch_ms_per_op(fn, args.profile_calls))
+                       for n, fn in calls.items() if n != "onnxruntime"}
         if ort is not None:
             ops["onnxruntime"] = top_ops(ort.ms_per_op())
         base = median(seconds["eager"]["cpu"])
@@ -205,7 +207,7 @@ def compare(name: str, config, unet: UNet3D, before_model, sizes: list[int], arg
                           "ms_per_op": ops.get(n), "cpu_s": s["cpu"], "wall_s": s["wall"]}
                       for n, s in seconds.items()},
             "onnxruntime_session_creation_s": None if ort is None else round(ort.creation_s, 1),
-            "profile_calls": args.profile_calls,
+            "profile_calls": args.profile_calls if ops else 0,
         }
         log.info("%s %dx%d: %s", name, size, size,
                  ", ".join(f"{n} {median(s['cpu']):.3f} s CPU" for n, s in seconds.items()))
@@ -243,6 +245,9 @@ def markdown(report: dict) -> str:
             if r["onnxruntime_session_creation_s"] is not None:
                 lines += ["", f"ONNX Runtime session creation: {r['onnxruntime_session_creation_s']} s "
                               "(paid once per process, before the first call)"]
+            if not r["profile_calls"]:
+                lines.append("")
+                continue
             lines += ["", f"Time per op type, ms per call (torch: self CPU time per aten op, over "
                           f"{r['profile_calls']} profiled call(s); ONNX Runtime: node time per op type over "
                           "its timed and warm-up calls):", ""]
@@ -270,6 +275,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny-repeats", type=int, default=20)
     p.add_argument("--profile-calls", type=int, default=1, help="calls per path under the profiler")
+    p.add_argument("--profile-sizes", type=int, nargs="*", default=[8],
+                   help="full-width latent sizes to profile per op type (the tiny config always is)")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "cinemo_cpu_paths"),
                    help="exported ONNX graphs are kept here and reused")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
