@@ -271,6 +271,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-full", action="store_true", help="the tiny config only")
     p.add_argument("--before", metavar="REV", help="also the reference model of this git revision")
     p.add_argument("--onnx-full", action="store_true", help="also ONNX Runtime at full width (slow export)")
+    p.add_argument("--no-onnx", action="store_true", help="no ONNX Runtime, not even at the tiny config")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny-repeats", type=int, default=20)
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                                            "profile_calls": 10})
         tiny_before = sharing_weights(before.UNet3D, tiny_config, tiny) if before else None
         report["models"]["tiny (demo config)"] = compare("tiny", tiny_config, tiny, tiny_before,
-                                                         [tiny_config.sample_size], tiny_args, onnx=True)
+                                                         [tiny_config.sample_size], tiny_args, onnx=not args.no_onnx)
         if not args.no_full:
             config = full_config()
             log.info("building the full-width UNet (911 M parameters, random weights)")
