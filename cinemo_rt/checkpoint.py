@@ -241,6 +241,14 @@ def _format_problems(folder: Path, problems: list[str]) -> str:
             "tokenizer/, scheduler/); see README 'Checkpoints'.")
 
 
+def import_component_libraries() -> None:
+    """Import the diffusers and transformers model modules `load_checkpoint` builds the VAE and the text
+    encoder from. Seconds on a CPU (they pull in torch._dynamo), the larger part of loading a small model:
+    the CLI times them as imports, apart from reading the weights."""
+    from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder  # noqa: F401
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+
 def load_checkpoint(folder: str | os.PathLike, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None, temporal_vae: bool | None = None,
                     vae_encode_dtype: torch.dtype | None = torch.float32,

@@ -330,14 +330,18 @@ def build_edit_request(args, size, clip_frames):
 def _execute(args, plan, threads, phases: dict[str, float], total_steps: int, desc: str, job) -> int:
     """The part of `run` and `edit` after validation: imports, the model, `job(animator, callback)` under a
     progress bar, the video written, timings logged."""
-    with _phase(phases, "import"):
+    with _phase(phases, "import torch"):
         import torch  # noqa: F401  (timed here, not inside the first stage that needs it)
-
+    with _phase(phases, "import libraries"):
         from .pipeline import Animator  # noqa: F401
         from .threads import apply_threads
         from .video import write_video
 
         _quiet_libraries()
+        if not args.engines:  # the VAE's and text encoder's model modules: imports, not model loading
+            from .checkpoint import import_component_libraries
+
+            import_component_libraries()
     with _phase(phases, "load model"):
         apply_threads(plan.parameters, threads)
         animator = _open_animator(args, plan)

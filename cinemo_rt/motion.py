@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:  # torch at run time only in the SSIM functions: buckets are converted before it loads
+    import numpy as np
+    import torch
 
 NUM_BUCKETS = 20
 MAX_MOTION_ID = 99  # bucket 0 (least motion); bucket 19 is id 80
@@ -79,6 +80,8 @@ def motion_id_from_ssim(s: float) -> int:
 
 def _to_gray(video: torch.Tensor | np.ndarray, data_range: float | None) -> torch.Tensor:
     """(T, H, W, 3) uint8 or float frames -> (T, 1, H, W) float64 BT.601 luma in [0, 1]."""
+    import torch
+
     frames = torch.as_tensor(video)
     if frames.dim() != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected a video (T, H, W, 3); got shape {tuple(frames.shape)}")
@@ -94,6 +97,9 @@ def consecutive_ssim(video: torch.Tensor | np.ndarray, data_range: float | None 
     """SSIM of each consecutive frame pair (t, t+1) of a (T, H, W, 3) video -> (T-1,) float64.
 
     Settings in the module docstring. data_range overrides the default (255 for uint8, 1 for float)."""
+    import torch
+    import torch.nn.functional as F
+
     gray = _to_gray(video, data_range)  # (T, 1, H, W)
     t, _, h, w = gray.shape
     if t < 2 or h < SSIM_WINDOW or w < SSIM_WINDOW:

@@ -126,3 +126,50 @@ def test_inductor_graphs_off_under_the_manual_graph(mode, manual_graph, expected
     from cinemo_rt.backends.fast_torch import inductor_mode
 
     assert inductor_mode(mode, manual_graph) == expected
+
+
+# -- memory layout: chosen per device, weights converted once at load ------------------------------
+def test_default_layout_per_device():
+    from cinemo_rt.backends.fast_torch import default_conv_layout
+
+    assert default_conv_layout(torch.device("cuda", 0)) == "channels_last"
+    assert default_conv_layout(torch.device("cpu")) == "contiguous"
+
+
+def _strides(shape, layout):
+    n, c, h, w = shape
+    return (c * h * w, h * w, w, 1) if layout == "contiguous" else (c * h * w, 1, w * c, c)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("h,w", [(6, 10), (2, 2)])  # 2x2: the second level's maps are 1x1
+def test_each_layout_matches_reference_and_converts_no_weight_per_call(components, layout, h, w, monkeypatch):
+    """Both layouts run on the CPU (the benchmark measures both); every 3x3 convolution's input has exactly its
+    weight's strides (at a 1x1 map both layouts count as contiguous, and the convolution follows the strides),
+    so the convolution never converts the weight (or the input) on the call."""
+    unet = copy.deepcopy(components.unet)
+    fast = optimize_unet(unet, conv_layout=layout)
+    assert fast.conv_layout == layout
+    mismatched, conv2d = [], torch.nn.functional.conv2d
+
+    def checked_conv2d(x, weight, *args, **kwargs):
+        if weight.shape[-1] != 1:
+            if x.stride() != _strides(x.shape, layout) or weight.stride() != _strides(weight.shape, layout):
+                mismatched.append((tuple(x.shape), x.stride(), weight.stride()))
+        return conv2d(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", checked_conv2d)
+    x_t, t, text, z1, motion_id = _inputs(4, batch=2, frames=3, h=h, w=w)
+    with torch.no_grad():
+        out = fast(x_t, t, fast.prepare(text), z1, motion_id)
+        monkeypatch.undo()
+        reference = components.unet(x_t, t, text, z1, motion_id)
+    assert not mismatched, mismatched[:3]
+    assert relative_error(out, reference) < TOLERANCES["fp32"].relative_l2
+
+
+def test_cpu_layout_leaves_reference_weights_alone(components):
+    unet = copy.deepcopy(components.unet)
+    optimize_unet(unet)
+    convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.weight.is_contiguous() for m in convs)

@@ -258,3 +258,28 @@ def test_resnet_groupnorm_pools_over_frames(tiny_unet):
     y[:, :, 3] *= 10
     with torch.no_grad():
         assert not torch.allclose(resnet(x, temb)[:, :, 0], resnet(y, temb)[:, :, 0])
+
+
+# -- memory layout ------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch", [1, 2])
+def test_every_convolution_sees_contiguous_nchw(tiny_unet, batch):
+    """One layout throughout (cinemo_rt/model/layout.py): a channels_last or strided input would make the
+    convolution convert its weight or copy its input on every call."""
+    seen = []
+
+    def check(module, args):
+        x = args[0]
+        seen.append((module, tuple(x.shape), x.stride(), x.is_contiguous()))
+
+    convs = [m for m in tiny_unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    handles = [m.register_forward_pre_hook(check) for m in convs]
+    try:
+        with torch.no_grad():
+            tiny_unet(**_inputs(batch=batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert {id(m) for m, *_ in seen} == {id(m) for m in convs}  # every convolution ran
+    strided = [(shape, stride) for _, shape, stride, contiguous in seen if not contiguous]
+    assert not strided, f"{len(strided)} of {len(seen)} convolution inputs not contiguous NCHW: {strided[:3]}"
+    assert all(m.weight.is_contiguous() for m in convs)

@@ -116,12 +116,37 @@ def test_bad_input_is_reported_before_heavy_imports(case, image_path, tmp_path):
     assert "Traceback" not in result.stderr and result.stderr.count("ERROR") == 1, result.stderr
 
 
+VALIDATE_ONLY = """
+import sys
+from cinemo_rt import cli
+from cinemo_rt.preflight import plan_run
+from cinemo_rt.threads import parse_threads
+args = cli.build_parser().parse_args(sys.argv[1:])
+cli._check_output(args)
+parse_threads(args.threads)
+plan_run(args)
+request = cli.build_request(args)
+print("MOTION", request.motion_id, "HEAVY", sorted(m for m in ("torch", "diffusers", "transformers", "av")
+                                               if m in sys.modules))
+"""
+
+
+def test_validating_a_good_demo_run_imports_no_torch(image_path, tmp_path):
+    """The validate phase of `cinemo-rt run` (what `cmd_run` times as "validate") stays light: torch is
+    the run's largest import and is timed as its own phase."""
+    result = subprocess.run([sys.executable, "-c", VALIDATE_ONLY, "run", "--prompt", "the camera pans left",
+                             "--bucket", "15", "--image", str(image_path), "--out", str(tmp_path / "o.mp4")],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "MOTION 84.0 HEAVY []" in result.stdout, result.stdout
+
+
 def test_verbose_run_reports_startup_phases_and_progress(tiny_checkpoint_dir, image_path, tmp_path, caplog, capsys):
     with caplog.at_level("DEBUG"):
         assert main(["-v", "run", "--image", str(image_path), "--prompt", "x", "--checkpoint",
                      str(tiny_checkpoint_dir), "--out", str(tmp_path / "o.mp4"), *FAST]) == 0
     startup = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("start-up:"))
-    assert all(phase in startup for phase in ("validate", "import", "load model"))
+    assert all(phase in startup for phase in ("validate", "import torch", "import libraries", "load model"))
     # Not a terminal here: progress goes to the log instead of a bar.
     assert "denoising: step 2/2" in caplog.text
     # The success line is printed once, height x width.

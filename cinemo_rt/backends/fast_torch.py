@@ -3,12 +3,17 @@
 `optimize_unet(unet)` returns a `FastUNet` that reuses the reference modules' parameters and runs its own
 forward, numerically the same function (parity tests/test_fast_torch.py), with these changes:
 
-- Activations stay in one token layout (B, F, H, W, C) from conv_in to conv_out. 3x3 convolutions see it as
-  a channels_last (B*F, C, H, W) view (cuDNN's preferred fp16 layout); 1x1 convolutions (proj_in/out,
-  shortcuts) are linear layers on the tokens. The reference permutes to (B*F, C, H, W) and back around
-  every convolution and GroupNorm, each a full copy of the activation (SPEC 4 layout).
-- GroupNorm (5D, statistics over all frames, and per frame) is computed on that layout with fp32 statistics
-  and the following SiLU folded in; no layout change is needed for either kind.
+- Activations stay in one token layout (B, F, H, W, C) from conv_in to conv_out; 1x1 convolutions
+  (proj_in/out, shortcuts) are linear layers on the tokens. The 3x3 convolutions' layout is chosen per
+  device, once, with their weights converted at load and never per call (`conv_layout`): on CUDA they see
+  the tokens as a channels_last (B*F, C, H, W) view, cuDNN's preferred fp16 layout; on the CPU they run in
+  contiguous NCHW, the reference's layout (input copied in, output copied back to tokens), because oneDNN's
+  channels_last kernels lose at the small maps of a latent UNet (2.2x slower for 1280 channels at 2x2;
+  measured side by side in benchmarks/cpu_paths.py, results in benchmarks/results/cpu_paths.md).
+- GroupNorm (5D, statistics over all frames, and per frame) is computed on the token layout without a
+  layout change: on the CPU by the built-in kernel on a channels_last view (8x faster than a var_mean
+  formulation there), elsewhere with fp32 statistics written out, the following SiLU folded in (one fused
+  kernel under torch.compile).
 - q/k/v of spatial and temporal attention are one matmul: the three weights are re-pointed into a single
   (3C, C) tensor (no extra memory; the reference modules still see their own `to_q/to_k/to_v`).
 - Temporal attention runs through `F.scaled_dot_product_attention` with the relative-position bias as an
@@ -70,11 +75,42 @@ class _TemporalConsts:
 # ---------------------------------------------------------------------------------------------
 # Layout helpers: x is (B, F, H, W, C) contiguous throughout
 # ---------------------------------------------------------------------------------------------
-def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+CONV_LAYOUTS = ("channels_last", "contiguous")
+
+
+def default_conv_layout(device: torch.device) -> str:
+    """The 3x3 convolutions' layout on `device`: channels_last on CUDA, the reference's NCHW elsewhere
+    (the module docstring says why)."""
+    return "channels_last" if device.type == "cuda" else "contiguous"
+
+
+def _frames_view(x: torch.Tensor) -> torch.Tensor:
+    """(B, F, H, W, C) tokens -> the (B*F, C, H, W) channels_last view of the same memory, no copy."""
     b, f, h, w, c = x.shape
-    frames = x.reshape(b * f, h, w, c).permute(0, 3, 1, 2)  # (B*F, C, H, W) channels_last view, no copy
+    return x.reshape(b * f, h, w, c).permute(0, 3, 1, 2)
+
+
+def _nchw(frames: torch.Tensor) -> torch.Tensor:
+    """frames with NCHW strides. At a 1x1 map a channels_last view already counts as contiguous, so
+    `.contiguous()` keeps its strides, and the convolution, reading them as channels_last, would convert its
+    NCHW weight on every call (59 MB for each 1280x1280 3x3 weight)."""
+    n, c, h, w = frames.shape
+    if frames.stride() == (c * h * w, h * w, w, 1):
+        return frames
+    return frames.clone(memory_format=torch.contiguous_format)
+
+
+def _conv_frames(frames: torch.Tensor, conv: nn.Conv2d, batch: int, layout: str) -> torch.Tensor:
+    """conv over (B*F, C, H, W) frames in `layout` (the weight's, converted at load) -> (B, F, H', W', C')."""
+    if layout == "contiguous":
+        frames = _nchw(frames)
     y = F.conv2d(frames, conv.weight, conv.bias, conv.stride, conv.padding)
-    return y.permute(0, 2, 3, 1).reshape(b, f, y.shape[2], y.shape[3], y.shape[1])  # free if y is NHWC
+    bf, c, h, w = y.shape
+    return y.permute(0, 2, 3, 1).reshape(batch, bf // batch, h, w, c)  # free if y is NHWC, else one copy
+
+
+def _conv(x: torch.Tensor, conv: nn.Conv2d, layout: str) -> torch.Tensor:
+    return _conv_frames(_frames_view(x), conv, x.shape[0], layout)
 
 
 def _pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -82,12 +118,21 @@ def _pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return F.linear(x, conv.weight.flatten(1), conv.bias)
 
 
-def _group_norm(x: torch.Tensor, samples: int, norm: nn.GroupNorm, silu: bool = False) -> torch.Tensor:
+def _group_norm(x: torch.Tensor, samples: int, norm: nn.GroupNorm, silu: bool = False,
+                builtin: bool = False) -> torch.Tensor:
     """GroupNorm with statistics per (sample, group) over everything else; x (..., C) token layout.
 
     samples = B for the ResNet GroupNorms (pooled over all frames, SPEC 4), B*F for the per-frame one.
-    Statistics and the affine in fp32 as the native CUDA kernel (accumulation type), one rounding at the end."""
+    builtin: the native kernel on a (samples, C, L, 1) channels_last view (same statistics, no copy).
+    Otherwise statistics and the affine in fp32 as the native CUDA kernel (accumulation type), one rounding
+    at the end: the form torch.compile fuses with the SiLU."""
     c = x.shape[-1]
+    if builtin:
+        view = x.reshape(samples, -1, 1, c).permute(0, 3, 1, 2)  # (S, C, L, 1) channels_last
+        y = F.group_norm(view, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        if silu:
+            y = F.silu(y, inplace=True)
+        return y.permute(0, 2, 3, 1).reshape(x.shape)
     xg = x.reshape(samples, -1, norm.num_groups, c // norm.num_groups).float()  # (S, L, G, C/G)
     var, mean = torch.var_mean(xg, dim=(1, 3), keepdim=True, correction=0)
     y = ((xg - mean) * torch.rsqrt(var + norm.eps)).reshape(x.shape)
@@ -118,17 +163,26 @@ class FastUNet(nn.Module):
     The weights are snapshots where fused (q/k/v share storage with the reference; relative-position biases
     are built per frame count on first use): optimise after loading, not before."""
 
-    def __init__(self, unet: UNet3D):
+    def __init__(self, unet: UNet3D, conv_layout: str | None = None):
         super().__init__()
+        device = unet.conv_in.weight.device
+        conv_layout = conv_layout or default_conv_layout(device)
+        if conv_layout not in CONV_LAYOUTS:
+            raise ValueError(f"conv_layout {conv_layout!r}: expected one of {CONV_LAYOUTS}")
+        self.conv_layout = conv_layout
+        self.builtin_group_norm = device.type == "cpu"
+        log.info("torch-fast on %s: 3x3 convolutions in %s, GroupNorm %s", device.type, conv_layout,
+                 "built-in" if self.builtin_group_norm else "with fp32 statistics written out")
         self.unet = unet
         self.blocks: list[BasicTransformerBlock] = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
         self._index = {id(block): i for i, block in enumerate(self.blocks)}
         with torch.no_grad():
             self._qkv_spatial = [_fuse_qkv(b.attn1) for b in self.blocks]
             self._qkv_temporal = [_fuse_qkv(b.attn_temp) for b in self.blocks]
-            for m in unet.modules():
-                if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1):
-                    m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+            if conv_layout == "channels_last":  # once, here: a mismatch would convert the weight every call
+                for m in unet.modules():
+                    if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1):
+                        m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
         self._consts: dict[tuple, _TemporalConsts] = {}
         # name -> context manager around each block type (PROFILE_GROUPS); set by benchmarks/latency.py for
         # the per-block profile of an eager call, None otherwise (then scopes cost one attribute test).
@@ -199,7 +253,7 @@ class FastUNet(nn.Module):
         explicit_sizes = any(s % factor for s in x.shape[2:4])
 
         with self._scope("conv"):
-            h = _conv(x, u.conv_in)
+            h = _conv(x, u.conv_in, self.conv_layout)
         skips = [h]
         for block in u.down_blocks:
             for i, resnet in enumerate(block.resnets):
@@ -209,7 +263,7 @@ class FastUNet(nn.Module):
                 skips.append(h)
             if block.downsamplers is not None:
                 with self._scope("conv"):
-                    h = _conv(h, block.downsamplers[0].conv)
+                    h = _conv(h, block.downsamplers[0].conv, self.conv_layout)
                 skips.append(h)
 
         mid = u.mid_block
@@ -228,41 +282,42 @@ class FastUNet(nn.Module):
                 h = self._upsample(block.upsamplers[0].conv, h, size)
 
         with self._scope("groupnorm"):
-            h = _group_norm(h, batch, u.conv_norm_out, silu=True)
+            h = _group_norm(h, batch, u.conv_norm_out, silu=True, builtin=self.builtin_group_norm)
         with self._scope("conv"):
-            eps = _conv(h, u.conv_out)  # (B, F, h, w, 4)
+            eps = _conv(h, u.conv_out, self.conv_layout)  # (B, F, h, w, 4)
         return eps[:, 1:].permute(0, 4, 1, 2, 3).contiguous()  # (B, 4, F-1, h, w): drop the z1 frame
 
     # -- blocks ------------------------------------------------------------------------------------------
     def _resnet(self, r, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         with self._scope("groupnorm"):
-            h = _group_norm(x, batch, r.norm1, silu=True)  # 5D statistics: pooled over frames
+            h = _group_norm(x, batch, r.norm1, silu=True, builtin=self.builtin_group_norm)  # pooled over frames
         with self._scope("conv"):
-            h = _conv(h, r.conv1)
+            h = _conv(h, r.conv1, self.conv_layout)
         h = h + F.linear(emb_act, r.time_emb_proj.weight, r.time_emb_proj.bias)[:, None, None, None, :]
         with self._scope("groupnorm"):
-            h = _group_norm(h, batch, r.norm2, silu=True)
+            h = _group_norm(h, batch, r.norm2, silu=True, builtin=self.builtin_group_norm)
         with self._scope("conv"):
-            h = _conv(h, r.conv2)
+            h = _conv(h, r.conv2, self.conv_layout)
             shortcut = x if r.conv_shortcut is None else _pointwise(x, r.conv_shortcut)
         return h.add_(shortcut)
 
     def _upsample(self, conv: nn.Conv2d, x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-        b, f, h, w, c = x.shape
-        frames = x.reshape(b * f, h, w, c).permute(0, 3, 1, 2)  # (B*F, C, H, W) channels_last
+        frames = _frames_view(x)  # (B*F, C, H, W) channels_last
+        if self.conv_layout == "contiguous":
+            frames = _nchw(frames)  # before the 2x upsample: a quarter of the copy after it
         if size is None:
             frames = F.interpolate(frames, scale_factor=2.0, mode="nearest")
         else:
             frames = F.interpolate(frames, size=size, mode="nearest")
-        frames = frames.permute(0, 2, 3, 1).reshape(b, f, frames.shape[2], frames.shape[3], c)
         with self._scope("conv"):
-            return _conv(frames, conv)
+            return _conv_frames(frames, conv, x.shape[0], self.conv_layout)
 
     def _transformer(self, tr, x: torch.Tensor, context: CrossContext, consts: _TemporalConsts) -> torch.Tensor:
         b, f, h, w, c = x.shape
         with self._scope("groupnorm"):
-            hidden = _group_norm(x, b * f, tr.norm)  # per-frame statistics, eps 1e-6
+            # per-frame statistics, eps 1e-6
+            hidden = _group_norm(x, b * f, tr.norm, builtin=self.builtin_group_norm)
         with self._scope("conv"):
             hidden = _pointwise(hidden, tr.proj_in)
         hidden = self._block(tr.transformer_blocks[0], hidden.view(b, f, h * w, c), context, consts)
@@ -322,9 +377,10 @@ class FastUNet(nn.Module):
             return F.linear(hidden * F.gelu(gate), out.weight, out.bias).add_(x)
 
 
-def optimize_unet(unet: UNet3D) -> FastUNet:
-    """The optimised forward over `unet`'s own parameters (re-laid-out in place, values untouched)."""
-    return FastUNet(unet.eval())
+def optimize_unet(unet: UNet3D, conv_layout: str | None = None) -> FastUNet:
+    """The optimised forward over `unet`'s own parameters (re-laid-out in place, values untouched).
+    conv_layout: "channels_last" or "contiguous" (default: per device, `default_conv_layout`)."""
+    return FastUNet(unet.eval(), conv_layout)
 
 
 # ---------------------------------------------------------------------------------------------

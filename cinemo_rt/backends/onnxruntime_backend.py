@@ -1,6 +1,7 @@
 """The ONNX Runtime backend: the exported graphs of an engines folder, one session per graph.
 
-Sessions are created once, at construction. With onnxruntime-gpu and a CUDA device the CUDA execution
+Sessions are created once, at construction; on the CPU from the optimised graph a previous session saved
+(`ort_cache`). With onnxruntime-gpu and a CUDA device the CUDA execution
 provider runs them and torch CUDA tensors are bound by pointer (IO binding, no host round trip);
 otherwise the CPU provider runs them on numpy views. Each runner's ports come from the session's own input
 metadata, so `Backend.run` checks every feed (names, rank, dtype, static dims) before it runs.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Mapping
 
@@ -20,6 +22,7 @@ from ..graphs import GRAPHS
 from ..manifest import EnginesDirError
 from .base import Backend, Port
 from .engines_dir import EnginesDir, as_engines_dir
+from .ort_cache import create_session
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +47,10 @@ def session_options():
 class OrtRunner:
     """One ONNX Runtime session with its I/O metadata: load once, infer by name."""
 
-    def __init__(self, path: Path, providers: list, device: torch.device):
-        import onnxruntime as ort
-
+    def __init__(self, path: Path, providers: list, device: torch.device, graph_sha256: str | None = None):
         self.device = device
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=session_options(), providers=providers)
+            self.session, self.cache = create_session(path, graph_sha256, providers, session_options)
         except Exception as err:  # onnxruntime's InvalidProtobuf, Fail, NoSuchFile, ...
             raise EnginesDirError(f"ONNX Runtime cannot load {path} ({type(err).__name__}: "
                                   f"{str(err).splitlines()[0] if str(err) else ''}); rebuild the engines "
@@ -105,10 +106,13 @@ class OnnxRuntimeBackend(Backend):
                                   f"--precision {precision} or pass precision=None")
         self.precision = built
         providers, device = providers_for(torch.device(device) if device is not None else None)
-        runners = {name: OrtRunner(engines.onnx_path(name), providers, device) for name in GRAPHS}
+        hashes = self.manifest.onnx_hashes()
+        t0 = time.perf_counter()
+        runners = {name: OrtRunner(engines.onnx_path(name), providers, device, hashes.get(name)) for name in GRAPHS}
         super().__init__("onnxruntime", runners, device, self.manifest.info)
-        log.info("onnxruntime backend: %s, %s, providers %s", engines.folder, built,
-                 runners["unet"].session.get_providers())
+        log.info("onnxruntime backend: %s, %s, providers %s; sessions in %.1f s (%s)", engines.folder, built,
+                 runners["unet"].session.get_providers(), time.perf_counter() - t0,
+                 ", ".join(f"{name} {r.cache}" for name, r in runners.items()))
 
     @staticmethod
     def unavailable_reason(engines: EnginesDir, device: torch.device | None) -> str | None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ROTARY_DIM
+from .layout import fold_frames, unfold_frames
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,11 +210,13 @@ class Transformer3DModel(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, tables: TemporalTables) -> torch.Tensor:
         b, c, f, h, w = x.shape
-        frames = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # (B*F, C, H, W)
+        frames = fold_frames(x)  # (B*F, C, H, W)
         hidden = self.proj_in(self.norm(frames))
         hidden = hidden.flatten(2).transpose(1, 2)  # (B*F, H*W, C)
         for block in self.transformer_blocks:
             hidden = block(hidden, context, tables, b, f)
-        hidden = hidden.transpose(1, 2).reshape(b * f, c, h, w)
+        # Contiguous NCHW, not the channels_last view a reshape of the transpose gives: that view would flow
+        # through the residual into every later convolution (cinemo_rt/model/layout.py says why it is slow).
+        hidden = hidden.transpose(1, 2).contiguous().view(b * f, c, h, w)
         out = self.proj_out(hidden) + frames
-        return out.view(b, f, c, h, w).permute(0, 2, 1, 3, 4)  # (B, C, F, H, W)
+        return unfold_frames(out, b)  # (B, C, F, H, W)

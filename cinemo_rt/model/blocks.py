@@ -11,13 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import RotaryEmbedding, TemporalTables, Transformer3DModel
+from .layout import fold_frames, unfold_frames
 
 
 def per_frame(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a 2D layer to every frame: (B, C, F, H, W) -> (B*F, C, H, W) -> layer -> back."""
-    b, c, f, h, w = x.shape
-    y = conv(x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w))
-    return y.view(b, f, y.shape[1], y.shape[2], y.shape[3]).permute(0, 2, 1, 3, 4)
+    return unfold_frames(conv(fold_frames(x)), x.shape[0])
 
 
 class ResnetBlock3D(nn.Module):
@@ -53,16 +52,14 @@ class Upsample3D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        b, c, f, h, w = x.shape
-        frames = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        frames = fold_frames(x)
         if size is None:
             # Nearest 2x over H and W only; frames are never resampled.
             frames = F.interpolate(frames, scale_factor=2.0, mode="nearest")
         else:
             # Latent sizes not divisible by 2**levels: match the skip connection's size (SPEC 4).
             frames = F.interpolate(frames, size=size, mode="nearest")
-        y = self.conv(frames)
-        return y.view(b, f, c, y.shape[2], y.shape[3]).permute(0, 2, 1, 3, 4)
+        return unfold_frames(self.conv(frames), x.shape[0])
 
 
 class DownBlock3D(nn.Module):

@@ -1,0 +1,42 @@
+"""benchmarks/cpu_paths.py and benchmarks/startup.py: the scripts run and report what they say (CI runs them,
+not their timings; the measured figures are in benchmarks/results/)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import startup  # noqa: E402
+
+
+@pytest.mark.slow
+def test_cpu_paths_tiny_runs_every_path_side_by_side(tmp_path):
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("needs the git checkout (--before reads the model of a revision); runs in CI's clone")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_paths.py"), "--no-full", "--no-onnx",
+                             "--tiny-repeats", "1", "--before", "HEAD", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "cpu_paths.json").read_text())
+    (size, r), = report["models"]["tiny (demo config)"].items()
+    assert set(r["paths"]) == {"eager (before)", "eager", "torch-fast (contiguous)", "torch-fast (channels_last)"}
+    for name, path in r["paths"].items():
+        assert path["median_cpu_s"] > 0 and path["ms_per_op"], name
+        assert name == "eager" or path["rel_l2_vs_eager"] < 1e-5, (name, path["rel_l2_vs_eager"])
+    assert "torch-fast (contiguous)" in (tmp_path / "cpu_paths.md").read_text()
+
+
+def test_startup_reads_the_phases_a_verbose_run_logs():
+    log = "\n".join([
+        "DEBUG cinemo_rt: start-up: validate 0.08 s, import torch 1.93 s, import libraries 3.10 s, load model 0.40 s",
+        "INFO cinemo_rt:   5 denoise             1.234 s",
+        "INFO cinemo_rt:   total                 1.500 s",
+        "DEBUG cinemo_rt: write: 0.12 s",
+    ])
+    assert startup.phases_of(log) == {"validate": 0.08, "import torch": 1.93, "import libraries": 3.10,
+                                      "load model": 0.40, "5 denoise": 1.234, "stages total": 1.5, "write": 0.12}
