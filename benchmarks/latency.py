@@ -63,6 +63,7 @@ ENGINE_BACKENDS = tuple(name for name, entry in BACKENDS.items() if entry.source
 ORDER = ("torch-fp16", "torch-fast", "tensorrt", "onnxruntime", "torch-fast-compile", "torch-fp32")
 REFERENCE_BACKEND = "torch-fp32"
 REFERENCE_STAGES = ("unet_call", "denoise_loop")
+PARITY_STAGES = {"unet_call": "eps", "denoise_loop": "x_0"}  # stage -> the parity output its last call gives
 # What each stage times (the tables' legend); every median is of warm calls after at least one warm-up, the
 # first video's one-off costs are `cold_first_video`, timed once.
 STAGE_DOC = {
@@ -423,9 +424,17 @@ def stage_estimate_s(stage: str, stages: dict, warmup: int, repeats: int) -> flo
     return (warmup + repeats) * max(known, default=0.0) * 1e-3
 
 
-def measure_stage(clock: Clock, fn: Callable, warmup: int, repeats: int) -> dict:
+def measure_stage(clock: Clock, fn: Callable, warmup: int, repeats: int, keep: dict | None = None,
+                  key: str = "") -> dict:
+    """Time `fn`; with `keep`, its last output is kept under `key` (parity needs no second run)."""
+    def run():
+        out = fn()
+        if keep is not None:
+            keep[key] = out
+        return out
+
     try:
-        return {"status": "ok", **clock.measure(fn, warmup=warmup, repeats=repeats)}
+        return {"status": "ok", **clock.measure(run, warmup=warmup, repeats=repeats)}
     except Exception as err:  # one stage failing must not lose the others' numbers
         log.exception("stage failed")
         return {"status": "failed", "reason": f"{type(err).__name__}: {err}"}
@@ -450,6 +459,7 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
     result = {"dtype": str(backend.dtype).removeprefix("torch."), "class": type(backend).__name__,
               "build_s": time.perf_counter() - t0, "stages": {}, "reduced": reduced}
     stages = result["stages"]
+    kept: dict = {}  # the last outputs of the parity stages
     with torch.no_grad():
         for stage in STAGES:
             if stage not in wanted:
@@ -467,15 +477,18 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
                                  "reason": f"{max(budget.left(), 0):.0f} s left of the budget, the stage needs about "
                                            f"{need:.0f} s"}
             else:
-                stages[stage] = {**measure_stage(clock, fns[stage], warmup, repeats), "long": long}
+                parity_key = PARITY_STAGES.get(stage)
+                stages[stage] = {**measure_stage(clock, fns[stage], warmup, repeats, kept if parity_key else None,
+                                                 parity_key or ""), "long": long}
             if on_stage:
                 on_stage(result)
         outputs = {}
-        for key, fn in parity_fns.items():
+        for key, fn in parity_fns.items():  # from the timed calls, or computed now when their stage did not run
             try:
-                outputs[key] = fn().detach().float().cpu()
+                outputs[key] = (kept[key] if key in kept else fn()).detach().float().cpu()
             except Exception as err:  # noqa: BLE001 - recorded; parity of the rest still counts
                 result.setdefault("parity_failed", {})[key] = f"{type(err).__name__}: {err}"
+        kept.clear()
         if args.profile and not reduced and budget.left() > 0:
             result["profile"] = profile_blocks(backend, profile_inputs, clock, max(args.repeats // 2, 1))
     result.update(derived_metrics(stages, flops_per_call, shape.steps, ceiling))

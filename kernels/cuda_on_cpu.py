@@ -269,3 +269,37 @@ def dct_init_cpu(z1, noise, alpha_bar_tau, fraction: float = 0.23):
     check_launch("dct_init", {"z1": z1, "noise": noise}, on_gpu=False, fraction=fraction, z_frames_one=True)
     out = dct_init(z1.detach().numpy(), noise.detach().numpy(), float(alpha_bar_tau), fraction)
     return torch.from_numpy(out)
+
+
+def self_check(shape=(1, 4, 16, 40, 64)) -> list[str]:
+    """dct (every axis, both directions; float32) and DCTInit (float32 and float64) of dct.cu run on the CPU at
+    `shape`, against the float64 reference: the lines to print, the last one the verdict."""
+    from . import reference
+
+    rng = np.random.default_rng(0)
+    lines, worst = [], {}
+    for dtype, tolerance in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        x = rng.standard_normal(shape).astype(dtype)
+        z1 = rng.standard_normal((*shape[:2], 1, *shape[3:])).astype(dtype)
+        results = {f"dct axis {axis}{' inverse' if inverse else ''}": (dct(x, axis, inverse),
+                                                                      reference.dct(x.astype(np.float64), axis, inverse))
+                   for axis in (2, 3, 4) for inverse in (False, True) if dtype == np.float32}  # fp64: same code
+        results["dct_init"] = (dct_init(z1, x, 6.5173e-5), reference.dct_init(z1, x, 6.5173e-5))
+        for name, (ours, ref) in results.items():
+            error = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+            lines.append(f"{np.dtype(dtype).name} {name}: relative L2 {error:.2e} (tolerance {tolerance:.0e})")
+            worst[(np.dtype(dtype).name, name)] = error / tolerance
+    bad = [f"{d} {n}" for (d, n), ratio in worst.items() if not ratio <= 1.0]
+    lines.append(f"dct.cu on the CPU at {shape}: " + ("all within tolerance" if not bad else "FAILED: " + ", ".join(bad)))
+    return lines
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    lines = self_check()
+    print("\n".join(lines))
+    return 0 if lines[-1].endswith("all within tolerance") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
