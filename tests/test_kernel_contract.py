@@ -142,9 +142,9 @@ def _modes(size):
     }
 
 
-# Modes that only recombine what others hand DCTInit (more steps, chained segments): on the slow 15-frame ONNX
-# engines the modes with their own DCTInit inputs are enough.
-BACKEND_FREE = ("fast", "segments", "edit-segments")
+# Modes that only recombine what others hand DCTInit (more steps, chained segments, the new image's z1 in place
+# of the clip's): on the slow 15-frame ONNX engines the modes with their own DCTInit inputs are enough.
+BACKEND_FREE = ("fast", "segments", "edit-segments", "edit-new-image")
 
 
 def _animator(backend: str, tiny_checkpoint_dir, request):

@@ -86,7 +86,7 @@ def test_shared_memory_over_the_default_needs_the_opt_in():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float32])  # float64 runs the same indexing: the odd shapes above
 def test_released_shape(dtype):
     """1x4x16x40x64: the released latent size (15 generated frames + 1)."""
     x = data((1, 4, 16, 40, 64), dtype)
@@ -127,7 +127,7 @@ if control == "smem-8":  # the launcher asks for 8 bytes too few
 if control == "no-barrier":  # one barrier of dct_init removed
     cupy_dct.SOURCE = __import__("pathlib").Path(sys.argv[2])
 rng = np.random.default_rng(0)
-for dtype in (np.float32, np.float64):
+for dtype in [np.dtype(name).type for name in sys.argv[-1].split(",")]:
     z1 = rng.standard_normal((1, 2, 1, 9, 13)).astype(dtype)
     noise = rng.standard_normal((1, 2, 3, 9, 13)).astype(dtype)
     out = cuda_on_cpu.dct_init(z1, noise, 0.3, 0.5)
@@ -140,6 +140,7 @@ BARRIER_AFTER_G = "G[idx] = z_scale * sz + noise_scale * sx;\n        }\n       
 
 
 def _sanitized(sanitize: str, control: str, tmp_path) -> subprocess.CompletedProcess:
+    """The driver under `sanitize`; ThreadSanitizer (slower) runs float32 only, the barriers are the same code."""
     args = [control]
     if control == "no-barrier":
         text = cupy_dct.SOURCE.read_text()
@@ -151,7 +152,8 @@ def _sanitized(sanitize: str, control: str, tmp_path) -> subprocess.CompletedPro
     if not Path(env["LD_PRELOAD"]).is_file():
         pytest.skip(f"g++'s {sanitize} sanitizer runtime is not installed (apt-get install libasan8 libtsan2; "
                     ".ci/run installs them)")
-    return subprocess.run([sys.executable, "-c", DRIVER, *args], cwd=ROOT, env=env, capture_output=True,
+    dtypes = "float32" if sanitize == "thread" else "float32,float64"
+    return subprocess.run([sys.executable, "-c", DRIVER, *args, dtypes], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
 
 

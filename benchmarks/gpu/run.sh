@@ -185,7 +185,7 @@ if [[ $MODE == gpu ]]; then
   COMPILE_NEEDS=100  # one Inductor compile of the full UNet at the CFG batch: a minute or two
   COMPILE_ARGS=(--cfg-stages-only --no-profile)
 else
-  LATENCY=(bash -c 'latency "$@"' latency --tiny --steps 2 --repeats 1 --loop-repeats 1 --warmup 1)
+  LATENCY=(bash -c 'latency "$@"' latency --tiny --steps 2 --repeats 1 --loop-repeats 1 --warmup 1 --long-warmup 0)
   COMPILE_NEEDS=30
   COMPILE_ARGS=(--cfg-stages-only --no-profile --compile-backend eager)  # dynamo without Inductor: seconds on a CPU
 fi
