@@ -1,19 +1,21 @@
-"""Latency of the Cinemo job per stage and per backend, against the matmul ceiling (issue 7).
+"""Latency of the Cinemo job per stage and per backend, against the matmul ceiling.
 
     python benchmarks/latency.py                      # full size (16 frames at 320x512, 50 steps, CFG), CUDA
-    python benchmarks/latency.py --tiny               # tiny random model on the CPU in seconds (CI smoke test)
+    python benchmarks/latency.py --tiny               # tiny random model on the CPU, under a minute (CI smoke test)
     python benchmarks/latency.py --checkpoint DIR --engines DIR --backends torch-fp16 torch-fast tensorrt
 
-Backends (each built fresh with the same weights, measured one after another in this process):
-  torch-fp32, torch-fp16   the reference, eager, as the original code runs
+Backends (each built fresh with the same weights, measured one after another, in the order of value: ORDER):
+  torch-fp16               the reference, eager, as the original code runs: the baseline of the speed-ups
   torch-fast               FastTorchBackend: fp16, token layout, fused q/k/v, SDPA, K/V once per video, CUDA graph
-  torch-fast-compile       the same plus torch.compile of the UNet forward
   onnxruntime, tensorrt    engines from --engines DIR (skipped, with the reason, when absent or not importable)
-A backend that fails while being measured (or a named one that is unavailable) makes the exit status 1.
-Stages: text encoding, VAE encode, DCTInit, one UNet call (CFG batch), the denoising loop, VAE decode, end to end
-(`Animator.__call__`), and one video edit end to end (`Animator.run_edit`: 16-frame encode, inversion, sampling
-at guidance 1 as the original). CUDA events on a GPU, perf_counter on the CPU; median, quartiles, min, max over repeats
-after warm-up. Writes <out>/latency-<device>.json and .md atomically.
+  torch-fast-compile       the same plus torch.compile of the UNet forward
+  torch-fp32               the parity reference, last, and only one UNet call and one loop
+Stages (STAGE_DOC says what each times): the first video's one-off costs (cold_first_video, timed once), then
+warm medians of text encoding, VAE encode, DCTInit, one UNet call (CFG batch), the denoising loop, VAE decode, end
+to end (`Animator.__call__`), end to end --fast, and one video edit (`Animator.run_edit`). A stage that fails is
+recorded with its reason and the others still run; with --budget-s a stage that would not fit is reported as not
+finished. A failed stage or backend (or a named one that is unavailable) makes the exit status 1. CUDA events on a
+GPU, perf_counter on the CPU. Writes <out>/latency-<device>.json and .md atomically, after every stage.
 """
 
 from __future__ import annotations
@@ -56,9 +58,33 @@ RESULTS = ROOT / "benchmarks" / "results"
 log = logging.getLogger("benchmarks.latency")
 TORCH_BACKENDS = ("torch-fp32", "torch-fp16", "torch-fast", "torch-fast-compile")
 ENGINE_BACKENDS = tuple(name for name, entry in BACKENDS.items() if entry.source == "engines")
-STAGES = ("text_encode", "vae_encode", "dct_init", "unet_call", "cache_indicator", "denoise_loop", "vae_decode",
-          "end_to_end", "end_to_end_fast", "edit")
-LONG_STAGES = ("denoise_loop", "end_to_end", "end_to_end_fast", "edit")
+# Measured in order of value: the fp16 eager baseline and the optimised path first, the fp32 reference last and
+# reduced to what parity needs (a window that runs out of time loses the least).
+ORDER = ("torch-fp16", "torch-fast", "tensorrt", "onnxruntime", "torch-fast-compile", "torch-fp32")
+REFERENCE_BACKEND = "torch-fp32"
+REFERENCE_STAGES = ("unet_call", "denoise_loop")
+PARITY_STAGES = {"unet_call": "eps", "denoise_loop": "x_0"}  # stage -> the parity output its last call gives
+# What each stage times (the tables' legend); every median is of warm calls after at least one warm-up, the
+# first video's one-off costs are `cold_first_video`, timed once.
+STAGE_DOC = {
+    "cold_first_video": "the first video of a freshly built backend, timed once: one-off costs (torch.compile, "
+                        "CUDA graph capture, NVRTC, cuDNN autotuning) plus one video",
+    "text_encode": "one text-encoder call, batch 2 (prompt and negative prompt)",
+    "vae_encode": "one VAE-encoder call (the input image)",
+    "dct_init": "DCTInit of one video's noise (the CUDA kernel on a GPU)",
+    "unet_call": "one UNet call at the CFG batch of 2",
+    "cache_indicator": "the step cache's per-step decision: a reduction and one host sync",
+    "denoise_loop": "the sampling loop: one CFG UNet call per step and the sampler's arithmetic",
+    "vae_decode": "decoding one video's latents to pixels",
+    "end_to_end": "one video, image to uint8 frames (`Animator.__call__`): encode, DCTInit, loop, decode",
+    "end_to_end_fast": "the same with --fast (fewer UNet calls)",
+    "edit": "one video edit (`Animator.run_edit`): 16-frame encode, inversion, sampling at guidance 1",
+}
+STAGES = tuple(STAGE_DOC)
+LONG_STAGES = ("cold_first_video", "denoise_loop", "end_to_end", "end_to_end_fast", "edit")
+# Stages whose UNet calls all have the CFG batch of 2: one Inductor compile (the others add a batch-1 compile).
+CFG_STAGES = ("cold_first_video", "text_encode", "vae_encode", "dct_init", "unet_call", "cache_indicator",
+              "denoise_loop", "vae_decode", "end_to_end")
 GUIDANCE = 7.5
 EXIT_NO_GPU = 2
 EXIT_BACKEND_FAILED = 1
@@ -302,8 +328,8 @@ def profile_blocks(backend, inputs: tuple, clock: Clock, repeats: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # One backend, every stage
 # ---------------------------------------------------------------------------------------------
-def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_per_call: int,
-                ceiling: dict, reference: dict | None) -> dict:
+def stage_fns(args, shape: JobShape, device: torch.device, backend, tokenizer) -> tuple[dict, dict]:
+    """-> (stage name -> the call it times, the calls that give the parity outputs), all on the same inputs."""
     from cinemo_rt.dctinit import select_dct_init
     from cinemo_rt.fewer_calls import REFERENCE_STEPS, relative_l1
     from cinemo_rt.pipeline import Animator
@@ -314,11 +340,6 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
     from cinemo_rt.schedule import make_schedule
     from cinemo_rt.small_clip import write_tokenizer
 
-    clock = Clock(device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    backend, tokenizer = make_backend(name, args, device)
     dtype, info = backend.dtype, backend.info
     h, w = shape.latent
     g = torch.Generator().manual_seed(args.seed)  # the same inputs for every backend
@@ -339,7 +360,10 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
         text_both = backend.text_encoder(ids).to(dtype)  # (2, 77, D): uncond, cond
     text, text_uncond = text_both[1:], text_both[:1]
     z1_dev, z1_both = z1.to(device, dtype), z1.to(device, dtype).expand(2, -1, -1, -1, -1).contiguous()
-    x_T = dct_init(z1, noise, alpha_tau, DCT_FRACTION).to(device, dtype)
+    # The parity input is the same for every backend: the float64 reference DCTInit, not the device's kernel.
+    from cinemo_rt.dctinit import dct_init as reference_dct_init
+
+    x_T = reference_dct_init(z1.cpu(), noise.cpu(), alpha_tau, DCT_FRACTION).to(device, dtype)
     latents = torch.cat([z1, z1 + noise], dim=2).to(device, dtype)
     if tokenizer is None:  # random-weight full model: any CLIP BPE tokenizer will do for timing
         tokenizer_dir = write_tokenizer(Path(tempfile.mkdtemp()) / "tokenizer")
@@ -357,54 +381,148 @@ def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_pe
         return sample(backend.unet, x_T, z1=z1_dev, text=text, text_uncond=text_uncond, motion_id=motion,
                       steps=shape.steps, guidance=GUIDANCE, prediction_type=backend.info.prediction_type)
 
-    stage_fns = {
+    def video():
+        return animator(image, "a boat on the sea", steps=shape.steps, seed=args.seed)
+
+    fns = {
+        "cold_first_video": video,
         "text_encode": lambda: backend.text_encoder(ids),
         "vae_encode": lambda: backend.vae_encoder(pixels),
         "dct_init": lambda: dct_init(z1, noise, alpha_tau, DCT_FRACTION),
         "unet_call": lambda: backend.unet(x2, t2, text_both, z1_both, motion2),
-        # The step cache's per-step decision: a reduction and its one host sync (issue 18).
         "cache_indicator": lambda: float(relative_l1(x2[:1], x2[1:])),
         "denoise_loop": loop,
         "vae_decode": lambda: decode_latents(backend, latents),
-        "end_to_end": lambda: animator(image, "a boat on the sea", steps=shape.steps, seed=args.seed),
-        # `cinemo-rt run --fast` (issue 18): the preset's own steps at the released 50, else this run's steps.
+        "end_to_end": video,
+        # `cinemo-rt run --fast`: the preset's own steps at the released 50, else this run's steps.
         "end_to_end_fast": lambda: animator(image, "a boat on the sea", fast=True, seed=args.seed,
                                             steps=None if shape.steps == REFERENCE_STEPS else shape.steps),
-        # Video editing (issue 15) as the original runs it: guidance 1, inversion + sampling, 16-frame encode.
+        # Video editing as the original runs it: guidance 1, inversion + sampling, 16-frame encode.
         "edit": lambda: animator.run_edit(clip, image, edit_request),
     }
-    stages = {}
-    with torch.no_grad():
-        for stage, fn in stage_fns.items():
-            long = stage in LONG_STAGES
-            stages[stage] = clock.measure(fn, warmup=1 if long else args.warmup,
-                                          repeats=args.loop_repeats if long else args.repeats)
-        outputs = {"text": backend.text_encoder(ids), "eps": backend.unet(x2, t2, text_both, z1_both, motion2),
-                   "x_0": loop(), "decoded": decode_latents(backend, latents)}
-        outputs = {k: v.detach().float().cpu() for k, v in outputs.items()}
-        profile = profile_blocks(backend, (x2, t2, text_both, z1_both, motion2), clock, max(args.repeats // 2, 1))
+    parity_fns = {"eps": lambda: backend.unet(x2, t2, text_both, z1_both, motion2), "x_0": loop}
+    fns["_animator"] = animator
+    fns["_profile_inputs"] = (x2, t2, text_both, z1_both, motion2)
+    return fns, parity_fns
 
-    unet_s = stages["unet_call"]["median_ms"] * 1e-3
-    loop_s = stages["denoise_loop"]["median_ms"] * 1e-3
-    result = {
-        "dtype": str(dtype).removeprefix("torch."),
-        "class": type(backend).__name__,
-        "stages": stages,
-        "unet_tflops": flops_per_call / unet_s / 1e12,
-        "unet_fraction_of_ceiling": flops_per_call / unet_s / 1e12 / ceiling["tflops"],
-        "loop_tflops": flops_per_call * shape.steps / loop_s / 1e12,
-        "loop_fraction_of_ceiling": flops_per_call * shape.steps / loop_s / 1e12 / ceiling["tflops"],
-        "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
-        "other_memory_gib": other_memory(device),
-        "profile": profile,
-        "fast_unet_calls": animator.last_unet_calls,  # of the last end_to_end_fast video (a CFG call counts 2)
-    }
-    if reference is not None and (args.checkpoint or name not in ENGINE_BACKENDS):
-        result["parity_rel_l2_vs_torch_fp32"] = {k: relative_error(outputs[k], reference[k]) for k in outputs}
+
+class Budget:
+    """The seconds this run may still spend (`--budget-s`); a stage that would not fit is not started."""
+
+    def __init__(self, seconds: float | None):
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+
+def stage_estimate_s(stage: str, stages: dict, warmup: int, repeats: int) -> float:
+    """What a stage will take, from what was measured before it (long stages cost about a warm video)."""
+    if stage not in LONG_STAGES:
+        return 0.0
+    known = [r["median_ms"] for r in stages.values() if r.get("status") == "ok" and r.get("long")]
+    return (warmup + repeats) * max(known, default=0.0) * 1e-3
+
+
+def measure_stage(clock: Clock, fn: Callable, warmup: int, repeats: int, keep: dict | None = None,
+                  key: str = "") -> dict:
+    """Time `fn`; with `keep`, its last output is kept under `key` (parity needs no second run)."""
+    def run():
+        out = fn()
+        if keep is not None:
+            keep[key] = out
+        return out
+
+    try:
+        return {"status": "ok", **clock.measure(run, warmup=warmup, repeats=repeats)}
+    except Exception as err:  # one stage failing must not lose the others' numbers
+        log.exception("stage failed")
+        return {"status": "failed", "reason": f"{type(err).__name__}: {err}"}
+
+
+def run_backend(name: str, args, shape: JobShape, device: torch.device, flops_per_call: int,
+                ceiling: dict, budget: Budget | None = None, on_stage: Callable[[dict], None] | None = None):
+    """Every stage of one backend (torch-fp32: only what parity needs) -> (result, parity outputs). A stage
+    that fails is recorded with its reason, one the budget cannot fit as not finished; the others still run.
+    `on_stage(result)` after each stage, so a time limit keeps what was measured."""
+    budget = budget or Budget(None)
+    clock = Clock(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    backend, tokenizer = make_backend(name, args, device)
+    fns, parity_fns = stage_fns(args, shape, device, backend, tokenizer)
+    animator, profile_inputs = fns.pop("_animator"), fns.pop("_profile_inputs")
+    reduced = name == REFERENCE_BACKEND
+    wanted = [s for s in args.stages if s in REFERENCE_STAGES] if reduced else args.stages
+    result = {"dtype": str(backend.dtype).removeprefix("torch."), "class": type(backend).__name__,
+              "build_s": time.perf_counter() - t0, "stages": {}, "reduced": reduced}
+    stages = result["stages"]
+    kept: dict = {}  # the last outputs of the parity stages
+    with torch.no_grad():
+        for stage in STAGES:
+            if stage not in wanted:
+                continue
+            long = stage in LONG_STAGES
+            if stage == "cold_first_video":
+                warmup, repeats = 0, 1  # the first video of a fresh backend, once: its one-off costs
+            elif reduced:
+                warmup, repeats = (0, 1) if long else (1, max(args.repeats // 2, 1))  # parity, not speed
+            else:
+                warmup, repeats = (args.long_warmup, args.loop_repeats) if long else (args.warmup, args.repeats)
+            need = stage_estimate_s(stage, stages, warmup, repeats)
+            if budget.left() < need or budget.left() <= 0:
+                stages[stage] = {"status": "not finished",
+                                 "reason": f"{max(budget.left(), 0):.0f} s left of the budget, the stage needs about "
+                                           f"{need:.0f} s"}
+            else:
+                parity_key = PARITY_STAGES.get(stage)
+                stages[stage] = {**measure_stage(clock, fns[stage], warmup, repeats, kept if parity_key else None,
+                                                 parity_key or ""), "long": long}
+            if on_stage:
+                on_stage(result)
+        outputs = {}
+        for key, fn in parity_fns.items():  # from the timed calls, or computed now when their stage did not run
+            try:
+                outputs[key] = (kept[key] if key in kept else fn()).detach().float().cpu()
+            except Exception as err:  # noqa: BLE001 - recorded; parity of the rest still counts
+                result.setdefault("parity_failed", {})[key] = f"{type(err).__name__}: {err}"
+        kept.clear()
+        if args.profile and not reduced and budget.left() > 0:
+            result["profile"] = profile_blocks(backend, profile_inputs, clock, max(args.repeats // 2, 1))
+    result.update(derived_metrics(stages, flops_per_call, shape.steps, ceiling))
+    result["peak_memory_gib"] = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None
+    result["other_memory_gib"] = other_memory(device)
+    result["fast_unet_calls"] = animator.last_unet_calls  # of the last video (a CFG call counts 2)
     backend.close()
     del backend, animator
     gc.collect()
     return result, outputs
+
+
+def derived_metrics(stages: dict, flops_per_call: int, steps: int, ceiling: dict) -> dict:
+    out = {}
+    if stages.get("unet_call", {}).get("status") == "ok":
+        tflops = flops_per_call / (stages["unet_call"]["median_ms"] * 1e-3) / 1e12
+        out.update(unet_tflops=tflops, unet_fraction_of_ceiling=tflops / ceiling["tflops"])
+    if stages.get("denoise_loop", {}).get("status") == "ok":
+        tflops = flops_per_call * steps / (stages["denoise_loop"]["median_ms"] * 1e-3) / 1e12
+        out.update(loop_tflops=tflops, loop_fraction_of_ceiling=tflops / ceiling["tflops"])
+    return out
+
+
+def consistency_notes(report: dict) -> list[str]:
+    """Rows that contradict each other (a part slower than its whole): a sign of cold calls in a median."""
+    notes = []
+    steps = report["job"]["steps"]
+    for name, r in report["backends"].items():
+        ms = {k: v["median_ms"] for k, v in r["stages"].items() if v.get("status") == "ok"}
+        for part, whole, times in (("unet_call", "denoise_loop", steps), ("denoise_loop", "end_to_end", 1),
+                                   ("unet_call", "end_to_end", steps)):
+            if part in ms and whole in ms and ms[part] * times > ms[whole] * 1.05:
+                notes.append(f"{name}: {times} x {part} ({ms[part]:.1f} ms) is more than {whole} ({ms[whole]:.1f} ms)")
+    return notes
 
 
 def other_memory(device: torch.device) -> dict | None:
@@ -455,54 +573,76 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def _cell(stats: dict | None) -> str:
+    if stats is None:
+        return "-"
+    if stats["status"] != "ok":
+        return stats["status"].upper() if stats["status"] == "failed" else stats["status"]
+    if stats["n"] == 1:
+        return f"{stats['median_ms']:.2f}"
+    return f"{stats['median_ms']:.2f} ({stats['min_ms']:.2f}-{stats['max_ms']:.2f})"
+
+
 def markdown(report: dict) -> str:
-    lines = [f"# Cinemo latency: {report['environment']['device']}", "",
+    env, job = report["environment"], report["job"]
+    lines = [f"# Cinemo latency: {env['device']}", "",
              f"Command: `{report['command']}`  ", f"Date: {report['created']}  ",
-             f"Job: {report['job']}  ",
-             f"torch {report['environment']['torch']}, CUDA {report['environment']['cuda']}, "
-             f"driver {report['environment']['driver']}  ",
+             f"Job: {job['frames'] + 1} frames at {job['height']}x{job['width']}, {job['steps']} steps, CFG "
+             f"(guidance {job['guidance']}), {job['weights']} weights{' (tiny model)' if job['tiny'] else ''}  ",
+             f"Python {env['python']}, torch {env['torch']}, CUDA {env['cuda']}, driver {env['driver']}  ",
              f"UNet GFLOP per CFG call: {report['unet_flops']['total'] / 1e9:.1f} "
              f"(conv {report['unet_flops']['conv'] / 1e9:.1f}, linear {report['unet_flops']['linear'] / 1e9:.1f}, "
              f"attention {report['unet_flops']['attention'] / 1e9:.1f})  ",
              f"Matmul ceiling: {report['matmul_ceiling']['tflops']:.3g} TFLOP/s "
              f"({report['matmul_ceiling']['n']}^3 {report['matmul_ceiling']['dtype']})", "",
-             "Median ms (min-max) per stage:", "",
-             "| backend | dtype | " + " | ".join(STAGES)
-             + " | UNet TFLOP/s | % ceiling | peak GiB (torch) | e2e speed-up vs torch-fp16 |",
-             "|---|---|" + "---|" * (len(STAGES) + 4)]
+             "What each column times (ms; median (min-max) of warm calls after warm-up, one number when timed "
+             f"once; {report['settings']['timer']}):", ""]
+    lines += [f"- `{stage}`: {doc}" for stage, doc in STAGE_DOC.items()]
+    lines += ["", "`-`: not run (the fp32 reference runs only what parity needs); FAILED and not finished: see "
+              "below the table.", "",
+              "| backend | dtype | build s | " + " | ".join(STAGES)
+              + " | UNet TFLOP/s | % ceiling | peak GiB (torch) | e2e speed-up vs torch-fp16 |",
+              "|---|---|---|" + "---|" * (len(STAGES) + 4)]
+    problems = []
     for name, r in report["backends"].items():
-        cells = [f"{r['stages'][s]['median_ms']:.2f} ({r['stages'][s]['min_ms']:.2f}-{r['stages'][s]['max_ms']:.2f})"
-                 for s in STAGES]
-        mem = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
+        cells = [_cell(r["stages"].get(s)) for s in STAGES]
+        problems += [f"- {name} `{s}`: {v['status']}: {v['reason']}" for s, v in r["stages"].items()
+                     if v["status"] != "ok"]
+        mem = "-" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.2f}"
         speed = report["speedup_vs_torch_fp16"].get(name)
-        lines.append(f"| {name} | {r['dtype']} | " + " | ".join(cells) +
-                     f" | {r['unet_tflops']:.2f} | {100 * r['unet_fraction_of_ceiling']:.1f} | {mem} | "
-                     + ("-" if speed is None else f"{speed:.2f}x") + " |")
+        tflops = "-" if "unet_tflops" not in r else f"{r['unet_tflops']:.3g}"
+        share = "-" if "unet_tflops" not in r else f"{100 * r['unet_fraction_of_ceiling']:.1f}"
+        lines.append(f"| {name} | {r['dtype']} | {r['build_s']:.1f} | " + " | ".join(cells) +
+                     f" | {tflops} | {share} | {mem} | " + ("-" if speed is None else f"{speed:.2f}x") + " |")
     for name, reason in report["failed"].items():
-        lines.append(f"| {name} | FAILED: {reason} |" + " |" * (len(STAGES) + 4))
+        lines.append(f"| {name} | FAILED: {reason} |" + " |" * (len(STAGES) + 5))
     for name, reason in report["skipped"].items():
-        lines.append(f"| {name} | skipped: {reason} |" + " |" * (len(STAGES) + 4))
+        lines.append(f"| {name} | skipped: {reason} |" + " |" * (len(STAGES) + 5))
+    if problems:
+        lines += ["", "Stages that did not report:", "", *problems]
+    notes = report.get("consistency", [])
+    lines += ["", "Consistency (no part slower than its whole): " + ("ok" if not notes else "; ".join(notes))]
     other = {n: r["other_memory_gib"] for n, r in report["backends"].items() if r.get("other_memory_gib")}
     if other:
         lines += ["", "Peak GiB counts torch's allocator only. Outside it (CuPy's pool size; all device memory in "
                   "use at the end of the run, TensorRT's engines included): "
                   + "; ".join(f"{n} {m['cupy_pool']:.2f} / {m['device_used']:.2f}" for n, m in other.items())]
-    lines += ["", "Parity, relative L2 against torch-fp32 (same weights and inputs):", "",
-              "| backend | text | eps (one UNet call) | x_0 (whole loop) | decoded |", "|---|---|---|---|---|"]
-    for name, r in report["backends"].items():
-        p = r.get("parity_rel_l2_vs_torch_fp32")
-        if p:
-            lines.append(f"| {name} | {p['text']:.2e} | {p['eps']:.2e} | {p['x_0']:.2e} | {p['decoded']:.2e} |")
-    lines += ["", "Where one UNet call's time goes (ms per call, share), per block type:", ""]
-    groups = sorted({g for r in report["backends"].values() for g in r["profile"].get("ms", {})})
-    lines += ["| backend | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
-    for name, r in report["backends"].items():
-        prof = r["profile"]
-        if prof.get("note"):
-            lines.append(f"| {name} | {prof['note']} |" + " |" * (len(groups) - 1))
-        elif prof:
-            lines.append(f"| {name} | " + " | ".join(
-                f"{prof['ms'].get(g, 0):.2f} ({100 * prof['share'].get(g, 0):.0f}%)" for g in groups) + " |")
+    lines += ["", "Parity, relative L2 against torch-fp32 (same weights and inputs; the reference DCTInit):", "",
+              "| backend | eps (one UNet call) | x_0 (whole loop) |", "|---|---|---|"]
+    for name, parity in report.get("parity_rel_l2_vs_torch_fp32", {}).items():
+        lines.append(f"| {name} | " + " | ".join(f"{parity[k]:.2e}" if k in parity else "-" for k in ("eps", "x_0"))
+                     + " |")
+    profiled = {n: r["profile"] for n, r in report["backends"].items() if r.get("profile")}
+    if profiled:
+        lines += ["", "Where one UNet call's time goes (ms per call, share), per block type:", ""]
+        groups = sorted({g for prof in profiled.values() for g in prof.get("ms", {})})
+        lines += ["| backend | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+        for name, prof in profiled.items():
+            if prof.get("note"):
+                lines.append(f"| {name} | {prof['note']} |" + " |" * (len(groups) - 1))
+            else:
+                lines.append(f"| {name} | " + " | ".join(
+                    f"{prof['ms'].get(g, 0):.2f} ({100 * prof['share'].get(g, 0):.0f}%)" for g in groups) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -514,13 +654,36 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_report(report: dict, out: Path, tag: str) -> None:
-    """<out>/latency-<tag>.json and .md, with the speed-ups of what has been measured so far."""
-    base_fp16 = report["backends"].get("torch-fp16")
-    if base_fp16:
-        for name, r in report["backends"].items():
-            report["speedup_vs_torch_fp16"][name] = (base_fp16["stages"]["end_to_end"]["median_ms"]
-                                                     / r["stages"]["end_to_end"]["median_ms"])
+def save_outputs(outputs: dict, folder: Path, name: str) -> None:
+    """A backend's parity outputs for a later process (run.sh measures each backend in a step of its own)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".pt.tmp")
+    os.close(fd)
+    torch.save(outputs, tmp)
+    os.replace(tmp, folder / f"{name}.pt")
+
+
+def load_outputs(folder: Path | None) -> dict:
+    if folder is None or not folder.is_dir():
+        return {}
+    return {p.stem: torch.load(p, weights_only=True) for p in sorted(folder.glob("*.pt"))}
+
+
+def write_report(report: dict, out: Path, tag: str, outputs: dict | None = None) -> None:
+    """<out>/latency-<tag>.json and .md, with the speed-ups, parity and consistency of what has been measured."""
+    def e2e(name):
+        stats = report["backends"].get(name, {}).get("stages", {}).get("end_to_end", {})
+        return stats.get("median_ms") if stats.get("status") == "ok" else None
+
+    base = e2e("torch-fp16")
+    report["speedup_vs_torch_fp16"] = {n: base / e2e(n) for n in report["backends"] if base and e2e(n)}
+    outputs = outputs or {}
+    reference = outputs.get(REFERENCE_BACKEND)
+    if reference:
+        report["parity_rel_l2_vs_torch_fp32"] = {
+            name: {k: relative_error(v, reference[k]) for k, v in outs.items() if k in reference}
+            for name, outs in outputs.items() if name != REFERENCE_BACKEND}
+    report["consistency"] = consistency_notes(report)
     write_atomic(out / f"latency-{tag}.json", json.dumps(report, indent=2) + "\n")
     write_atomic(out / f"latency-{tag}.md", markdown(report))
     print(f"wrote {out / f'latency-{tag}.json'} and .md", file=sys.stderr)
@@ -528,16 +691,35 @@ def write_report(report: dict, out: Path, tag: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tiny", action="store_true", help="tiny random model on the CPU: smoke test, not timings")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny random model on the CPU: a smoke test of every stage in well under a minute, not timings")
     p.add_argument("--checkpoint", help="checkpoint folder (default: random full-size weights)")
     p.add_argument("--engines", help="engines folder for the onnxruntime and tensorrt backends")
     p.add_argument("--backends", nargs="+", choices=TORCH_BACKENDS + ENGINE_BACKENDS, default=None,
-                   help="default: all (tiny: torch-fp32 and torch-fast; CPU fp16 is supported but slow)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per short stage (default 20, tiny 2)")
+                   help="default: all (tiny: torch-fast and torch-fp32); measured in the order "
+                        + ", ".join(ORDER) + ", whatever the order given")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                   help="the stages to time (default all; torch-fp32 times only "
+                        + " and ".join(REFERENCE_STAGES) + ")")
+    p.add_argument("--cfg-stages-only", action="store_true",
+                   help="only the stages whose UNet calls have the CFG batch (one torch.compile instead of two)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per short stage (default 20, tiny 1)")
     p.add_argument("--loop-repeats", type=int, default=None,
-                   help="timed repeats of the denoising loop and end to end (default 3, tiny 1)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 3, tiny 1)")
+                   help="timed repeats of the denoising loop, end to end and edit (default 3, tiny 1)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls before timing a short stage, at least 1 (default 3, tiny 1); the first "
+                        "video's one-off costs are the cold_first_video stage")
+    p.add_argument("--long-warmup", type=int, default=1,
+                   help="untimed runs before timing a long stage (loop, end to end, edit; default 1). 0 is for a "
+                        "rehearsal: the first video has run by then, but a long stage's own first run is timed")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50, tiny 2)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="seconds this run may take: stages that would not fit are reported as not finished")
+    p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-block-type profile")
+    p.add_argument("--merge", action="store_true",
+                   help="add to the report already in --out (the same job): one report from several runs")
+    p.add_argument("--outputs", default=None,
+                   help="folder for each backend's parity outputs, so parity spans several --merge runs")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode for torch-fast-compile (max-autotune: minutes more of compilation)")
     p.add_argument("--compile-backend", default="inductor",
@@ -547,15 +729,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"folder for the JSON and Markdown results (default {RESULTS.relative_to(ROOT)}; with --tiny a "
                         "temporary folder, since a smoke test's numbers are not results)")
     args = p.parse_args(argv)
+    if args.warmup is not None and args.warmup < 1:
+        p.error("--warmup must be at least 1: a cold call in a median makes a part look slower than its whole "
+                "(the first video's one-off costs are timed on their own, as cold_first_video)")
     if args.out is None:
         args.out = tempfile.mkdtemp(prefix="cinemo-latency-tiny-") if args.tiny else str(RESULTS)
     args.named = args.backends is not None  # named backends must run: unavailable is a failure then
-    args.repeats = args.repeats or (2 if args.tiny else 20)
+    args.repeats = args.repeats or (1 if args.tiny else 20)
     args.loop_repeats = args.loop_repeats or (1 if args.tiny else 3)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    args.warmup = args.warmup or (1 if args.tiny else 3)
+    if args.cfg_stages_only:
+        args.stages = [s for s in args.stages if s in CFG_STAGES]
     if args.backends is None:
-        args.backends = ["torch-fp32", "torch-fast"] if args.tiny else \
-            list(TORCH_BACKENDS + ENGINE_BACKENDS)
+        args.backends = ["torch-fast", "torch-fp32"] if args.tiny else list(TORCH_BACKENDS + ENGINE_BACKENDS)
+    args.backends = sorted(dict.fromkeys(args.backends), key=ORDER.index)
     return args
 
 
@@ -563,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers").setLevel(logging.ERROR)  # dtype-cast notices on every VAE build
+    budget = Budget(args.budget_s)
     if args.tiny:
         device = torch.device("cpu")
     elif torch.cuda.is_available():
@@ -587,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
         unet_config = full_config()
     h, w = shape.latent
     flops = count_unet_flops(unet_config, batch=2, frames=shape.frames, latent_h=h, latent_w=w)
-    ceiling = matmul_ceiling(device, args.repeats)
+    ceiling = matmul_ceiling(device, min(args.repeats, 5))
 
     report = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None
@@ -597,34 +785,53 @@ def main(argv: list[str] | None = None) -> int:
         "job": {**asdict(shape), "cfg_batch": 2, "guidance": GUIDANCE, "tiny": args.tiny,
                 "weights": args.checkpoint or "random"},
         "settings": {"repeats": args.repeats, "loop_repeats": args.loop_repeats, "warmup": args.warmup,
+                 "long_warmup": args.long_warmup,
                      "timer": "cuda events" if device.type == "cuda" else "perf_counter"},
         "unet_flops": flops.as_dict(),
         "matmul_ceiling": ceiling,
         "backends": {}, "skipped": {}, "failed": {}, "speedup_vs_torch_fp16": {},
     }
-    reference = None
-    order = sorted(args.backends, key=lambda n: n != "torch-fp32")  # the fp32 reference first: parity baseline
     tag = "tiny-cpu" if args.tiny else report["environment"]["device"].replace(" ", "_")
-    for name in order:
+    out = Path(args.out)
+    earlier = out / f"latency-{tag}.json"
+    if args.merge and earlier.exists():
+        previous = json.loads(earlier.read_text())
+        if previous.get("job") == report["job"]:
+            for key in ("backends", "skipped", "failed"):
+                report[key] = {**previous.get(key, {}), **report[key]}
+            report["command"] = previous["command"] + " ; " + report["command"]
+    outputs_dir = Path(args.outputs) if args.outputs else None
+    outputs = load_outputs(outputs_dir)
+    for name in args.backends:
+        report["failed"].pop(name, None)
+        report["skipped"].pop(name, None)
+
+        def progress(result, name=name):
+            report["backends"][name] = result
+            write_report(report, out, tag, outputs)
+
         try:
-            result, outputs = run_backend(name, args, shape, device, flops.total, ceiling, reference)
+            result, backend_outputs = run_backend(name, args, shape, device, flops.total, ceiling, budget, progress)
         except Exception as err:  # one backend failing must not lose the others' numbers
+            report["backends"].pop(name, None)
             failed = args.named or not isinstance(err, Unavailable)
             report["failed" if failed else "skipped"][name] = f"{type(err).__name__}: {err}"
             log.log(logging.ERROR if failed else logging.INFO, "%s: %s (%s: %s)", name,
                     "FAILED" if failed else "skipped", type(err).__name__, err, exc_info=failed)
+            write_report(report, out, tag, outputs)
             continue
         report["backends"][name] = result
-        if name == "torch-fp32":
-            reference = outputs
-        print(f"{name}: unet {result['stages']['unet_call']['median_ms']:.2f} ms, loop "
-              f"{result['stages']['denoise_loop']['median_ms']:.1f} ms, end to end "
-              f"{result['stages']['end_to_end']['median_ms']:.1f} ms", file=sys.stderr)
-        write_report(report, Path(args.out), tag)  # after every backend: a time limit keeps what was measured
-    write_report(report, Path(args.out), tag)
-    if report["failed"]:
-        print(f"benchmarks/latency.py: {len(report['failed'])} backend(s) failed: {', '.join(report['failed'])}",
-              file=sys.stderr)
+        outputs[name] = backend_outputs
+        if outputs_dir is not None:
+            save_outputs(backend_outputs, outputs_dir, name)
+        ms = {k: v.get("median_ms") for k, v in result["stages"].items() if v["status"] == "ok"}
+        print(f"{name}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()), file=sys.stderr)
+        write_report(report, out, tag, outputs)  # after every backend: a time limit keeps what was measured
+    write_report(report, out, tag, outputs)
+    stage_failures = [f"{n} {s}" for n, r in report["backends"].items() for s, v in r["stages"].items()
+                      if v["status"] == "failed"]
+    if report["failed"] or stage_failures:
+        print(f"benchmarks/latency.py: failed: {', '.join([*report['failed'], *stage_failures])}", file=sys.stderr)
         return EXIT_BACKEND_FAILED
     return 0
 

@@ -1,11 +1,12 @@
-"""Serving throughput and latency with and without batching, and a bounded load-and-fault soak (issue 16).
+"""Serving throughput and latency with and without batching, and a bounded load-and-fault soak.
 
     python benchmarks/serving.py                          # 1, 2, 4, 8 clients x batching off/on, demo model
     python benchmarks/serving.py --clients 1 2 --requests 2 --steps 5 --out /tmp/x   # a quick look
+    python benchmarks/serving.py --clients 1 --requests 10 --name serving_one_client  # a lone client's cost
     python benchmarks/serving.py --soak                   # a few hundred requests, a kill -9 and restart
 
 Everything runs on the loopback: `cinemo-rt serve` as a child process (batching off = --max-batch 1, on =
---max-batch 4, exact or not: see cinemo_rt/serve/runner.py), closed-loop clients (each submits a request,
+--max-batch 4 with the default padding or --exact-batching: see cinemo_rt/serve/runner.py), closed-loop clients (each submits a request,
 waits for it, submits the next). Latency is submit-to-done as the client sees it; throughput is videos
 finished per minute of wall time. Each server's first request is a warm-up and not counted. A UNet call's
 cost by its rows is measured in-process first. Results go to <out>/serving.md and serving.json, atomically.
@@ -41,10 +42,10 @@ from cinemo_rt.video import read_video  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PROMPTS = ("the camera pans left", "the camera pans right", "the camera zooms in", "a boat drifting on the sea")
-# mode -> server flags: batching off; on with batched videos bit-equal to alone (every UNet call padded to
-# 2 x max batch rows); on without the padding
-BATCHING = {"off": ("--max-batch", "1"), "on, exact": ("--max-batch", "4"),
-            "on, not exact": ("--max-batch", "4", "--no-exact-batching")}
+# mode -> server flags: batching off; on (the default padding: to the next power of two rows, so a lone request
+# pays for none); on with batched videos bit-equal to alone (every UNet call padded to 2 x max batch rows)
+BATCHING = {"off": ("--max-batch", "1"), "on": ("--max-batch", "4"),
+            "on, exact": ("--max-batch", "4", "--exact-batching")}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -82,6 +83,16 @@ def run_load(url: str, clients: int, requests_per_client: int, steps: int, image
     wall = time.perf_counter() - start
     return {"clients": clients, "videos": len(latencies), "failures": failures, "wall_s": wall,
             "videos_per_min": 60 * len(latencies) / wall, "p50_s": percentile(latencies, 50),
+            "p95_s": percentile(latencies, 95), "latencies_s": latencies}
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One row from several rounds of the same mode and client count: videos over the summed wall time."""
+    latencies = [x for r in rounds for x in r["latencies_s"]]
+    wall = sum(r["wall_s"] for r in rounds)
+    return {"clients": rounds[0]["clients"], "videos": len(latencies), "rounds": len(rounds),
+            "failures": [f for r in rounds for f in r["failures"]], "wall_s": wall,
+            "videos_per_min": 60 * len(latencies) / wall, "p50_s": percentile(latencies, 50),
             "p95_s": percentile(latencies, 95)}
 
 
@@ -109,12 +120,38 @@ def unet_cost_by_rows(rows_list=(2, 4, 8, 16), rounds: int = 15) -> dict[int, fl
     return {rows: statistics.median(values) for rows, values in times.items()}
 
 
+def lone_request_s(steps: int, rounds: int = 5) -> dict[str, float]:
+    """Median seconds of one request served alone (prepare, every step, decode) by the runner in-process, with
+    batching off, on (the default padding) and on with exact batching, the modes interleaved round by round."""
+    from cinemo_rt.image import load_image
+    from cinemo_rt.serve.runner import AnimationRequest, Runner
+
+    image = load_image(EXAMPLE_IMAGE)
+    off = Runner.open(max_batch=1)
+    runners = {"off": off, "on": Runner(off.animator, max_batch=4),
+               "on, exact": Runner(off.animator, max_batch=4, exact=True)}
+    request = AnimationRequest(prompt=PROMPTS[0], seed=1, steps=steps).resolved(off.defaults)
+    times: dict[str, list[float]] = {mode: [] for mode in runners}
+    for round_index in range(rounds + 1):
+        for mode, runner in runners.items():
+            start = time.perf_counter()
+            segment = runner.prepare(image, request)
+            while not segment.done:
+                runner.step([segment])
+            runner.finish(segment)
+            if round_index:  # the first round is warm-up
+                times[mode].append(time.perf_counter() - start)
+    return {mode: statistics.median(values) for mode, values in times.items()}
+
+
 def benchmark(args) -> dict:
     """All modes' servers start first and idle while another runs; the modes then take turns at each client
     count, so each comparison is made minutes apart at most on a machine whose load changes."""
     image = Path(EXAMPLE_IMAGE).read_bytes()
     unet_ms = unet_cost_by_rows()
     print("UNet call, median ms by rows:", {k: round(v, 1) for k, v in unet_ms.items()}, flush=True)
+    lone = lone_request_s(args.steps)
+    print("one request alone, in-process, median s:", {k: round(v, 3) for k, v in lone.items()}, flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         servers = {}
@@ -124,16 +161,21 @@ def benchmark(args) -> dict:
                                               "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "64")
                 run_load(servers[mode].url, 1, 1, args.steps, image)  # warm-up
             for clients in args.clients:
-                for mode, server in servers.items():
-                    row = run_load(server.url, clients, args.requests, args.steps, image)
-                    row["batching"] = mode
+                # Round by round, each mode in turn (one request per client per round): a change of the shared
+                # machine's load hits every mode alike.
+                rounds = {mode: [] for mode in servers}
+                for _ in range(args.requests):
+                    for mode, server in servers.items():
+                        rounds[mode].append(run_load(server.url, clients, 1, args.steps, image))
+                for mode, done in rounds.items():
+                    row = {**merge_rounds(done), "batching": mode}
                     rows.append(row)
                     print(f"batching {mode:13} clients {clients}: {row['videos_per_min']:6.1f} videos/min, "
                           f"p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s", flush=True)
         finally:
             for server in servers.values():
                 server.kill()
-    return {"rows": rows, "unet_ms_by_rows": unet_ms}
+    return {"rows": rows, "unet_ms_by_rows": unet_ms, "lone_request_s": lone}
 
 
 def soak(args) -> dict:
@@ -254,12 +296,24 @@ def to_markdown(report: dict) -> str:
              f"Python {env['python']}, torch {env['torch']}.", ""]
     if "rows" in report:
         lines += [f"Each client runs {report['requests']} requests back to back ({report['steps']} steps, "
-                  "32x32, 8 frames, guidance 7.5); latency is submit-to-done.", "",
+                  "32x32, 8 frames, guidance 7.5), one per round, the modes taking turns round by round; "
+                  "latency is submit-to-done.", "",
                   "| batching | clients | videos/min | p50 latency (s) | p95 latency (s) | failures |",
                   "|---|---:|---:|---:|---:|---:|"]
         for row in report["rows"]:
             lines.append(f"| {row['batching']} | {row['clients']} | {row['videos_per_min']:.1f} | "
                          f"{row['p50_s']:.2f} | {row['p95_s']:.2f} | {len(row['failures'])} |")
+        one = {row["batching"]: row["videos_per_min"] for row in report["rows"] if row["clients"] == 1}
+        if {"off", "on", "on, exact"} <= set(one):
+            lines += ["", f"One client: `--max-batch 4` gets {one['on'] / one['off']:.2f}x the throughput of "
+                      f"`--max-batch 1` with the default padding, {one['on, exact'] / one['off']:.2f}x with "
+                      "`--exact-batching`."]
+        lone = report.get("lone_request_s")
+        if lone:
+            lines += ["", "One request served alone by the runner in-process (no HTTP, no polling; median of 5, the "
+                      "modes interleaved): " + ", ".join(f"{mode} {sec:.3f} s" for mode, sec in lone.items())
+                      + f"; `--max-batch 4` at {lone['off'] / lone['on']:.2f}x the speed of `--max-batch 1` "
+                      f"(exact: {lone['off'] / lone['on, exact']:.2f}x)."]
         unet = report["unet_ms_by_rows"]
         lines += ["", "One UNet call of the demo model by its rows (a guided request is 2 rows), median ms, the sizes "
                   "interleaved in one process: " + ", ".join(f"{rows} rows {ms:.1f} ms" for rows, ms in unet.items())
@@ -287,7 +341,8 @@ def write_atomically(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--requests", type=int, default=3, help="requests per client per run")
+    parser.add_argument("--requests", type=int, default=3,
+                        help="requests per client per mode, in as many rounds (the modes take turns each round)")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps per request")
     parser.add_argument("--max-wait-ms", type=float, default=50.0)
     parser.add_argument("--soak", action="store_true", help="run the load-and-fault soak instead")
@@ -298,9 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak-seconds", type=float, default=600.0, help="upper bound on the soak's duration")
     parser.add_argument("--jobs", default=None, help="jobs folder for the soak (default: a temporary one)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--name", default=None,
+                        help="file name of the results, without suffix (default serving, or serving_soak)")
     args = parser.parse_args(argv)
     report = {"environment": environment(), "steps": args.steps, "requests": args.requests}
-    name = "serving_soak" if args.soak else "serving"
+    name = args.name or ("serving_soak" if args.soak else "serving")
     if args.soak:
         report["soak"] = soak(args)
     else:

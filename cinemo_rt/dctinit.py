@@ -9,13 +9,17 @@ temporal frequencies (the original mask has a frame dim of 1 that broadcasts ove
 
 The reference here runs in float64 with explicit DCT matrices (40x40, 64x64, FxF at the released size),
 which is exact to float64 rounding and has an obvious GPU/ONNX counterpart (three small matmuls).
-`select_dct_init` picks the CUDA implementation (`kernels/cupy_dct.py`) when one is available.
+`select_dct_init` picks the CUDA implementation (`kernels/cupy_dct.py`) when one is available. On the CPU every
+DCTInit call first passes the kernel's own precondition check (`kernels/contract.py`, all but the device), so a
+tensor layout the kernel would refuse fails on the CPU too; `CINEMO_RT_DCTINIT=cuda-on-cpu` runs the CUDA kernel
+itself, executed on the CPU (`kernels/cuda_on_cpu.py`: the GPU window's rehearsal).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Callable
 
 import torch
@@ -27,21 +31,24 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FRACTION = DCT_FRACTION  # the name callers used before settings.py
 DCTInitFn = Callable[..., torch.Tensor]
-# The CUDA kernels' module: installed inside the cinemo_rt namespace, top-level `kernels` in a checkout.
-KERNEL_MODULES = ("cinemo_rt._kernels.cupy_dct", "kernels.cupy_dct")
+# The CUDA kernels' package: installed inside the cinemo_rt namespace, top-level `kernels` in a checkout.
+KERNEL_PACKAGES = ("cinemo_rt._kernels", "kernels")
+KERNEL_MODULES = tuple(f"{package}.cupy_dct" for package in KERNEL_PACKAGES)
+IMPLEMENTATION_ENV = "CINEMO_RT_DCTINIT"  # "cuda-on-cpu": the CUDA kernel executed on the CPU
+CUDA_ON_CPU = "cuda-on-cpu"
 
 
-def import_kernels():
-    """The kernels module (CuPy imports lazily inside it); ImportError when neither name resolves."""
+def import_kernels(module: str = "cupy_dct"):
+    """A module of the kernels package (CuPy imports lazily inside it); ImportError when neither name resolves."""
     import importlib
 
-    for name in KERNEL_MODULES:
+    for name in (f"{package}.{module}" for package in KERNEL_PACKAGES):
         try:
             return importlib.import_module(name)
         except ModuleNotFoundError as err:
             if err.name not in name:  # a missing dependency inside the module, not the module itself
                 raise
-    raise ImportError(f"the DCT kernels module is not installed ({' or '.join(KERNEL_MODULES)})")
+    raise ImportError(f"the DCT kernels module {module} is not installed (package {' or '.join(KERNEL_PACKAGES)})")
 
 
 def dct_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -118,9 +125,19 @@ def dct_init(
     return idct_3d(mixed).to(device=noise.device, dtype=noise.dtype)
 
 
+def dct_init_checked(z1: torch.Tensor, noise: torch.Tensor, alpha_bar_tau: float | torch.Tensor,
+                     fraction: float = DEFAULT_FRACTION) -> torch.Tensor:
+    """`dct_init` behind the CUDA kernel's preconditions (all but the device): the CPU pipeline hands DCTInit
+    the very tensors it would hand the kernel on a GPU, so they must pass the same check."""
+    import_kernels("contract").check_launch("dct_init", {"z1": z1, "noise": noise}, on_gpu=False,
+                                            fraction=fraction, z_frames_one=True)
+    return dct_init(z1, noise, alpha_bar_tau, fraction)
+
+
 def select_dct_init(device: torch.device | str) -> DCTInitFn:
     """Choose the DCTInit implementation once for `device`: the CUDA kernel from `kernels/cupy_dct.py` when the
-    device is CUDA and CuPy and that module import, else the float64 CPU reference `dct_init`."""
+    device is CUDA and CuPy and that module import, else the float64 CPU reference behind the kernel's checks
+    (`dct_init_checked`), or with CINEMO_RT_DCTINIT=cuda-on-cpu the CUDA kernel executed on the CPU."""
     device = torch.device(device)
     if device.type == "cuda":
         try:
@@ -132,5 +149,11 @@ def select_dct_init(device: torch.device | str) -> DCTInitFn:
             return dct_init
         log.info("DCTInit: CUDA kernel %s.dct_init_cuda on %s", kernels.__name__, device)
         return kernels.dct_init_cuda
-    log.info("DCTInit: CPU float64 reference (device %s)", device)
-    return dct_init
+    choice = os.environ.get(IMPLEMENTATION_ENV, "")
+    if choice == CUDA_ON_CPU:
+        log.info("DCTInit: the CUDA kernel executed on the CPU (%s=%s)", IMPLEMENTATION_ENV, choice)
+        return import_kernels("cuda_on_cpu").dct_init_cpu
+    if choice:
+        raise ValueError(f"{IMPLEMENTATION_ENV}={choice!r} is not known; unset it or set it to {CUDA_ON_CPU!r}")
+    log.info("DCTInit: CPU float64 reference behind the kernel's checks (device %s)", device)
+    return dct_init_checked

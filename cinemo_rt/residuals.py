@@ -7,9 +7,10 @@ import torch
 
 
 def residuals_from_frames(frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frame latents (B, C, N, h, w) -> (z1 (B, C, 1, h, w), residuals (B, C, N-1, h, w))."""
-    z1 = frames[:, :, :1]
-    return z1, frames[:, :, 1:] - z1
+    """Frame latents (B, C, N, h, w) -> (z1 (B, C, 1, h, w), residuals (B, C, N-1, h, w)), both dense row-major
+    whatever the layout of `frames` (z1 is not left a strided view: DCTInit's kernel takes dense tensors)."""
+    z1 = frames[:, :, :1].contiguous()
+    return z1, (frames[:, :, 1:] - z1).contiguous()
 
 
 def frames_from_residuals(z1: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:

@@ -55,11 +55,13 @@ def encode_frames(backend: Backend, pixels: torch.Tensor, generator: torch.Gener
 
     One frame per VAE-encoder call: the VAE encoder is per-frame (no temporal layers), and every backend's
     graph runs batch 1 (TensorRT's static profile is 1), so 16 frames need no wider export. The noise of all
-    N frames is one draw, as the reference's one batched `.sample()`."""
+    N frames is one draw, as the reference's one batched `.sample()`. Returned dense in the pipeline's (B, C, F,
+    h, w) order, not as a view of the frames-first encoder output: everything downstream (inversion, DCTInit's
+    kernel) takes that layout."""
     parts = [backend.vae_encoder(pixels[i:i + 1]) for i in range(pixels.shape[0])]
     mean = torch.cat([m for m, _ in parts])
     std = torch.cat([s for _, s in parts])
-    return _posterior_sample(backend, mean, std, generator).permute(1, 0, 2, 3).unsqueeze(0)
+    return _posterior_sample(backend, mean, std, generator).permute(1, 0, 2, 3).unsqueeze(0).contiguous()
 
 
 def encode_prompts(backend: Backend, tokenizer, prompt: str, negative_prompt: str, guidance: float):

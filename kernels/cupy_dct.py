@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .contract import check_launch, is_torch
+
 SOURCE = Path(__file__).with_name("dct.cu")
 NVRTC_OPTIONS = ("-std=c++17",)
 TILE, ROWS = 32, 8               # CINEMO_TILE, CINEMO_ROWS in dct.cu
@@ -118,6 +120,8 @@ def mix_scales(alpha_bar_tau: float) -> tuple[float, float]:
 # CuPy plumbing
 
 def _cupy():
+    if _ARRAY_MODULE:
+        return _ARRAY_MODULE[0]
     try:
         import cupy
     except ImportError as exc:
@@ -126,6 +130,17 @@ def _cupy():
             "or use the CPU reference cinemo_rt.dctinit.dct_init"
         ) from exc
     return cupy
+
+
+_ARRAY_MODULE: list = []  # a stand-in for cupy, set by use_array_module (kernels/cuda_on_cpu.py)
+
+
+def use_array_module(module) -> None:
+    """Run the launchers on `module` instead of cupy (None: cupy again): the CPU execution of dct.cu in
+    kernels/cuda_on_cpu.py provides the few cupy calls they make. Clears the compiled-module and basis caches."""
+    _ARRAY_MODULE[:] = [] if module is None else [module]
+    _MODULES.clear()
+    _BASES.clear()
 
 
 _MODULES: dict[int, object] = {}
@@ -141,32 +156,8 @@ def _function(name: str, device_id: int):
     return _MODULES[device_id].get_function(name)
 
 
-def _is_torch(x) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "is_cuda")
-
-
-def _check(x, name: str, ndim: int) -> None:
-    """Shape, dtype, contiguity and device checks, before any conversion."""
-    if not (_is_torch(x) or type(x).__module__.startswith("cupy")):
-        raise TypeError(f"{name} must be a torch CUDA tensor or a cupy array, got {type(x).__name__}; "
-                        f"for numpy use kernels.reference")
-    if len(x.shape) != ndim:
-        raise ValueError(f"{name} must be 5-D (B, C, F, H, W), got shape {tuple(x.shape)}")
-    dtype = str(x.dtype).removeprefix("torch.")
-    if dtype not in _SUFFIX:
-        raise TypeError(f"{name} has dtype {dtype}; the kernels take float32 or float64: "
-                        f"cast with {name}.float() or {name}.double()")
-    if _is_torch(x):
-        if not x.is_cuda:
-            raise ValueError(f"{name} is on {x.device}; move it to the GPU with {name}.cuda()")
-        if not x.is_contiguous():
-            raise ValueError(f"{name} is not contiguous; call {name}.contiguous() first")
-    elif not x.flags.c_contiguous:
-        raise ValueError(f"{name} is not C-contiguous; call cupy.ascontiguousarray({name}) first")
-
-
 def _device_id(x) -> int:
-    return x.device.index if _is_torch(x) else x.device.id
+    return x.device.index if is_torch(x) else x.device.id
 
 
 def _stream(stream, torch_input: bool, device_id: int):
@@ -230,12 +221,10 @@ def dct(x, axis: int, inverse: bool = False, stream=None):
     Matches scipy.fft.dct(x, type=2 or 3, axis=axis, norm="ortho"). Returns a new array of the same
     kind (torch in, torch out) on the same device, computed on `stream` (default: the caller's).
     """
-    _check(x, "x", 5)
-    if axis not in _AXES:
-        raise ValueError(f"axis must be one of the last three (2, 3, 4 or -3, -2, -1), got {axis}")
+    check_launch("dct", {"x": x}, axis=axis)
     axis = _AXES[axis]
     cp = _cupy()
-    torch_input = _is_torch(x)
+    torch_input = is_torch(x)
     device_id = _device_id(x)
     with cp.cuda.Device(device_id):
         s = _stream(stream, torch_input, device_id)
@@ -260,21 +249,10 @@ def dct(x, axis: int, inverse: bool = False, stream=None):
 
 def _dct_mix(z, noise, fraction: float, z_scale: float, noise_scale: float, stream, z_name: str):
     """out = noise + LP2(z_scale * z + noise_scale * noise), LP2 the per-frame 2D box low-pass."""
-    _check(z, z_name, 5)
-    _check(noise, "noise", 5)
-    if str(z.dtype) != str(noise.dtype):
-        raise TypeError(f"{z_name} is {z.dtype} but noise is {noise.dtype}; cast one to the other "
-                        f"(e.g. {z_name}.to(noise.dtype)), the kernel computes in one precision")
-    if _is_torch(z) != _is_torch(noise) or _device_id(z) != _device_id(noise):
-        raise ValueError(f"{z_name} and noise must be the same kind of array on the same device")
+    check_launch("dct_init", {z_name: z, "noise": noise}, fraction=fraction, z_frames_one=z_name == "z1")
     b, c, f, h, w = noise.shape
-    if tuple(z.shape) not in ((b, c, 1, h, w), (b, c, f, h, w)):
-        raise ValueError(f"{z_name} must be (B, C, 1, H, W) or (B, C, F, H, W) with noise (B, C, F, H, W)"
-                         f" = {tuple(noise.shape)}, got {tuple(z.shape)}")
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     cp = _cupy()
-    torch_input = _is_torch(noise)
+    torch_input = is_torch(noise)
     device_id = _device_id(noise)
     with cp.cuda.Device(device_id):
         s = _stream(stream, torch_input, device_id)
@@ -313,9 +291,6 @@ def dct_init_cuda(z1, noise, alpha_bar_tau, fraction: float = 0.23, stream=None)
     and M the box [:int(H*fraction), :int(W*fraction)] over all temporal frequencies. Pass
     alpha_bar_tau as a Python float: a CUDA tensor costs a device sync for float().
     """
-    if tuple(z1.shape[2:3]) != (1,):
-        raise ValueError(f"z1 must be (B, C, 1, H, W), got {tuple(z1.shape)}; "
-                         f"for a per-frame z_tau use dct_init_from_z_tau")
     z_scale, noise_scale = mix_scales(alpha_bar_tau)
     return _dct_mix(z1, noise, fraction, z_scale, noise_scale, stream, "z1")
 

@@ -111,9 +111,13 @@ def test_dct_init_rejects_bad_shapes():
         dct_init(torch.zeros(1, 4, 1, 8, 9), torch.zeros(1, 4, 3, 8, 8), ALPHA_975)
 
 
-def test_select_cpu_reference(caplog):
+def test_select_cpu_reference(caplog, monkeypatch):
+    """On the CPU: the float64 reference behind the CUDA kernel's precondition check (tests/test_kernel_contract.py)."""
+    from cinemo_rt.dctinit import IMPLEMENTATION_ENV, dct_init_checked
+
+    monkeypatch.delenv(IMPLEMENTATION_ENV, raising=False)
     with caplog.at_level(logging.INFO, logger="cinemo_rt.dctinit"):
-        assert select_dct_init("cpu") is dct_init
+        assert select_dct_init("cpu") is dct_init_checked
     assert "CPU" in caplog.text
 
 

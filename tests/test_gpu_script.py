@@ -1,9 +1,10 @@
-"""benchmarks/gpu/run.sh, the one command of a GPU window (issue 13), tested by its rehearsal: the same steps on
+"""benchmarks/gpu/run.sh, the one command of a GPU window, tested by its rehearsal: the same steps on
 the CPU at tiny sizes, GPU-only steps reporting "skipped: no GPU". On every push, so the window's script runs the
 first time. (Its timings are not checked: a rehearsal measures nothing.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,10 +33,11 @@ def test_rehearsal_runs_every_step(tmp_path):
     result = _run("--rehearse", out=tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     steps = _steps((tmp_path / "summary.md").read_text())
-    assert list(steps) == ["wheels", "environment", "kernel-ctest", "gpu-tests", "kernel-benchmark", "latency",
-                           "compile"]
+    assert list(steps) == ["wheels", "environment", "kernel-on-cpu", "latency-fp16", "latency-fast", "latency-fp32",
+                           "gpu-tests", "kernel-benchmark", "compile", "kernel-ctest"]
     assert steps["kernel-ctest"] == steps["kernel-benchmark"] == "skipped: no GPU"
-    assert steps["environment"] == steps["gpu-tests"] == steps["latency"] == "ok", steps
+    for name in ("environment", "kernel-on-cpu", "latency-fp16", "latency-fast", "latency-fp32", "gpu-tests"):
+        assert steps[name] == "ok", steps
     assert steps["wheels"] == "ok" or steps["wheels"].startswith("skipped: no .whl/ carried"), steps
     assert steps["compile"] == "ok" or "left, the step needs" in steps["compile"], steps
     # The summary is the last thing printed, and the latency table made it in.
@@ -46,6 +48,15 @@ def test_rehearsal_runs_every_step(tmp_path):
     assert all(len(p.relative_to(tmp_path).parts) <= 2 for p in files), files
     log = (tmp_path / "steps.log").read_text()
     assert "nvidia-smi: not found" in log and "av was imported" not in log
+    # The three latency steps merged into one report; every stage of every backend reported, DCTInit (the edit's
+    # too) through the CUDA kernel executed on the CPU, behind the kernels' precondition checks.
+    report = json.loads((tmp_path / "latency-tiny-cpu.json").read_text())
+    assert list(report["backends"]) == ["torch-fp16", "torch-fast", "torch-fp32"]
+    for name, backend in report["backends"].items():
+        assert all(v["status"] == "ok" for v in backend["stages"].values()), (name, backend["stages"])
+    assert set(report["parity_rel_l2_vs_torch_fp32"]) == {"torch-fp16", "torch-fast"}
+    assert "DCTInit: the CUDA kernel executed on the CPU" in log
+    assert "dct.cu on the CPU at (1, 4, 16, 40, 64): all within tolerance" in log
 
 
 def test_window_without_a_gpu_points_at_the_rehearsal(tmp_path):

@@ -69,7 +69,7 @@ class ServeSettings:
     limits: Limits = field(default_factory=Limits)
     keep_s: float = 24 * 3600.0   # finished jobs and their videos are deleted after this
     requeue: bool = False         # after a restart, run interrupted jobs again instead of failing them
-    exact_batching: bool = True   # batched videos bit-equal to running alone (fixed UNet rows; runner.py)
+    exact_batching: bool = False  # True: batched videos bit-equal to running alone (fixed UNet rows; runner.py)
     threads: int | None = None    # CPU threads (None: the CLI's policy, cinemo_rt/threads.py)
 
     def open_runner(self) -> Runner:

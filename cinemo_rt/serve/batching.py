@@ -35,3 +35,13 @@ def take_compatible(queue: deque, key: Hashable, key_of: Callable[[str], Hashabl
             kept.append(job_id)
     queue.extend(kept)
     return taken
+
+
+def padded_rows(rows: int, max_rows: int, exact: bool) -> int:
+    """The rows of a UNet call that carries `rows` real ones. Exact: always `max_rows`, so a row's result never
+    depends on how many companions it has (bit-exact batching; a lone request pays for every absent row).
+    Otherwise the next power of two, at most `max_rows`: a lone request pays for no padding (2 rows with CFG, 1
+    without), and a compiled or graph-captured UNet sees at most log2(max_rows) + 1 batch shapes."""
+    if rows < 1 or rows > max_rows:
+        raise ValueError(f"a UNet call carries 1 to {max_rows} rows; got {rows}")
+    return max_rows if exact else min(max_rows, 1 << (rows - 1).bit_length())

@@ -29,9 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "benchmarks/results/serving.md)")
     parser.add_argument("--max-wait-ms", type=float, default=50.0,
                         help="how long an idle worker waits for companions to batch with (default 50)")
+    parser.add_argument("--exact-batching", dest="exact_batching", action="store_true", default=False,
+                        help="pad every UNet call to 2 x --max-batch rows, so a batched video is bit for bit the "
+                             "same request's alone; a lone request then computes --max-batch times its rows "
+                             "(default: pad to the next power of two only; videos within 2 levels of 255)")
     parser.add_argument("--no-exact-batching", dest="exact_batching", action="store_false",
-                        help="batch only the rows there are: faster on a CPU at low load, but a batched "
-                             "video may differ from the same request alone in the last bits")
+                        help=argparse.SUPPRESS)  # the default now; kept so that older scripts still run
     parser.add_argument("--keep-hours", type=float, default=24.0, help="finished jobs expire after this")
     parser.add_argument("--requeue", action="store_true",
                         help="after a restart, run interrupted jobs again (default: mark them failed)")

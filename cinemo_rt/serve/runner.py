@@ -18,14 +18,15 @@ over one row (the conditional one) instead of two; `step` batches whatever rows 
 So no request ever waits in a group for a call it will not make, requests finish after different numbers
 of calls, and each still sees exactly the rows it would alone.
 
-Bit-for-bit equality with or without companions: CPU kernels (MKL matrix products, oneDNN convolutions)
-choose their blocking by batch size, so a row's result can change in the last bits when the batch grows
-(measured: 4e-6 relative). With a fixed batch size the result of a row does not depend on its position or
-on the other rows (measured, and tested), so every UNet call gets exactly `2 * max_batch` rows, padded with
-copies of the first row: a request's video is the same alone or in any batch. The price is that a lone
-request pays for the padding (on a CPU, where cost grows with rows; a GPU has idle width to spare);
-`exact=False` skips the padding and batches only the rows there are. `max_batch=1` (batching off) pads
-nothing for a guided request, and then matches `Animator` (the `cinemo-rt run` path) bit for bit.
+Padding (`serve.batching.padded_rows`). CPU kernels (MKL matrix products, oneDNN convolutions) choose their
+blocking by batch size, so a row's result can change in the last bits when the batch grows (measured: 4e-6
+relative); with a fixed batch size it does not depend on its position or on the other rows (measured, and
+tested). By default a UNet call is padded (with copies of its first row) only up to the next power of two rows:
+a request served alone pays for no absent rows, and a batched video agrees with the same request alone to within
+2 levels of 255 (tested). `exact=True` pads every call to `2 * max_batch` rows instead: a request's video is then
+bit for bit the same alone or in any batch, at the price of a lone request computing `max_batch` times its rows
+(benchmarks/results/serving.md). `max_batch=1` (batching off) pads nothing for a guided request, and then matches
+`Animator` (the `cinemo-rt run` path) bit for bit; so does a lone guided request by default.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from ..residuals import frames_from_residuals
 from ..samplers import DEFAULT_SAMPLER
 from ..settings import DCT_FRACTION, EDIT_DCT_TAU, Size
 from ..threads import apply_threads
+from .batching import padded_rows
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,7 @@ class Segment:
 class Runner:
     """Owns an Animator for the worker thread: prepare, step groups, finish."""
 
-    def __init__(self, animator: Animator, max_batch: int = 1, exact: bool = True):
+    def __init__(self, animator: Animator, max_batch: int = 1, exact: bool = False):
         self.animator = animator
         self.backend = animator.backend
         self.max_rows = 2 * max_batch
@@ -180,7 +182,7 @@ class Runner:
 
     @classmethod
     def open(cls, checkpoint=None, engines=None, device=None, dtype=None, max_batch: int = 1,
-             exact: bool = True, threads: int | None = None) -> "Runner":
+             exact: bool = False, threads: int | None = None) -> "Runner":
         """The model from a checkpoint (default: the embedded demo) or an engines folder, with the CLI's
         CPU thread policy (`cinemo_rt.threads`: one thread for a small model, else one per core)."""
         if engines:
@@ -250,13 +252,14 @@ class Runner:
     @torch.no_grad()
     def step(self, group: list[Segment]) -> None:
         """One UNet call for every segment in `group` (equal batch keys), each segment's rows as its sampler
-        laid them out ([uncond, cond], or [cond] at guidance 1), padded to the fixed row count."""
+        laid them out ([uncond, cond], or [cond] at guidance 1), padded as `padded_rows` says."""
         rows = sum(s.rows for s in group)
         if rows > self.max_rows:
             raise ValueError(f"{rows} rows exceed the {self.max_rows} of one UNet call")
         inputs = [torch.cat([s.pending[i] for s in group]) for i in range(5)]
-        if self.exact and rows < self.max_rows:
-            inputs = [torch.cat([x, x[:1].expand(self.max_rows - rows, *x.shape[1:])]) for x in inputs]
+        padded = padded_rows(rows, self.max_rows, self.exact)
+        if padded > rows:
+            inputs = [torch.cat([x, x[:1].expand(padded - rows, *x.shape[1:])]) for x in inputs]
         try:
             out = self.backend.unet(*inputs)
         except Exception:
