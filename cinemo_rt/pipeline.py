@@ -33,9 +33,6 @@ from .settings import DCT_FRACTION, DCT_TAU, EDIT_DCT_TAU, Size
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-Defaults = Size  # the name this class had before issue 14
-
 
 @dataclass
 class StageTimer:
