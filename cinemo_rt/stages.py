@@ -166,12 +166,15 @@ def invert_residuals(backend: Backend, conditioning: Conditioning, residuals: to
 
 def decode_latents(backend: Backend, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents (B, 4, F, h, w) -> images (B, 3, F, H, W) in about [-1, 1]. The division by the
-    scaling factor is done in fp32; the temporal decoder sees DECODE_CHUNK frames at a time (14 + 2 for 16),
-    exactly as the reference, the SD decoder all frames at once."""
+    scaling factor is done in fp32; the temporal decoder sees DECODE_CHUNK frames of one video at a time
+    (14 + 2 for 16), exactly as the reference, the SD decoder all frames at once."""
     b, c, f, h, w = latents.shape
     flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).float() / backend.info.scaling_factor
-    step = DECODE_CHUNK if backend.info.temporal_vae else b * f
-    images = torch.cat([backend.vae_decoder(flat[s:s + step]) for s in range(0, b * f, step)])
+    if backend.info.temporal_vae:  # chunks inside each video: its temporal layers must not mix two videos
+        bounds = [(v * f + s, v * f + min(s + DECODE_CHUNK, f)) for v in range(b) for s in range(0, f, DECODE_CHUNK)]
+    else:
+        bounds = [(0, b * f)]
+    images = torch.cat([backend.vae_decoder(flat[start:end]) for start, end in bounds])
     _, c_out, hh, ww = images.shape
     return images.view(b, f, c_out, hh, ww).permute(0, 2, 1, 3, 4)
 

@@ -39,7 +39,9 @@ from ..fewer_calls import CallCounter
 from ..model_calls import UNetCall
 from ..request import FewerCalls, Request
 from ..residuals import frames_from_residuals
+from .. import segments
 from ..samplers import DEFAULT_SAMPLER
+from ..segments import segment_seed
 from ..settings import DCT_FRACTION, EDIT_DCT_TAU, Size
 from ..threads import apply_threads
 
@@ -188,7 +190,7 @@ class Runner:
         raises InputError for what the pipeline refuses."""
         return Request.create(r.prompt, r.bucket, r.motion_id, negative_prompt=r.negative_prompt,
                               height=r.height, width=r.width, frames=r.frames, steps=r.steps, guidance=r.guidance,
-                              eta=r.eta, seed=r.seed + segment, sampler=r.sampler, fewer_calls=r.fewer_calls)
+                              eta=r.eta, seed=segment_seed(r.seed, segment), sampler=r.sampler, fewer_calls=r.fewer_calls)
 
     @torch.no_grad()
     def prepare(self, image: np.ndarray, request: AnimationRequest, segment: int = 0,
@@ -260,4 +262,4 @@ class Runner:
 
     def join(self, s: Segment, video: np.ndarray) -> list[np.ndarray]:
         """Frames so far with this segment's appended (the shared boundary frame once)."""
-        return s.frames_so_far + [video if s.segment == 0 else video[1:]]
+        return segments.join(s.frames_so_far, video)
