@@ -238,7 +238,7 @@ def _format_problems(folder: Path, problems: list[str]) -> str:
     lines = "\n  - ".join(problems)
     return (f"checkpoint folder {folder} is incomplete or does not match the model:\n  - {lines}\n"
             "Expected the released Cinemo layout (unet/, vae_temporal_decoder/ or vae/, text_encoder/, "
-            "tokenizer/, scheduler/); see README 'Checkpoints'.")
+            "tokenizer/, scheduler/); see docs/checkpoints.md.")
 
 
 def import_component_libraries() -> None:
@@ -263,7 +263,7 @@ def load_checkpoint(folder: str | os.PathLike, device: str | torch.device | None
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist; pass --checkpoint DIR with the "
-                              "released layout (see README 'Checkpoints')")
+                              "released layout (see docs/checkpoints.md)")
     problems: list[str] = []
     unet = load_unet(folder, problems, weights=unet_weights)
     if temporal_vae is None:

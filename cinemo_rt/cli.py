@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .serve.command import add_arguments as add_serve_arguments
 
-    add_serve_arguments(sub.add_parser("serve", help="HTTP API and web page (see README, Serving)"))
+    add_serve_arguments(sub.add_parser("serve", help="HTTP API and web page (see docs/serving.md)"))
     return parser
 
 

@@ -1,5 +1,5 @@
 """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2): a second-order multistep sampler in
-data-prediction form, the second entry of `sampling.SAMPLERS`.
+data-prediction form, the second entry of `samplers.SAMPLERS`.
 
 With VP coefficients alpha_t = sqrt(a_t), sigma_t = sqrt(1 - a_t), lambda_t = log(alpha_t / sigma_t) and
 x0_t = (x_t - sigma_t eps) / alpha_t, each step s -> t (h = lambda_t - lambda_s) is
@@ -30,10 +30,10 @@ def dpm_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) ->
     return [int(t) for t in np.linspace(0, num_train_timesteps - 1, steps + 1).round()[::-1][:-1]]
 
 
-def dpmpp_2m_sample(model_fn, x_T: torch.Tensor, steps: int, alphas_cumprod: torch.Tensor, *, eta: float = 0.0,
-                    generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
-    """Run DPM-Solver++(2M) from x_T; `model_fn(x_t, t) -> eps`. Deterministic: eta must be 0 and the
-    generator is unused (the signature is every sampler's)."""
+def dpmpp_2m(x_T: torch.Tensor, steps: int, alphas_cumprod: torch.Tensor, *, eta: float = 0.0,
+             generator: torch.Generator | None = None, callback=None):
+    """DPM-Solver++(2M) from x_T as a sampler generator (`sampling.py`): yields (x_t, t), receives eps,
+    returns x_0. Deterministic: eta must be 0 and the generator is unused (the signature is every sampler's)."""
     if eta != 0:
         raise ValueError("eta applies to the ddim sampler only; DPM-Solver++(2M) is deterministic (use eta 0)")
     timesteps = dpm_timesteps(steps, len(alphas_cumprod))
@@ -49,7 +49,7 @@ def dpmpp_2m_sample(model_fn, x_T: torch.Tensor, steps: int, alphas_cumprod: tor
     t_batches = [torch.full((x_T.shape[0],), t, dtype=torch.long, device=x_T.device) for t in timesteps]
     x, previous_x0 = x_T, None
     for i, t in enumerate(timesteps):
-        eps = model_fn(x, t_batches[i])
+        eps = yield x, t_batches[i]
         x0 = (x - coef(sigmas[i]) * eps) / coef(alphas[i])
         last = i == len(timesteps) - 1
         if last:

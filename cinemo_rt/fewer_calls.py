@@ -1,10 +1,11 @@
-"""Fewer UNet calls per video (issue 18): step caching and guidance truncation as model-function wrappers.
+"""Fewer UNet calls per video: step caching and guidance truncation as evaluation wrappers.
 
-Everything here keeps the denoiser contract `model_fn(x_t, t) -> output` of `sampling.py`, so it works over
-any backend's `unet_fn` and under any sampler that calls the model once per step (DDIM, DPM-Solver++(2M)):
+Everything here keeps the step protocol of `model_calls.py` (an evaluation yields the UNet calls it needs and
+returns the model output), so it works over any backend and under any sampler that evaluates the model once
+per step (DDIM, DPM-Solver++(2M)), in the CLI's loop and in the server's batches alike:
 
 - `CallCounter` counts single-image UNet calls (a batch-2 CFG call counts 2).
-- `truncated_cfg_model_fn`: classifier-free guidance for the first `guidance_until` fraction of the steps
+- `truncated_guidance`: classifier-free guidance for the first `guidance_until` fraction of the steps
   (and optionally every N-th step after), the conditional branch alone on the others plus the last measured
   guidance direction eps_c - eps_u held fixed (FasterCache-style reuse of the unconditional branch): those
   steps cost one call instead of two.
@@ -16,9 +17,8 @@ any backend's `unet_fn` and under any sampler that calls the model once per step
   the last step are always computed.
 
 The options (`FewerCalls`) and the measured preset behind `cinemo-rt run --fast` (`FAST_PRESET`) live in
-`request.py`, which the CLI reads without importing torch.
-
-Off by default: `FewerCalls()` (no cache, guidance on every step) builds exactly today's closure.
+`request.py`, which the CLI reads without importing torch. Off (`FewerCalls()`: no cache, guidance on every
+step), `fewer_calls_evaluation` is plain guidance (`model_calls.guided`), bit for bit the original's path.
 
 Host synchronisation: the cache decision needs the indicator on the host, one small `.item()` per step
 (on CUDA one device sync per step). It is taken here, between UNet calls, never inside the backend's
@@ -38,8 +38,8 @@ from typing import Sequence
 
 import torch
 
+from .model_calls import Evaluate, Evaluation, ModelFn, UNetCall, UNetFn, guided, model_fn_of, relay
 from .request import FAST_PRESET, REFERENCE_STEPS, FewerCalls, resolve_options  # noqa: F401 (re-exported)
-from .sampling import ModelFn, UNetFn, cfg_model_fn
 from .settings import SIZE_FILE as CONFIG_FILE
 from .settings import STEP_CACHE_KEY as CALIBRATION_KEY
 
@@ -55,9 +55,9 @@ class StepClock:
 
     step: int = 0
 
-    def ticking(self, model_fn: ModelFn) -> ModelFn:
-        def ticked(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = model_fn(x_t, t)
+    def ticking(self, evaluate: Evaluate) -> Evaluate:
+        def ticked(x_t: torch.Tensor, t: torch.Tensor) -> Evaluation:
+            out = yield from evaluate(x_t, t)
             self.step += 1
             return out
 
@@ -70,7 +70,11 @@ class CallCounter:
 
     calls: int = 0
 
+    def count(self, call: UNetCall) -> None:
+        self.calls += call.rows
+
     def wrap(self, unet_fn: UNetFn) -> UNetFn:
+        """`unet_fn`, counted (for loops that call a UNet function directly)."""
         def counted(x_t, t, text, z1, motion_id):
             self.calls += int(x_t.shape[0])
             return unet_fn(x_t, t, text, z1, motion_id)
@@ -78,7 +82,7 @@ class CallCounter:
         return counted
 
 
-def guided(step: int, steps: int, options: FewerCalls) -> bool:
+def guided_step(step: int, steps: int, options: FewerCalls) -> bool:
     """Whether `step` runs both CFG branches: the first ceil(guidance_until * steps) steps (at least one: the
     direction reused later must have been measured), and then every `guidance_every`-th step if set."""
     if step < max(1, math.ceil(options.guidance_until * steps - 1e-9)):
@@ -86,35 +90,30 @@ def guided(step: int, steps: int, options: FewerCalls) -> bool:
     return options.guidance_every is not None and step % options.guidance_every == 0
 
 
-def truncated_cfg_model_fn(unet_fn: UNetFn, options: FewerCalls, *, text: torch.Tensor,
-                           text_uncond: torch.Tensor | None, z1: torch.Tensor, motion_id: torch.Tensor,
-                           guidance: float, steps: int, clock: StepClock) -> ModelFn:
+def truncated_guidance(options: FewerCalls, *, text: torch.Tensor, text_uncond: torch.Tensor | None,
+                       z1: torch.Tensor, motion_id: torch.Tensor, guidance: float, steps: int,
+                       clock: StepClock) -> Evaluate:
     """CFG on the steps `guided` picks; on the others the conditional branch alone (one call instead of two)
     plus the guidance direction d = eps_c - eps_u of the last guided step, held fixed:
     eps_u + g (eps_c - eps_u) = eps_c + (g - 1) d. With guidance 1, or guidance on every step, it is
-    `cfg_model_fn` itself."""
+    `model_calls.guided` itself."""
+    both = guided(text=text, text_uncond=text_uncond, z1=z1, motion_id=motion_id, guidance=guidance)
     if guidance == 1.0 or options.guidance_until >= 1.0:
-        return cfg_model_fn(unet_fn, text=text, text_uncond=text_uncond, z1=z1, motion_id=motion_id,
-                            guidance=guidance)
-    last_batch: dict[str, torch.Tensor] = {}
-
-    def tapped(*args):  # keeps CFG's doubled output so the guidance direction can be read off it
-        last_batch["eps"] = unet_fn(*args)
-        return last_batch["eps"]
-
-    both = cfg_model_fn(tapped, text=text, text_uncond=text_uncond, z1=z1, motion_id=motion_id, guidance=guidance)
-    conditional = cfg_model_fn(unet_fn, text=text, text_uncond=None, z1=z1, motion_id=motion_id, guidance=1.0)
+        return both
+    conditional = guided(text=text, text_uncond=None, z1=z1, motion_id=motion_id, guidance=1.0)
     state: dict[str, torch.Tensor] = {}
 
-    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if guided(clock.step, steps, options) or "direction" not in state:
-            out = both(x_t, t)
-            eps_u, eps_c = last_batch.pop("eps").chunk(2)  # (B, 4, F, h, w) each
-            state["direction"] = eps_c - eps_u
-            return out
-        return conditional(x_t, t) + (guidance - 1.0) * state["direction"]
+    def keep_direction(out: torch.Tensor) -> None:  # CFG's doubled output: [eps_u, eps_c]
+        eps_u, eps_c = out.chunk(2)
+        state["direction"] = eps_c - eps_u
 
-    return model_fn
+    def evaluate(x_t: torch.Tensor, t: torch.Tensor) -> Evaluation:
+        if guided_step(clock.step, steps, options) or "direction" not in state:
+            return (yield from relay(both(x_t, t), on_reply=keep_direction))
+        eps_c = yield from conditional(x_t, t)
+        return eps_c + (guidance - 1.0) * state["direction"]
+
+    return evaluate
 
 
 def relative_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -132,14 +131,14 @@ def polynomial(coefficients: Sequence[float], x: float) -> float:
 
 @dataclass
 class StepCache:
-    """TeaCache-style output caching around `model_fn` (see the module docstring). Stateful: build one per
+    """TeaCache-style output caching around the evaluation `evaluate` (see the module docstring). Stateful: build one per
     video. `coefficients` (highest power first) map the relative L1 change of the model input between
     consecutive steps to the estimated relative L1 change of the output. A skipped step returns the last
     computed output, or with `reuse="extrapolate"` (the default: +4 to +7 dB at equal calls on the demo
     model, benchmarks/results/fewer_calls.md) its linear extrapolation from the last two computed outputs
     over the step index."""
 
-    model_fn: ModelFn
+    evaluate: Evaluate
     threshold: float
     steps: int
     clock: StepClock
@@ -150,7 +149,7 @@ class StepCache:
     _previous_x: torch.Tensor | None = None
     _computed: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # last two (step, output)
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> Evaluation:
         step = self.clock.step
         compute = not self._computed or step >= self.steps - 1
         if not compute:
@@ -161,7 +160,8 @@ class StepCache:
         self._previous_x = x_t
         if compute:
             self.accumulated = 0.0
-            self._computed = [*self._computed[-1:], (step, self.model_fn(x_t, t))]
+            out = yield from self.evaluate(x_t, t)
+            self._computed = [*self._computed[-1:], (step, out)]
             return self._computed[-1][1]
         self.skipped.append(step)
         last_step, last = self._computed[-1]
@@ -171,18 +171,23 @@ class StepCache:
         return last + (last - before) * ((step - last_step) / (last_step - before_step))
 
 
-def wrap_model_fn(unet_fn: UNetFn, options: FewerCalls, *, text: torch.Tensor, text_uncond: torch.Tensor | None,
-                  z1: torch.Tensor, motion_id: torch.Tensor, guidance: float, steps: int,
-                  coefficients: Sequence[float] = IDENTITY) -> ModelFn:
-    """The model function for one video: CFG (truncated per `options`), then step caching. Off
-    (`FewerCalls()`) it is `cfg_model_fn`'s closure itself: the default path is today's, bit for bit."""
+def fewer_calls_evaluation(options: FewerCalls, *, text: torch.Tensor, text_uncond: torch.Tensor | None,
+                           z1: torch.Tensor, motion_id: torch.Tensor, guidance: float, steps: int,
+                           coefficients: Sequence[float] = IDENTITY) -> Evaluate:
+    """The evaluation for one video: CFG (truncated per `options`), then step caching. Off (`FewerCalls()`)
+    it is `model_calls.guided` itself: the default path is the original's, bit for bit."""
     clock = StepClock()
-    model_fn = truncated_cfg_model_fn(unet_fn, options, text=text, text_uncond=text_uncond, z1=z1,
-                                      motion_id=motion_id, guidance=guidance, steps=steps, clock=clock)
+    evaluate = truncated_guidance(options, text=text, text_uncond=text_uncond, z1=z1, motion_id=motion_id,
+                                  guidance=guidance, steps=steps, clock=clock)
     if options.cache is not None:
-        model_fn = StepCache(model_fn, threshold=options.cache, steps=steps, clock=clock,
+        evaluate = StepCache(evaluate, threshold=options.cache, steps=steps, clock=clock,
                              coefficients=tuple(coefficients), reuse=options.cache_reuse)
-    return model_fn if options.is_off else clock.ticking(model_fn)
+    return evaluate if options.is_off else clock.ticking(evaluate)
+
+
+def wrap_model_fn(unet_fn: UNetFn, options: FewerCalls, **kwargs) -> ModelFn:
+    """`fewer_calls_evaluation` as a `model_fn(x_t, t)` calling `unet_fn` directly (benchmarks, tests)."""
+    return model_fn_of(fewer_calls_evaluation(options, **kwargs), unet_fn)
 
 
 # -- calibration stored with the checkpoint ---------------------------------------------------------------

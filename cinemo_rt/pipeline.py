@@ -29,12 +29,10 @@ from .motion import bucket_to_motion_id
 from .request import DCTInit, EditRequest, FewerCalls, Request
 from .residuals import frames_from_residuals, residuals_from_frames
 from .schedule import make_schedule
+from .segments import first_frame_of_next, join, segment_seed
 from .settings import DCT_FRACTION, DCT_TAU, EDIT_DCT_TAU, Size
 
 log = logging.getLogger(__name__)
-
-log = logging.getLogger(__name__)
-Defaults = Size  # the name this class had before issue 14
 
 
 @dataclass
@@ -205,7 +203,7 @@ class Animator:
             raise InputError(f"{segments} segments of {frames} frames need {segments * frames + 1} clip frames; "
                              f"got {len(clip_frames)}")
         def segment(k: int, first_frame) -> np.ndarray:
-            target = dataclasses.replace(request.target, seed=request.target.seed + k)
+            target = dataclasses.replace(request.target, seed=segment_seed(request.target.seed, k))
             return self.run_edit(clip_frames[k * frames:(k + 1) * frames + 1], first_frame,
                                  dataclasses.replace(request, target=target), callback)
 
@@ -268,7 +266,7 @@ class Animator:
             raise InputError(f"segments must be at least 1; got {segments}")
         request = request.resolve(self.defaults)
         return self._chain(segments, image, lambda k, first_frame: self.run(
-            first_frame, dataclasses.replace(request, seed=request.seed + k), callback))
+            first_frame, dataclasses.replace(request, seed=segment_seed(request.seed, k)), callback))
 
     def _chain(self, segments: int, image, run_segment: Callable[[int, object], np.ndarray]) -> np.ndarray:
         """`run_segment(k, first_frame)` for k < segments, each starting from the previous one's last frame;
@@ -276,8 +274,8 @@ class Animator:
         parts, timings, calls, current = [], {}, 0, image
         for k in range(segments):
             video = run_segment(k, current)
-            parts.append(video if k == 0 else video[1:])
-            current = video[-1]
+            parts = join(parts, video)
+            current = first_frame_of_next(video)
             for name, sec in self.last_timings.items():
                 timings[name] = timings.get(name, 0.0) + sec
             calls += self.last_unet_calls

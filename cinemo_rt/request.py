@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from . import validate
 from .errors import InputError
-from .samplers import DEFAULT_SAMPLER, SAMPLERS, needs_unconditional
+from .samplers import DEFAULT_SAMPLER, SAMPLERS, needs_unconditional, stochastic_samplers
 from .settings import DCT_FRACTION, DCT_TAU, EDIT_DCT_TAU, NUM_TRAIN_TIMESTEPS, Size
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,9 @@ class Request:
             raise InputError(f"frames must be at least 1; got {self.frames}")
         if self.sampler not in SAMPLERS:
             raise InputError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if self.eta < 0 or (self.eta and self.sampler != "ddim"):
-            raise InputError(f"eta must be >= 0 and applies to the ddim sampler only; got {self.eta} with "
-                             f"{self.sampler}")
+        if self.eta < 0 or (self.eta and not SAMPLERS[self.sampler].stochastic):
+            raise InputError(f"eta must be >= 0 and applies to the {' and '.join(stochastic_samplers())} "
+                             f"sampler only; got {self.eta} with {self.sampler}")
 
     @classmethod
     def create(cls, prompt: str, bucket: int | None = 9, motion_id: float | None = None, *, fast: bool = False,

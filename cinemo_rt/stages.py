@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Generator
 
 import torch
 
@@ -19,7 +19,9 @@ from .components import images_to_uint8, tokenize
 from .residuals import frames_from_residuals
 from .request import DCTInit, Request
 from .fewer_calls import CallCounter
-from .sampling import invert, needs_unconditional, sample
+from .model_calls import UNetCall, run_with_unet
+from .sampling import denoising as sampler_denoising
+from .sampling import inversion, needs_unconditional
 from .settings import DECODE_CHUNK
 
 log = logging.getLogger(__name__)
@@ -78,15 +80,6 @@ def motion_ids(backend: Backend, request: Request, batch: int = 1) -> torch.Tens
     return torch.full((batch,), request.motion_id, dtype=torch.float32, device=backend.device)
 
 
-def condition(backend: Backend, tokenizer, pixels: torch.Tensor, request: Request,
-              generator: torch.Generator) -> Conditioning:
-    """The first stage in one call (the Animator calls its parts separately, to time them)."""
-    z1 = encode_z1(backend, pixels, generator)
-    text, text_uncond = encode_prompts(backend, tokenizer, request.prompt, request.negative_prompt,
-                                       request.guidance)
-    return Conditioning(z1, text, text_uncond, motion_ids(backend, request, z1.shape[0]))
-
-
 def initial_noise(z1: torch.Tensor, frames: int, generator: torch.Generator, dct: DCTInit | None,
                   dct_init: Callable, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Gaussian noise (B, 4, frames, h, w), with DCTInit's low frequencies from z1 unless `dct` is None."""
@@ -105,24 +98,31 @@ def mix_low_frequencies(z1: torch.Tensor, noise: torch.Tensor, dct: DCTInit | No
     return dct_init(z1.float(), noise.float(), float(alphas_cumprod[dct.tau]), dct.fraction)
 
 
-def denoise(backend: Backend, conditioning: Conditioning, x_T: torch.Tensor, request: Request,
-            generator: torch.Generator, callback=None, *, counter: CallCounter | None = None,
-            cache_coefficients: tuple[float, ...] | None = None) -> torch.Tensor:
-    """The sampler named by the request over the backend's UNet with CFG -> residual latents x_0, with the
-    request's `fewer_calls` (step cache with the checkpoint's `cache_coefficients`, guidance truncation);
-    `counter` counts the single-image UNet calls. Latents that turn NaN or infinite raise `NonFiniteError`
-    after the loop, naming the first such step."""
+def denoising(backend: Backend, conditioning: Conditioning, x_T: torch.Tensor, request: Request,
+              generator: torch.Generator, callback=None, *, counter: CallCounter | None = None,
+              cache_coefficients: tuple[float, ...] | None = None) -> Generator[UNetCall, torch.Tensor, torch.Tensor]:
+    """The sampler named by the request with CFG, as a generator of UNet calls for the backend's UNet
+    (`model_calls.py`) -> residual latents x_0, with the request's `fewer_calls` (step cache with the
+    checkpoint's `cache_coefficients`, guidance truncation); `counter` counts the single-image UNet calls.
+    Latents that turn NaN or infinite raise `NonFiniteError` after the loop, naming the first such step."""
     c = conditioning
     dtype = backend.dtype
     watch = NonFiniteWatch(backend.device, callback)
-    unet = backend.unet if counter is None else counter.wrap(backend.unet)
-    x_0 = sample(unet, x_T.to(backend.device, dtype), z1=c.z1.to(dtype), text=c.text,
-                 text_uncond=c.text_uncond, motion_id=c.motion_id, steps=request.steps, guidance=request.guidance,
-                 eta=request.eta, generator=generator, callback=watch,
-                 prediction_type=backend.info.prediction_type, sampler=request.sampler,
-                 fewer_calls=request.fewer_calls, cache_coefficients=cache_coefficients)
+    x_0 = yield from sampler_denoising(
+        x_T.to(backend.device, dtype), z1=c.z1.to(dtype), text=c.text, text_uncond=c.text_uncond,
+        motion_id=c.motion_id, steps=request.steps, guidance=request.guidance, eta=request.eta,
+        generator=generator, callback=watch, prediction_type=backend.info.prediction_type,
+        sampler=request.sampler, fewer_calls=request.fewer_calls, cache_coefficients=cache_coefficients,
+        counter=counter)
     watch.check(request.steps)
     return x_0
+
+
+def denoise(backend: Backend, conditioning: Conditioning, x_T: torch.Tensor, request: Request,
+            generator: torch.Generator, callback=None, **options) -> torch.Tensor:
+    """`denoising` run to its end on the backend's UNet, one video batch alone."""
+    return run_with_unet(denoising(backend, conditioning, x_T, request, generator, callback, **options),
+                         backend.unet)
 
 
 class NonFiniteError(ValueError):
@@ -155,24 +155,28 @@ class NonFiniteWatch:
 def invert_residuals(backend: Backend, conditioning: Conditioning, residuals: torch.Tensor, steps: int,
                      guidance: float, callback=None, *, counter: CallCounter | None = None) -> torch.Tensor:
     """DDIM inversion of a clip's residual latents (B, 4, F, h, w) under `conditioning` (the clip's own first
-    frame and the source prompt) -> the initial latents that carry its motion (SPEC 10); `counter` counts the
-    single-image UNet calls."""
+    frame and the source prompt) -> the initial latents that carry its motion (docs/METHOD.md); `counter`
+    counts the single-image UNet calls."""
     c = conditioning
     dtype = backend.dtype
-    unet = backend.unet if counter is None else counter.wrap(backend.unet)
-    return invert(unet, residuals.to(backend.device, dtype), z1=c.z1.to(dtype), text=c.text,
-                  text_uncond=c.text_uncond, motion_id=c.motion_id, steps=steps, guidance=guidance,
-                  callback=callback, prediction_type=backend.info.prediction_type)
+    return run_with_unet(inversion(residuals.to(backend.device, dtype), z1=c.z1.to(dtype), text=c.text,
+                                   text_uncond=c.text_uncond, motion_id=c.motion_id, steps=steps,
+                                   guidance=guidance, callback=callback,
+                                   prediction_type=backend.info.prediction_type, counter=counter),
+                         backend.unet)
 
 
 def decode_latents(backend: Backend, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents (B, 4, F, h, w) -> images (B, 3, F, H, W) in about [-1, 1]. The division by the
-    scaling factor is done in fp32; the temporal decoder sees DECODE_CHUNK frames at a time (14 + 2 for 16),
-    exactly as the reference, the SD decoder all frames at once."""
+    scaling factor is done in fp32; the temporal decoder sees DECODE_CHUNK frames of one video at a time
+    (14 + 2 for 16), exactly as the reference, the SD decoder all frames at once."""
     b, c, f, h, w = latents.shape
     flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).float() / backend.info.scaling_factor
-    step = DECODE_CHUNK if backend.info.temporal_vae else b * f
-    images = torch.cat([backend.vae_decoder(flat[s:s + step]) for s in range(0, b * f, step)])
+    if backend.info.temporal_vae:  # chunks inside each video: its temporal layers must not mix two videos
+        bounds = [(v * f + s, v * f + min(s + DECODE_CHUNK, f)) for v in range(b) for s in range(0, f, DECODE_CHUNK)]
+    else:
+        bounds = [(0, b * f)]
+    images = torch.cat([backend.vae_decoder(flat[start:end]) for start, end in bounds])
     _, c_out, hh, ww = images.shape
     return images.view(b, f, c_out, hh, ww).permute(0, 2, 1, 3, 4)
 

@@ -264,7 +264,7 @@ def check_build_size(options: BuildOptions) -> tuple[int, int, int]:
 
     if not Path(options.checkpoint).is_dir():
         raise ValueError(f"checkpoint folder {options.checkpoint} does not exist; pass --checkpoint DIR with the "
-                         "released layout (see README 'Checkpoints')")
+                         "released layout (see docs/checkpoints.md)")
     defaults = size_defaults(options.checkpoint)
     height, width = options.height or defaults["height"], options.width or defaults["width"]
     frames = options.frames or defaults["frames"]

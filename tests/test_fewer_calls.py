@@ -16,6 +16,7 @@ from cinemo_rt.errors import InputError
 from cinemo_rt.image import load_image, preprocess
 from cinemo_rt.pipeline import Animator
 from cinemo_rt.request import FAST_PRESET, FewerCalls, Request, resolve_options
+from cinemo_rt.model_calls import evaluation_of, model_fn_of
 from cinemo_rt.sampling import cfg_model_fn, ddim_sample, sample
 from cinemo_rt.schedule import ddim_timesteps, make_schedule
 
@@ -117,7 +118,8 @@ def test_extrapolation_is_exact_for_an_output_linear_in_the_step():
         calls.append(clock.step)
         return torch.full((1, 4, 1, 2, 2), 2.0 + 0.5 * clock.step)
 
-    cache = clock.ticking(StepCache(model_fn, threshold=1.0, steps=9, clock=clock, coefficients=(0.0, 0.4)))
+    cache = model_fn_of(clock.ticking(StepCache(evaluation_of(model_fn), threshold=1.0, steps=9, clock=clock,
+                                                coefficients=(0.0, 0.4))))
     x = torch.ones(1, 4, 1, 2, 2)
     outputs = [float(cache(x * (1 + 0.01 * i), torch.tensor([900 - 100 * i]))[0, 0, 0, 0, 0]) for i in range(9)]
     assert calls == [0, 3, 6, 8]

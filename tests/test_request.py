@@ -54,7 +54,10 @@ def test_stages_recombine_with_supplied_initial_latents(tiny_checkpoint_dir):
     request = Request.create("zoom in", steps=2, seed=4, height=64, width=64, frames=3)
     video = animator.run(image, request)
     backend, generator = animator.backend, torch.Generator().manual_seed(4)
-    conditioning = stages.condition(backend, animator.tokenizer, preprocess(image, 64, 64), request, generator)
+    z1 = stages.encode_z1(backend, preprocess(image, 64, 64), generator)
+    text, text_uncond = stages.encode_prompts(backend, animator.tokenizer, request.prompt, request.negative_prompt,
+                                              request.guidance)
+    conditioning = stages.Conditioning(z1, text, text_uncond, stages.motion_ids(backend, request))
     x_T = animator.initial_noise(conditioning.z1, 3, generator, request.dct)
     x_0 = stages.denoise(backend, conditioning, x_T, request, generator)
     images = stages.decode_latents(backend, torch.cat([conditioning.z1, conditioning.z1 + x_0], dim=2))

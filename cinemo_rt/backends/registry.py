@@ -20,19 +20,20 @@ log = logging.getLogger(__name__)
 class BackendEntry:
     name: str
     source: str  # what it opens: "checkpoint" (a folder in the released layout) or "engines" (exported graphs)
-    module: str  # cinemo_rt.backends.<module>.<cls>; imported only when chosen or reported
+    module: str  # the module's dotted path; imported only when chosen or reported
     cls: str
     summary: str
     requires: str | None = None  # a module that must import for the backend to be usable
 
 
 BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
-    BackendEntry("torch", "checkpoint", "torch_backend", "TorchBackend", "PyTorch reference"),
-    BackendEntry("torch-fast", "checkpoint", "fast_torch", "FastTorchBackend",
+    BackendEntry("torch", "checkpoint", f"{__package__}.torch_backend", "TorchBackend", "PyTorch reference"),
+    BackendEntry("torch-fast", "checkpoint", f"{__package__}.fast_torch", "FastTorchBackend",
                  "optimised PyTorch path (not yet measured on a GPU)"),
-    BackendEntry("tensorrt", "engines", "tensorrt_backend", "TensorRTBackend", "TensorRT engines", "tensorrt"),
-    BackendEntry("onnxruntime", "engines", "onnxruntime_backend", "OnnxRuntimeBackend", "ONNX Runtime",
-                 "onnxruntime"),
+    BackendEntry("tensorrt", "engines", f"{__package__}.tensorrt_backend", "TensorRTBackend", "TensorRT engines",
+                 "tensorrt"),
+    BackendEntry("onnxruntime", "engines", f"{__package__}.onnxruntime_backend", "OnnxRuntimeBackend",
+                 "ONNX Runtime", "onnxruntime"),
 )}
 # "auto", per source, in order of preference: the first usable one runs. The fast path becomes the CUDA
 # default for checkpoints once measured on a GPU.
@@ -42,7 +43,7 @@ CHOICES = ("auto", *BACKENDS)
 
 def backend_class(name: str):
     entry = BACKENDS[name]
-    return getattr(importlib.import_module(f"{__package__}.{entry.module}"), entry.cls)
+    return getattr(importlib.import_module(entry.module), entry.cls)
 
 
 def _check_choice(backend: str, source: str) -> None:

@@ -5,18 +5,13 @@ step, each with its own prompt, seed, motion id and guidance, so this adapter dr
 itself: `prepare` (image and text encoding, initial noise: the Animator's stage methods, same generator
 order), `step` (one UNet call for a group) and `finish` (decode, uint8).
 
-The denoising loop is the pipeline's own `sample` (any sampler, CFG, v-prediction), run for each segment in a
-thread of its own whose UNet is a stand-in: it hands its (CFG-doubled) UNet inputs to the worker and waits.
-`step` concatenates the waiting inputs of a group into one real UNet call and hands each its rows back, so
-the threads advance in lockstep, one at a time (never two computing at once), and each request's arithmetic
-is exactly the unbatched loop's.
-
-Fewer UNet calls (`request.FewerCalls`: step cache, guidance truncation) need nothing of the worker: they
-live in the sampler's model function, above the stand-in UNet. A request whose step cache skips a step
-simply passes on to its next real call before it hands anything over, and a guidance-truncated step hands
-over one row (the conditional one) instead of two; `step` batches whatever rows each segment hands over.
-So no request ever waits in a group for a call it will not make, requests finish after different numbers
-of calls, and each still sees exactly the rows it would alone.
+The denoising of each segment is the pipeline's own generator of UNet calls (`stages.denoising`: any
+sampler, CFG, v-prediction, fewer UNet calls; the step protocol of `model_calls.py`), paused at its next
+call. `step` concatenates the pending calls of a group into one real UNet call and sends each generator its
+rows, so each request's arithmetic is exactly the unbatched loop's. A request whose step cache skips a step
+simply reaches its next real call before it pauses, and a guidance-truncated step asks for one row (the
+conditional one) instead of two; so no request waits in a group for a call it will not make, and requests
+finish after different numbers of calls.
 
 Padding (`serve.batching.padded_rows`). CPU kernels (MKL matrix products, oneDNN convolutions) choose their
 blocking by batch size, so a row's result can change in the last bits when the batch grows (measured: 4e-6
@@ -31,11 +26,9 @@ bit for bit the same alone or in any batch, at the price of a lone request compu
 
 from __future__ import annotations
 
-import queue
 import random
-import threading
 from dataclasses import dataclass, field
-from types import SimpleNamespace
+from typing import Generator
 
 import numpy as np
 import torch
@@ -44,9 +37,12 @@ from .. import stages
 from ..image import load_image, preprocess
 from ..pipeline import Animator
 from ..fewer_calls import CallCounter
+from ..model_calls import UNetCall
 from ..request import FewerCalls, Request
 from ..residuals import frames_from_residuals
+from .. import segments
 from ..samplers import DEFAULT_SAMPLER
+from ..segments import segment_seed
 from ..settings import DCT_FRACTION, EDIT_DCT_TAU, Size
 from ..threads import apply_threads
 from .batching import padded_rows
@@ -123,26 +119,21 @@ class EditJobRequest:
         return self.segments * self.frames + 1
 
 
-class Abandoned(Exception):
-    """Raised inside a segment's sampler thread when the worker drops it (cancelled, or its batch failed)."""
-
-
 @dataclass
 class Segment:
     """One request's denoising, paused at a UNet call (`pending`) or finished (`x_0`). With fewer UNet calls
     a sampler may pass several steps between two calls (`steps_done` counts them; `counter` the rows it
-    handed over), so a segment never waits in a group for a call it will not make."""
+    asked for), so a segment never waits in a group for a call it will not make."""
 
     request: AnimationRequest
     z1: torch.Tensor
     segment: int = 0
     frames_so_far: list[np.ndarray] = field(default_factory=list)
-    pending: tuple | None = None      # the UNet inputs the sampler waits on
+    denoising: Generator[UNetCall, torch.Tensor, torch.Tensor] | None = None
+    pending: UNetCall | None = None   # the UNet call the denoising waits on
     x_0: torch.Tensor | None = None
     steps_done: int = 0
     counter: CallCounter = field(default_factory=CallCounter)
-    to_worker: queue.Queue = field(default_factory=queue.Queue)
-    to_sampler: queue.Queue = field(default_factory=queue.Queue)
 
     @property
     def done(self) -> bool:
@@ -150,25 +141,15 @@ class Segment:
 
     @property
     def rows(self) -> int:
-        return self.pending[0].shape[0]
+        return self.pending.rows
 
-    def advance(self) -> None:
-        """Wait for the sampler thread's next UNet call, or its result."""
-        kind, value = self.to_worker.get()
-        if kind == "error":
-            raise value
-        if kind == "call":
-            self.pending = value
-        else:
-            self.pending, self.x_0 = None, value
-
-    def unet(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """The sampler thread's UNet: hand the inputs over, wait for the rows of the batched call."""
-        self.to_worker.put(("call", inputs))
-        reply = self.to_sampler.get()
-        if reply is None:
-            raise Abandoned()
-        return reply
+    def advance(self, reply: torch.Tensor | None = None) -> None:
+        """Run the denoising with the UNet's rows for its pending call (None: start it) up to its next UNet
+        call, or its end."""
+        try:
+            self.pending = self.denoising.send(reply)
+        except StopIteration as done:
+            self.pending, self.x_0 = None, done.value
 
 
 class Runner:
@@ -211,7 +192,7 @@ class Runner:
         raises InputError for what the pipeline refuses."""
         return Request.create(r.prompt, r.bucket, r.motion_id, negative_prompt=r.negative_prompt,
                               height=r.height, width=r.width, frames=r.frames, steps=r.steps, guidance=r.guidance,
-                              eta=r.eta, seed=r.seed + segment, sampler=r.sampler, fewer_calls=r.fewer_calls)
+                              eta=r.eta, seed=segment_seed(r.seed, segment), sampler=r.sampler, fewer_calls=r.fewer_calls)
 
     @torch.no_grad()
     def prepare(self, image: np.ndarray, request: AnimationRequest, segment: int = 0,
@@ -227,25 +208,12 @@ class Runner:
         conditioning = stages.Conditioning(z1, text, text_uncond, stages.motion_ids(b, r))
         x_T = a.initial_noise(z1, r.frames, generator, r.dct)
         seg = Segment(request=request, z1=z1, segment=segment, frames_so_far=list(frames_so_far or []))
-        # the sampler thread's backend: the real one, with the stand-in UNet
-        stand_in = SimpleNamespace(unet=seg.unet, device=b.device, dtype=b.dtype, info=b.info)
-        coefficients = a.coefficients_for(r)
 
         def count_step(i: int, t: int, x: torch.Tensor) -> None:
-            seg.steps_done = i + 1  # read by the worker once `advance` returns (the queue orders it)
+            seg.steps_done = i + 1
 
-        def run() -> None:
-            try:
-                with torch.no_grad():
-                    x_0 = stages.denoise(stand_in, conditioning, x_T, r, generator, count_step, counter=seg.counter,
-                                         cache_coefficients=coefficients)
-                    seg.to_worker.put(("done", x_0))
-            except Abandoned:
-                pass
-            except Exception as err:  # noqa: BLE001 - re-raised in the worker by `advance`
-                seg.to_worker.put(("error", err))
-
-        threading.Thread(target=run, name="cinemo-sampler", daemon=True).start()
+        seg.denoising = stages.denoising(b, conditioning, x_T, r, generator, count_step, counter=seg.counter,
+                                         cache_coefficients=a.coefficients_for(r))
         seg.advance()
         return seg
 
@@ -256,7 +224,7 @@ class Runner:
         rows = sum(s.rows for s in group)
         if rows > self.max_rows:
             raise ValueError(f"{rows} rows exceed the {self.max_rows} of one UNet call")
-        inputs = [torch.cat([s.pending[i] for s in group]) for i in range(5)]
+        inputs = [torch.cat(parts) for parts in zip(*(s.pending.inputs for s in group))]
         padded = padded_rows(rows, self.max_rows, self.exact)
         if padded > rows:
             inputs = [torch.cat([x, x[:1].expand(padded - rows, *x.shape[1:])]) for x in inputs]
@@ -268,10 +236,9 @@ class Runner:
             raise
         start = 0
         for s in group:
-            s.to_sampler.put(out[start:start + s.rows])
-            start += s.rows
-        for s in group:
-            s.advance()
+            rows_of_s = s.rows
+            s.advance(out[start:start + rows_of_s])
+            start += rows_of_s
 
     def edit(self, clip_path, image, r: EditJobRequest, callback=None) -> np.ndarray:
         """One whole edit, un-batched: `Animator.edit` itself (inversion and sampling call the real UNet),
@@ -285,9 +252,10 @@ class Runner:
             segments=r.segments, callback=callback)
 
     def abandon(self, s: Segment) -> None:
-        """Stop a segment's sampler thread, waiting on its UNet call (a finished thread ignores this)."""
+        """Drop a segment's denoising (cancelled, or its batch failed)."""
+        if s.denoising is not None:
+            s.denoising.close()
         s.pending = None
-        s.to_sampler.put(None)
 
     @torch.no_grad()
     def finish(self, s: Segment) -> np.ndarray:
@@ -297,4 +265,4 @@ class Runner:
 
     def join(self, s: Segment, video: np.ndarray) -> list[np.ndarray]:
         """Frames so far with this segment's appended (the shared boundary frame once)."""
-        return s.frames_so_far + [video if s.segment == 0 else video[1:]]
+        return segments.join(s.frames_so_far, video)

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..segments import first_frame_of_next
 from ..video import write_video
 from .batching import BatchPolicy, take_compatible
 from .jobs import CANCELLED, DONE, EDIT, FAILED, Job, JobStore
@@ -252,7 +253,8 @@ class Worker:
             frames = self.runner.join(a.segment, video)
             request = a.segment.request
             if a.segment.segment + 1 < request.segments:
-                segment = self.runner.prepare(video[-1], request, a.segment.segment + 1, frames)
+                segment = self.runner.prepare(first_frame_of_next(video), request, a.segment.segment + 1,
+                                              frames)
                 return Active(a.job_id, segment, a.steps_done, a.steps_total, a.calls)
             self._write(a.job_id, np.concatenate(frames))
         except Exception as err:  # noqa: BLE001
