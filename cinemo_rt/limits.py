@@ -87,6 +87,14 @@ def estimate_run_bytes(height: int, width: int, frames: int, *, parameters: int,
     return RUNTIME_BYTES + parameters * dtype_bytes + activations + attention + decoder + video
 
 
+def check_scaled_size(height: int, width: int, scale) -> None:
+    """The written video (`cinemo_rt.scale.OutputScale`) keeps within the side limit too."""
+    scaled_height, scaled_width = scale.size(height, width)
+    if scaled_height > MAX_SIDE or scaled_width > MAX_SIDE:
+        raise LimitError(f"the scaled video would be {scaled_height}x{scaled_width} (height x width), over the "
+                         f"{MAX_SIDE} px limit a side; lower the scale")
+
+
 def check_output_size(height: int, width: int, frames: int, *, estimate: int, defaults: Mapping[str, int],
                       memory: int | None, what: str = "this run") -> None:
     """Refuse sizes past the ceilings or the memory available; warn when far from the checkpoint's size."""

@@ -15,8 +15,8 @@ import numpy as np
 
 from .image import InputError, load_image
 from .settings import Size
-from .limits import available_memory, check_output_size, checkpoint_estimate_inputs, estimate_run_bytes, size_defaults
-from .vocabulary import warn_unknown_words
+from .limits import available_memory, check_output_size, check_scaled_size, checkpoint_estimate_inputs, estimate_run_bytes, size_defaults
+from .model_facts import ModelFacts
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,10 @@ def plan_run(args) -> RunPlan:
         "parameters": 0, "base_channels": 320, "latent_factor": 8}))  # engines: the released model's widths
     memory = available_memory() if _runs_on_cpu(args.device) else None
     check_output_size(height, width, frames, estimate=estimate, defaults=defaults, memory=memory)
-    warn_unknown_words(f"{args.prompt} {args.negative_prompt}", folder / "tokenizer")
+    scale = getattr(args, "scale", None)
+    if scale is not None:
+        check_scaled_size(height, width, scale)
+    for message in ModelFacts.of_folder(folder, engines).prompt_warnings(args.prompt, args.negative_prompt):
+        log.warning("%s", message)
     return RunPlan(folder=folder, engines=engines, image=image, parameters=parameters,
                    size=Size(height, width, frames))
