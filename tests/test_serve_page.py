@@ -1,8 +1,9 @@
 """The web page in a real browser: Debian's headless Chromium driven by Selenium against the app on the loopback.
 
-Needs the system packages `chromium` and `chromium-driver` (`.ci/run` installs them with apt-get); skipped with
-that reason where they are absent. CINEMO_RT_SCREENSHOT=path saves the finished page there (the README's
-benchmarks/results/serve_page.png comes from this test)."""
+Needs selenium (the `browser` extra) and the system packages `chromium` and `chromium-driver` (`.ci/run` installs
+them and runs this file in its second step, `-m "ray or browser"`); skipped with that reason where they are
+absent. CINEMO_RT_SCREENSHOT=path saves the finished page there (the README's benchmarks/results/serve_page.png
+comes from this test)."""
 
 import os
 import shutil
@@ -14,7 +15,8 @@ import urllib.request
 import pytest
 
 pytest.importorskip("fastapi", reason="serving extras: pip install -e '.[serve]'")
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium: pip install -e '.[dev]'")
+webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium, not in the light `dev` install: "
+                                "pip install -e '.[browser]'; .ci/run's second step installs and runs it")
 uvicorn = pytest.importorskip("uvicorn", reason="serving extras: pip install -e '.[serve]'")
 
 from cinemo_rt.defaults import EXAMPLE_IMAGE  # noqa: E402
@@ -24,6 +26,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.browser,
     pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver "
                        "(apt-get install chromium chromium-driver; .ci/run does)"),
 ]

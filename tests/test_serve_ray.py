@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-ray = pytest.importorskip("ray", reason="Ray Serve: pip install -e '.[ray]'")
+ray = pytest.importorskip("ray", reason="needs Ray Serve, not in the light `dev` install: pip install -e '.[ray]'; "
+                          ".ci/run's second step installs and runs it")
 pytest.importorskip("fastapi", reason="serving extras: pip install -e '.[serve]'")
 
 from ray import serve  # noqa: E402
