@@ -226,6 +226,24 @@ def _unet_shapes(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]] | None:
     return safetensors_header(path) if path.is_file() else None
 
 
+def engines_unet_parameters(folder: str | os.PathLike) -> int:
+    """The UNet's parameter count in an engines folder, counted as a checkpoint's is (the UNet only): the
+    elements of its ONNX graph's initializers (the graph alone is read, not its weights), else, without the
+    onnx package, the graph's bytes over the bytes of one weight at the manifest's precision."""
+    folder = Path(folder)
+    try:
+        import numpy as np
+        import onnx
+
+        graph = onnx.load(str(folder / "unet.onnx"), load_external_data=False).graph
+        return sum(int(np.prod(tensor.dims)) for tensor in graph.initializer)
+    except Exception:  # noqa: BLE001 - no onnx, or a broken graph (its loader reports that): estimate instead
+        manifest = folder / "manifest.json"
+        precision = read_json(manifest).get("precision", "fp32") if manifest.is_file() else "fp32"
+        graph_bytes = sum(p.stat().st_size for p in folder.glob("unet.onnx*"))
+        return graph_bytes // (2 if str(precision).startswith("fp16") else 4)
+
+
 def checkpoint_estimate_inputs(folder: str | os.PathLike) -> dict:
     """{parameters, base_channels, latent_factor} of a checkpoint folder, from config.json files and the
     UNet's safetensors header (file size for pickled weights); the released model's where unknown."""

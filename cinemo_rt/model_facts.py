@@ -36,7 +36,7 @@ class ModelFacts:
     def of_folder(cls, folder: str | os.PathLike, engines: bool = False) -> "ModelFacts":
         from .defaults import DEMO_CHECKPOINT
         from .files import read_json
-        from .limits import checkpoint_estimate_inputs
+        from .limits import checkpoint_estimate_inputs, engines_unet_parameters
         from .settings import SIZE_FILE
 
         folder = Path(folder)
@@ -46,7 +46,8 @@ class ModelFacts:
         trained_on = extra.get("trained_on") if isinstance(extra.get("trained_on"), str) else None
         words = caption_words(folder / "tokenizer")
         return cls(name="demo" if is_demo else folder.name, height=size.height, width=size.width,
-                   frames=size.frames, parameters=None if engines else checkpoint_estimate_inputs(folder)["parameters"],
+                   frames=size.frames, parameters=(engines_unet_parameters(folder) if engines
+                                                   else checkpoint_estimate_inputs(folder)["parameters"]),
                    vocabulary=tuple(sorted(words)) if words is not None else None,
                    trained_on=trained_on or (DEMO_TRAINING if is_demo else None))
 

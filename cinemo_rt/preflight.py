@@ -15,7 +15,8 @@ import numpy as np
 
 from .image import InputError, load_image
 from .settings import Size
-from .limits import available_memory, check_output_size, check_scaled_size, checkpoint_estimate_inputs, estimate_run_bytes, size_defaults
+from .limits import (available_memory, check_output_size, check_scaled_size, checkpoint_estimate_inputs,
+                     engines_unet_parameters, estimate_run_bytes, size_defaults)
 from .model_facts import ModelFacts
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,7 @@ def plan_run(args) -> RunPlan:
         raise InputError(f"output size {height}x{width} (height x width) must be divisible by {LATENT_MULTIPLE}; "
                          "change --height/--width")
     facts = {} if engines else checkpoint_estimate_inputs(folder)
-    # Engines: graph bytes / 4 approximates the parameter count well enough to choose threads.
-    parameters = (sum(p.stat().st_size for p in folder.glob("*.onnx*")) // 4 if engines else facts["parameters"])
+    parameters = engines_unet_parameters(folder) if engines else facts["parameters"]
     dtype_bytes = _DTYPE_BYTES.get(args.dtype or "fp32", 4)
     estimate = estimate_run_bytes(height, width, frames, dtype_bytes=dtype_bytes, **(facts or {
         "parameters": 0, "base_channels": 320, "latent_factor": 8}))  # engines: the released model's widths
