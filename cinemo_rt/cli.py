@@ -106,6 +106,12 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """`-v` after the subcommand too (`cinemo-rt run ... -v`); SUPPRESS keeps a `-v` given before it."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging, with start-up time per phase (also accepted before the subcommand)")
+
+
 def _add_job_options(parser: argparse.ArgumentParser, dct_tau: int, out: str,
                      segments_help: str = "chain N segments, each starting from the previous last frame") -> None:
     """The flags `run` and `edit` share: size, DCTInit, model source, output and threads."""
@@ -137,8 +143,7 @@ def _add_job_options(parser: argparse.ArgumentParser, dct_tau: int, out: str,
     parser.add_argument("--scale-filter", choices=scale.FILTERS, default=scale.OutputScale.filter,
                         help=scale.FILTER_HELP)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (never an input)")
-    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="debug logging, with start-up time per phase (also accepted before the subcommand)")
+    _add_verbose(parser)
     parser.add_argument("--threads", default=None, metavar="N",
                         help=f"CPU threads for PyTorch and ONNX Runtime (None: the {ENV_VAR} variable, else 1 for "
                              "small models and one per available core for large ones)")
@@ -211,11 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
                      segments_help="chain N segments: segment k inverts the clip's k-th window and starts from "
                                    "the previous segment's last frame")
 
-    sub.add_parser("info", help="versions, devices and usable backends")
+    _add_verbose(sub.add_parser("info", help="versions, devices and usable backends"))
 
     from .serve.command import add_arguments as add_serve_arguments
 
-    add_serve_arguments(sub.add_parser("serve", help="HTTP API and web page (see README, Serving)"))
+    serve = sub.add_parser("serve", help="HTTP API and web page (see README, Serving)")
+    add_serve_arguments(serve)
+    _add_verbose(serve)
     return parser
 
 
