@@ -37,7 +37,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cinemo_rt.defaults import EXAMPLE_IMAGE  # noqa: E402
-from cinemo_rt.serve.client import FINAL, Client, ServerProcess  # noqa: E402
+from cinemo_rt.serve.client import FINAL, ApiError, Client, JobFailed, ServerProcess  # noqa: E402
 from cinemo_rt.video import read_video  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -63,18 +63,16 @@ def run_load(url: str, clients: int, requests_per_client: int, steps: int, image
         rng = random.Random(index)
         for _ in range(requests_per_client):
             start = time.perf_counter()
-            response = client.submit(image, rng.choice(PROMPTS), steps=steps, seed=rng.randrange(2**31),
-                                     bucket=rng.randrange(20))
-            if response.status_code != 202:
+            try:
+                job = client.submit(image, rng.choice(PROMPTS), steps=steps, seed=rng.randrange(2**31),
+                                    bucket=rng.randrange(20))
+                client.wait(job, poll=0.02, max_poll=0.02)
+            except (ApiError, JobFailed) as err:
                 with lock:
-                    failures.append(f"{response.status_code} {response.text}")
+                    failures.append(str(err))
                 continue
-            body = client.wait(response.json()["id"], poll=0.02)
             with lock:
-                if body["state"] == "done":
-                    latencies.append(time.perf_counter() - start)
-                else:
-                    failures.append(str(body))
+                latencies.append(time.perf_counter() - start)
         client.close()
 
     start = time.perf_counter()
@@ -203,26 +201,26 @@ def soak(args) -> dict:
             choice = rng.choice(invalid) if bad else {}
             try:
                 start = time.perf_counter()
-                if choice == "not an image":
-                    response = client.submit(b"GIF89a but not really", "x", steps=args.steps)
-                else:
-                    response = client.submit(image, rng.choice(PROMPTS), seed=rng.randrange(2**31),
-                                             **{"steps": args.steps, **choice})
+                try:
+                    if choice == "not an image":
+                        job = client.submit(b"GIF89a but not really", "x", steps=args.steps)
+                    else:
+                        job = client.submit(image, rng.choice(PROMPTS), seed=rng.randrange(2**31),
+                                            **{"steps": args.steps, **choice})
+                except ApiError as err:
+                    sent += 1
+                    with lock:
+                        rejected[err.status] = rejected.get(err.status, 0) + 1
+                    if err.status == 429:  # queue full: back off as told (bounded)
+                        time.sleep(min(err.retry_after or 1, 2.0))
+                    continue
                 sent += 1
-                if response.status_code == 202:
-                    job_id = response.json()["id"]
+                with lock:
+                    accepted.append(job.id)
+                if client.wait(job, timeout=args.soak_seconds, check=False).state == "done":
                     with lock:
-                        accepted.append(job_id)
-                    body = client.wait(job_id, timeout=args.soak_seconds)
-                    if body.get("state") == "done":
-                        with lock:
-                            latencies.append(time.perf_counter() - start)
-                else:
-                    with lock:
-                        rejected[response.status_code] = rejected.get(response.status_code, 0) + 1
-                    if response.status_code == 429:  # queue full: back off as told (bounded)
-                        time.sleep(min(float(response.headers.get("retry-after", 1)), 2.0))
-            except httpx.TransportError:
+                        latencies.append(time.perf_counter() - start)
+            except (httpx.TransportError, ApiError, TimeoutError):
                 time.sleep(0.2)  # the server is being restarted; try again
             finally:
                 client.close()
@@ -251,13 +249,16 @@ def soak(args) -> dict:
         undecodable = []
         not_final = []
         for job_id in accepted:
-            body = client.status(job_id)
-            state = body.get("state", "missing")
+            try:
+                job = client.status(job_id)
+            except ApiError:
+                job = None
+            state = job.state if job else "missing"
             states[state] = states.get(state, 0) + 1
             if state not in FINAL:
                 not_final.append(job_id)
             if state == "failed":
-                reasons[body["error"]] = reasons.get(body["error"], 0) + 1
+                reasons[job.error] = reasons.get(job.error, 0) + 1
             if state == "done":
                 with tempfile.NamedTemporaryFile(suffix=".mp4") as handle:
                     handle.write(client.video(job_id))

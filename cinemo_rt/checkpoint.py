@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .components import TextEncoder, VAE
+from .components import VAE, TextEncoder, cast_module
 from .files import FileFormatError, give_default_mode, read_json, swap_in_folder
 from .safe_paths import check_owned_folder
 from .model import UNet3D, UNetConfig
@@ -284,7 +284,7 @@ def load_checkpoint(folder: str | os.PathLike, device: str | torch.device | None
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = dtype or torch.float32
     unet = unet.to(device, dtype)
-    vae = VAE.create(vae_model.to(device, dtype), temporal=temporal_vae, encode_dtype=vae_encode_dtype)
+    vae = VAE.create(cast_module(vae_model, device, dtype), temporal=temporal_vae, encode_dtype=vae_encode_dtype)
     text.model.to(device, dtype)
     log.info("loaded checkpoint %s (%s VAE) on %s in %s", folder, vae_part, device, dtype)
     return Checkpoint(unet=unet, vae=vae, text_encoder=text, scheduler_config=scheduler_config, folder=folder)

@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import validate
+from . import scale, validate
 from .backends.registry import BACKENDS, CHOICES
 from .interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, exit_code_for, terminate_as_interrupt
 from .request import Request
@@ -85,6 +85,13 @@ def _fraction(maximum: float | None):
     return parse
 
 
+def _scale_factor(value: str) -> int:
+    try:
+        return scale.OutputScale(int(value)).factor
+    except ValueError as err:
+        raise ValueError(f"--scale must be a whole number in 1..{scale.MAX_FACTOR}; got {value!r}") from err
+
+
 def _bucket_or_auto(value: str) -> int | str:
     return "auto" if value == "auto" else _bucket(value)
 
@@ -97,6 +104,12 @@ def _seconds(value: str) -> float:
     if seconds < 0:
         raise argparse.ArgumentTypeError(f"--start must be >= 0 seconds, got {value}")
     return seconds
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """`-v` after the subcommand too (`cinemo-rt run ... -v`); SUPPRESS keeps a `-v` given before it."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging, with start-up time per phase (also accepted before the subcommand)")
 
 
 def _add_job_options(parser: argparse.ArgumentParser, dct_tau: int, out: str,
@@ -126,7 +139,11 @@ def _add_job_options(parser: argparse.ArgumentParser, dct_tau: int, out: str,
     parser.add_argument("--out", default=out, help="output .mp4, .gif, or a folder for PNG frames")
     parser.add_argument("--format", choices=("mp4", "gif", "png"), default=None, help="override the suffix")
     parser.add_argument("--fps", type=_argument_type(validate.fps, "fps"), default=8.0, help="frames per second")
+    parser.add_argument("--scale", type=_argument_type(_scale_factor, "scale"), default=1, help=scale.HELP)
+    parser.add_argument("--scale-filter", choices=scale.FILTERS, default=scale.OutputScale.filter,
+                        help=scale.FILTER_HELP)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (never an input)")
+    _add_verbose(parser)
     parser.add_argument("--threads", default=None, metavar="N",
                         help=f"CPU threads for PyTorch and ONNX Runtime (None: the {ENV_VAR} variable, else 1 for "
                              "small models and one per available core for large ones)")
@@ -199,11 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
                      segments_help="chain N segments: segment k inverts the clip's k-th window and starts from "
                                    "the previous segment's last frame")
 
-    sub.add_parser("info", help="versions, devices and usable backends")
+    _add_verbose(sub.add_parser("info", help="versions, devices and usable backends"))
 
     from .serve.command import add_arguments as add_serve_arguments
 
-    add_serve_arguments(sub.add_parser("serve", help="HTTP API and web page (see docs/serving.md)"))
+    serve = sub.add_parser("serve", help="HTTP API and web page (see docs/serving.md)")
+    add_serve_arguments(serve)
+    _add_verbose(serve)
     return parser
 
 
@@ -345,6 +364,7 @@ def _execute(args, plan, threads, phases: dict[str, float], total_steps: int, de
     with _phase(phases, "load model"):
         apply_threads(plan.parameters, threads)
         animator = _open_animator(args, plan)
+        animator.log_warnings = False  # the validation logged the prompt's warnings already
     log.info("backend: %s on %s (%s)", animator.backend.name, animator.backend.device,
              str(animator.backend.dtype).removeprefix("torch."))
     log.debug("start-up: %s", ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases.items()))
@@ -352,13 +372,16 @@ def _execute(args, plan, threads, phases: dict[str, float], total_steps: int, de
     with bar:
         video = job(animator, callback)
     with _phase(phases, "write"):
-        path = write_video(video, args.out, fps=args.fps, format=args.format, overwrite=args.overwrite)
+        path = write_video(video, args.out, fps=args.fps, format=args.format, overwrite=args.overwrite,
+                           scale=args.scale)
     for stage, seconds in animator.last_timings.items():
         log.info("  %-18s %8.3f s", stage, seconds)
     log.info("  %-18s %8.3f s", "total", sum(animator.last_timings.values()))
     log.info("UNet calls: %d (single-image; a CFG call counts 2)", animator.last_unet_calls)
     log.debug("write: %.2f s", phases["write"])
-    print(f"wrote {video.shape[0]} frames of {video.shape[1]}x{video.shape[2]} (height x width) to {path}")
+    height, width = args.scale.size(*video.shape[1:3])
+    scaled = f", scaled {args.scale.factor}x ({args.scale.filter})" if args.scale.factor > 1 else ""
+    print(f"wrote {video.shape[0]} frames of {height}x{width} (height x width{scaled}) to {path}")
     return EXIT_OK
 
 
@@ -397,6 +420,8 @@ def _user_error_types() -> tuple[type, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "scale_filter"):  # the two flags become one `OutputScale`, as every entry point's
+        args.scale = scale.OutputScale(args.scale, args.scale_filter)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     with terminate_as_interrupt():

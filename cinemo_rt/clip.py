@@ -81,7 +81,8 @@ def plan_window(available: int | None, fps: float | None, count: int, stride: in
         check_window(window, available, fps, explicit)
         if not explicit and window.last >= available:
             fitting = (available - 1 - first) // (count - 1) if count > 1 else 1
-            log.info("the clip is too short for the default stride %d; using stride %d", stride, fitting)
+            log.info("the clip is too short for the default stride %d (spanning about %g s over this model's %d "
+                     "frames); using stride %d", stride, DEFAULT_SPAN_S, (segment_frames or count) - 1, fitting)
             window = Window(first, fitting, count)
     return window
 

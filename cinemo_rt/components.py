@@ -35,7 +35,7 @@ class VAE:
         model.eval().requires_grad_(False)
         encoder = None
         if encode_dtype is not None and encode_dtype != next(model.parameters()).dtype:
-            encoder = copy.deepcopy(model).to(encode_dtype)
+            encoder = cast_module(copy.deepcopy(model), None, encode_dtype)
             if hasattr(encoder, "decoder"):
                 encoder.decoder = None  # the copy only ever encodes
         return cls(model=model, temporal=temporal, encoder_model=encoder)
@@ -110,3 +110,9 @@ def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, list[bool]]:
     ids = tokenizer(prompts, padding="max_length", max_length=TEXT_LENGTH, truncation=True,
                     return_tensors="pt")["input_ids"]
     return ids, truncated
+
+
+def cast_module(model: nn.Module, device, dtype: torch.dtype) -> nn.Module:
+    """`model.to(device, dtype)` as plain PyTorch: diffusers' own `to` warns that "modules ... should be kept in
+    float32: []" on every cast, even when there are none; ours casts the whole model on purpose."""
+    return nn.Module.to(model, device, dtype) if device is not None else nn.Module.to(model, dtype)

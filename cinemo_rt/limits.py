@@ -87,6 +87,14 @@ def estimate_run_bytes(height: int, width: int, frames: int, *, parameters: int,
     return RUNTIME_BYTES + parameters * dtype_bytes + activations + attention + decoder + video
 
 
+def check_scaled_size(height: int, width: int, scale) -> None:
+    """The written video (`cinemo_rt.scale.OutputScale`) keeps within the side limit too."""
+    scaled_height, scaled_width = scale.size(height, width)
+    if scaled_height > MAX_SIDE or scaled_width > MAX_SIDE:
+        raise LimitError(f"the scaled video would be {scaled_height}x{scaled_width} (height x width), over the "
+                         f"{MAX_SIDE} px limit a side; lower the scale")
+
+
 def check_output_size(height: int, width: int, frames: int, *, estimate: int, defaults: Mapping[str, int],
                       memory: int | None, what: str = "this run") -> None:
     """Refuse sizes past the ceilings or the memory available; warn when far from the checkpoint's size."""
@@ -216,6 +224,24 @@ def size_defaults(folder: str | os.PathLike | None) -> dict[str, int]:
 def _unet_shapes(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]] | None:
     path = folder / "unet" / "diffusion_pytorch_model.safetensors"
     return safetensors_header(path) if path.is_file() else None
+
+
+def engines_unet_parameters(folder: str | os.PathLike) -> int:
+    """The UNet's parameter count in an engines folder, counted as a checkpoint's is (the UNet only): the
+    elements of its ONNX graph's initializers (the graph alone is read, not its weights), else, without the
+    onnx package, the graph's bytes over the bytes of one weight at the manifest's precision."""
+    folder = Path(folder)
+    try:
+        import numpy as np
+        import onnx
+
+        graph = onnx.load(str(folder / "unet.onnx"), load_external_data=False).graph
+        return sum(int(np.prod(tensor.dims)) for tensor in graph.initializer)
+    except Exception:  # noqa: BLE001 - no onnx, or a broken graph (its loader reports that): estimate instead
+        manifest = folder / "manifest.json"
+        precision = read_json(manifest).get("precision", "fp32") if manifest.is_file() else "fp32"
+        graph_bytes = sum(p.stat().st_size for p in folder.glob("unet.onnx*"))
+        return graph_bytes // (2 if str(precision).startswith("fp16") else 4)
 
 
 def checkpoint_estimate_inputs(folder: str | os.PathLike) -> dict:

@@ -25,6 +25,7 @@ from .dctinit import select_dct_init
 from .errors import InputError
 from .fewer_calls import CallCounter, load_coefficients
 from .image import load_image, preprocess
+from .model_facts import EMPTY_PROMPT, ModelFacts
 from .motion import bucket_to_motion_id
 from .request import DCTInit, EditRequest, FewerCalls, Request
 from .residuals import frames_from_residuals, residuals_from_frames
@@ -55,8 +56,11 @@ class Animator:
     """`Animator.from_checkpoint(folder)(image, prompt, bucket)` -> uint8 video (frames + 1, H, W, 3)."""
 
     def __init__(self, backend: Backend, tokenizer, defaults: Size = Size(),
-                 cache_coefficients: tuple[float, ...] | None = None):
+                 cache_coefficients: tuple[float, ...] | None = None, facts: ModelFacts | None = None):
         self.backend = backend
+        self.facts = facts  # the folder's size, vocabulary, training (None: built without a folder)
+        self.last_warnings: list[str] = []  # what the model could not read in the last job's prompt
+        self.log_warnings = True  # the CLI logs them itself, before the model loads
         self.tokenizer = tokenizer
         self.defaults = defaults
         self.alphas_cumprod = make_schedule()
@@ -80,7 +84,8 @@ class Animator:
 
             folder = default_checkpoint()
         opened, tokenizer = open_checkpoint(folder, backend, device, dtype, **load_options)
-        return cls(opened, tokenizer, Size.from_folder(folder), load_coefficients(folder))
+        return cls(opened, tokenizer, Size.from_folder(folder), load_coefficients(folder),
+                   ModelFacts.of_folder(folder))
 
     @classmethod
     def from_engines(cls, folder: str | os.PathLike, backend: str = "auto", device=None, dtype=None) -> "Animator":
@@ -89,11 +94,28 @@ class Animator:
         from .backends.registry import open_engines
 
         opened, tokenizer = open_engines(folder, backend, device)
-        return cls(opened, tokenizer, Size.from_folder(folder), load_coefficients(folder))
+        return cls(opened, tokenizer, Size.from_folder(folder), load_coefficients(folder),
+                   ModelFacts.of_folder(folder, engines=True))
 
     # -- the job --------------------------------------------------------------------------------------
     def run(self, image, request: Request, callback: Callable[[int, int, torch.Tensor], None] | None = None
             ) -> np.ndarray:
+        self._note_warnings(request.prompt, request.negative_prompt)
+        return self._run(image, request, callback)
+
+    def _note_warnings(self, prompt: str, negative_prompt: str = "") -> None:
+        """Once per job: what the model cannot read in the prompt (empty, unknown words), logged and kept in
+        `last_warnings`."""
+        if self.facts is not None:
+            self.last_warnings = self.facts.prompt_warnings(prompt, negative_prompt)
+        else:
+            self.last_warnings = [] if prompt and prompt.strip() else [EMPTY_PROMPT]
+        if self.log_warnings:
+            for message in self.last_warnings:
+                log.warning("%s", message)
+
+    def _run(self, image, request: Request, callback: Callable[[int, int, torch.Tensor], None] | None = None
+             ) -> np.ndarray:
         request = request.resolve(self.defaults)
         generator = torch.Generator("cpu").manual_seed(request.seed)  # one CPU stream of draws: reproducible
         backend = self.backend
@@ -155,6 +177,12 @@ class Animator:
     # -- video editing and motion transfer (SPEC 10) -------------------------------------------------------
     def run_edit(self, clip_frames: np.ndarray, image, request: EditRequest,
                  callback: Callable[[int, int, torch.Tensor], None] | None = None) -> np.ndarray:
+        """One edit segment (`_run_edit`), its prompt warnings noted first."""
+        self._note_warnings(request.target.prompt, request.target.negative_prompt)
+        return self._run_edit(clip_frames, image, request, callback)
+
+    def _run_edit(self, clip_frames: np.ndarray, image, request: EditRequest,
+                  callback: Callable[[int, int, torch.Tensor], None] | None = None) -> np.ndarray:
         """Move `image` the way `clip_frames` (frames + 1, H0, W0, 3) uint8 move: invert the clip's residual
         latents under the source prompt, mix the new first frame's low frequencies in (DCTInit over the
         inverted latents), sample with the target prompt. `image=None` keeps the clip's own first frame
@@ -202,9 +230,11 @@ class Animator:
         if segments < 1 or len(clip_frames) != segments * frames + 1:
             raise InputError(f"{segments} segments of {frames} frames need {segments * frames + 1} clip frames; "
                              f"got {len(clip_frames)}")
+        self._note_warnings(request.target.prompt, request.target.negative_prompt)
+
         def segment(k: int, first_frame) -> np.ndarray:
             target = dataclasses.replace(request.target, seed=segment_seed(request.target.seed, k))
-            return self.run_edit(clip_frames[k * frames:(k + 1) * frames + 1], first_frame,
+            return self._run_edit(clip_frames[k * frames:(k + 1) * frames + 1], first_frame,
                                  dataclasses.replace(request, target=target), callback)
 
         return self._chain(segments, image, segment)
@@ -265,7 +295,8 @@ class Animator:
         if segments < 1:
             raise InputError(f"segments must be at least 1; got {segments}")
         request = request.resolve(self.defaults)
-        return self._chain(segments, image, lambda k, first_frame: self.run(
+        self._note_warnings(request.prompt, request.negative_prompt)
+        return self._chain(segments, image, lambda k, first_frame: self._run(
             first_frame, dataclasses.replace(request, seed=segment_seed(request.seed, k)), callback))
 
     def _chain(self, segments: int, image, run_segment: Callable[[int, object], np.ndarray]) -> np.ndarray:

@@ -15,8 +15,9 @@ import numpy as np
 
 from .image import InputError, load_image
 from .settings import Size
-from .limits import available_memory, check_output_size, checkpoint_estimate_inputs, estimate_run_bytes, size_defaults
-from .vocabulary import warn_unknown_words
+from .limits import (available_memory, check_output_size, check_scaled_size, checkpoint_estimate_inputs,
+                     engines_unet_parameters, estimate_run_bytes, size_defaults)
+from .model_facts import ModelFacts
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,16 @@ def plan_run(args) -> RunPlan:
         raise InputError(f"output size {height}x{width} (height x width) must be divisible by {LATENT_MULTIPLE}; "
                          "change --height/--width")
     facts = {} if engines else checkpoint_estimate_inputs(folder)
-    # Engines: graph bytes / 4 approximates the parameter count well enough to choose threads.
-    parameters = (sum(p.stat().st_size for p in folder.glob("*.onnx*")) // 4 if engines else facts["parameters"])
+    parameters = engines_unet_parameters(folder) if engines else facts["parameters"]
     dtype_bytes = _DTYPE_BYTES.get(args.dtype or "fp32", 4)
     estimate = estimate_run_bytes(height, width, frames, dtype_bytes=dtype_bytes, **(facts or {
         "parameters": 0, "base_channels": 320, "latent_factor": 8}))  # engines: the released model's widths
     memory = available_memory() if _runs_on_cpu(args.device) else None
     check_output_size(height, width, frames, estimate=estimate, defaults=defaults, memory=memory)
-    warn_unknown_words(f"{args.prompt} {args.negative_prompt}", folder / "tokenizer")
+    scale = getattr(args, "scale", None)
+    if scale is not None:
+        check_scaled_size(height, width, scale)
+    for message in ModelFacts.of_folder(folder, engines).prompt_warnings(args.prompt, args.negative_prompt):
+        log.warning("%s", message)
     return RunPlan(folder=folder, engines=engines, image=image, parameters=parameters,
                    size=Size(height, width, frames))

@@ -50,6 +50,18 @@ def check_file_output(path: str | os.PathLike, *, overwrite: bool, inputs: Itera
                           "another output name")
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def check_outside_package(folder: str | os.PathLike, what: str) -> None:
+    """Refuse a folder inside the installed package: in an editable install a training run exporting to
+    `cinemo_rt/assets/demo` would silently replace the bundled demo weights every user runs."""
+    resolved = Path(folder).resolve()
+    if resolved == PACKAGE_DIR or PACKAGE_DIR in resolved.parents:
+        raise OutputError(f"{what} {str(folder)!r} is inside the cinemo_rt package ({PACKAGE_DIR}); training "
+                          "never writes there. Choose a run folder instead, e.g. runs/my_run")
+
+
 def foreign_entries(folder: Path, owns: Callable[[str], bool]) -> list[str]:
     """Names in `folder` that `owns(name)` does not claim (hidden temporaries of ours are claimed)."""
     return sorted(name for name in os.listdir(folder) if not owns(name))

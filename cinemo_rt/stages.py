@@ -68,8 +68,6 @@ def encode_frames(backend: Backend, pixels: torch.Tensor, generator: torch.Gener
 
 def encode_prompts(backend: Backend, tokenizer, prompt: str, negative_prompt: str, guidance: float):
     """-> (text, text_uncond) each (1, 77, D); text_uncond is None when guidance needs no unconditional half."""
-    if not prompt or not prompt.strip():
-        log.warning("empty prompt: the animation is guided by the image and motion bucket only")
     uncond = needs_unconditional(guidance)
     ids, _ = tokenize(tokenizer, [negative_prompt or "", prompt] if uncond else [prompt])
     embeddings = backend.text_encoder(ids).to(backend.dtype)

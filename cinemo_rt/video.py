@@ -59,7 +59,7 @@ def resolve_format(path: str | os.PathLike, format: str | None = None) -> str:
     if suffix not in _SUFFIX_FORMATS:
         raise OutputError(
             f"cannot tell the video format from {str(path)!r}; supported: .mp4, .gif, or a path without "
-            f"suffix for a folder of PNG frames (or pass format= one of {', '.join(FORMATS)})"
+            f"suffix for a folder of PNG frames (or choose with --format: {', '.join(FORMATS)})"
         )
     return _SUFFIX_FORMATS[suffix]
 
@@ -155,16 +155,20 @@ def write_video(
     fps: float = 8,
     format: str | None = None,
     overwrite: bool = False,
+    scale: "OutputScale | int | None" = None,
 ) -> Path:
     """Write (T, H, W, 3) uint8 frames as mp4 (H.264, yuv420p; odd sizes edge-padded to even), gif, or a
     folder of PNG frames (frame_0000.png, ...). Format from `format` or the path's suffix. Returns the path.
 
     An existing output is replaced only with `overwrite` (a frames folder only when it holds nothing but
     frames); devices, pipes and other non-regular files never. Write errors (disk full, file too large,
-    read-only places) raise `OutputError` and leave no temporary behind."""
+    read-only places) raise `OutputError` and leave no temporary behind. `scale` enlarges every frame
+    (`cinemo_rt.scale`: a whole factor, or an `OutputScale` with its filter)."""
+    from .scale import OutputScale
+
     fmt = resolve_format(path, format)
     fps = validate.fps(fps)
-    frames = _check_frames(frames_uint8)
+    frames = OutputScale.of(scale).apply(_check_frames(frames_uint8))
     dest = Path(path)
     parent = _check_output_dir(dest)
     check_file_output(dest, overwrite=overwrite, is_folder_output=fmt == "png")

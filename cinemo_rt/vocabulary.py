@@ -1,8 +1,9 @@
-"""A warning for prompt words a closed-vocabulary checkpoint has never seen (issue 17).
+"""A warning for prompt words a closed-vocabulary checkpoint has never seen.
 
 The demo checkpoint's tokenizer knows only its captions' words (about 30); any other word is spelt out in
 letters the model never learnt to read, and so silently does nothing. Full CLIP tokenizers (49,408
-entries) cover open English and are not checked.
+entries) cover open English and are not checked. `model_facts.ModelFacts.prompt_warnings` carries the same
+message to the HTTP API and the Python API.
 """
 
 from __future__ import annotations
@@ -31,14 +32,22 @@ def caption_words(tokenizer_dir: str | os.PathLike) -> set[str] | None:
     return {token[: -len("</w>")] for token in vocab if token.endswith("</w>")}
 
 
+def unknown_words_message(prompt: str, known: set[str]) -> str | None:
+    """The warning naming `prompt`'s words outside `known`, or None when it has none."""
+    unknown = sorted({w for w in _WORD.findall(prompt.lower()) if w not in known})
+    if not unknown:
+        return None
+    shown = ", ".join(sorted(w for w in known if len(w) > 1))
+    return (f"this checkpoint's tokenizer does not know {', '.join(repr(w) for w in unknown)}: the model ignores "
+            f"them. It was trained on captions made of: {shown}")
+
+
 def warn_unknown_words(prompt: str, tokenizer_dir: str | os.PathLike) -> list[str]:
     """Log one warning naming the prompt's words outside a closed vocabulary; returns them."""
     known = caption_words(tokenizer_dir)
     if known is None:
         return []
-    unknown = sorted({w for w in _WORD.findall(prompt.lower()) if w not in known})
-    if unknown:
-        shown = ", ".join(sorted(w for w in known if len(w) > 1))
-        log.warning("this checkpoint's tokenizer does not know %s: the model ignores them. It was trained on "
-                    "captions made of: %s", ", ".join(repr(w) for w in unknown), shown)
-    return unknown
+    message = unknown_words_message(prompt, known)
+    if message:
+        log.warning("%s", message)
+    return sorted({w for w in _WORD.findall(prompt.lower()) if w not in known})

@@ -106,3 +106,33 @@ def test_embedded_default_when_no_checkpoint(image_path, tmp_path, monkeypatch, 
                     "--seed", "0", "--out", str(out)]) == 0
     assert "embedded demo checkpoint" in caplog.text and "untrained" in caplog.text
     assert read_video(out).shape == (3, 128, 192, 3)  # the stand-in's own default size
+
+
+def test_scale_verbose_after_the_subcommand_and_the_readme_quick_start_twice(tiny_checkpoint_dir, image_path,
+                                                                           tmp_path, caplog, capsys):
+    """`-v` in `run`'s flag table works after the subcommand; `--scale` enlarges the written video (nearest:
+    exact blocks of the model's pixels); `--overwrite` makes the documented first command re-runnable."""
+    plain, scaled, smooth = tmp_path / "plain", tmp_path / "scaled", tmp_path / "smooth.mp4"
+    common = ["--image", str(image_path), "--prompt", "pan left", "--checkpoint", str(tiny_checkpoint_dir), *FAST]
+    assert run([*common, "--out", str(plain)]) == 0
+    with caplog.at_level("DEBUG"):
+        assert run([*common, "--out", str(scaled), "--scale", "3", "-v"]) == 0
+    assert "start-up:" in caplog.text  # debug logging is on
+    assert "192x192 (height x width, scaled 3x (nearest))" in capsys.readouterr().out
+    frames = [np.asarray(Image.open(p)) for p in sorted(plain.glob("*.png"))]
+    big = [np.asarray(Image.open(p)) for p in sorted(scaled.glob("*.png"))]
+    assert big[0].shape == (192, 192, 3)
+    assert all(np.array_equal(b, f.repeat(3, 0).repeat(3, 1)) for b, f in zip(big, frames))
+    for _ in range(2):  # the second run replaces the first
+        assert run([*common, "--out", str(smooth), "--scale", "2", "--scale-filter", "lanczos", "--overwrite"]) == 0
+    assert read_video(smooth).shape == (4, 128, 128, 3)
+    with pytest.raises(SystemExit) as exit_:
+        run([*common, "--out", str(tmp_path / "x.mp4"), "--scale", "0"])
+    assert exit_.value.code == EXIT_BAD_INPUT
+    assert "--scale must be a whole number in 1..16" in capsys.readouterr().err
+
+
+def test_format_message_uses_the_cli_spelling(tiny_checkpoint_dir, image_path, tmp_path, caplog):
+    code = run(["--image", str(image_path), "--prompt", "p", "--checkpoint", str(tiny_checkpoint_dir),
+                "--out", str(tmp_path / "video.webm"), *FAST])
+    assert code == EXIT_BAD_INPUT and "--format" in caplog.text and "format=" not in caplog.text

@@ -63,3 +63,24 @@ def test_demo_prompt_steers_horizontal_direction():
         left = controls.mean_shift(animator(image, "pan left", 12, seed=seed, steps=25))[0]
         right = controls.mean_shift(animator(image, "pan right", 12, seed=seed, steps=25))[0]
         assert left - right > 0.2, (seed, left, right)
+
+
+def test_python_api_states_the_demos_limits_once_per_job(caplog):
+    """The Python API says what the CLI says: the model's facts, and the prompt's warnings once per job
+    (an edit's empty prompt was warned twice, a chained run once per segment)."""
+    from cinemo_rt import Animator
+
+    animator = Animator.from_checkpoint()
+    facts = animator.facts
+    assert (facts.name, facts.height, facts.width, facts.frames) == ("demo", 32, 32, 8)
+    assert "left" in facts.vocabulary and "dog" not in facts.vocabulary and "synthetic" in facts.trained_on
+    with caplog.at_level("WARNING"):
+        animator.animate_segments(EXAMPLE_IMAGE, "a dog pans left", 2, steps=1, seed=0)
+    assert len(animator.last_warnings) == 1 and "does not know 'dog'" in animator.last_warnings[0]
+    assert caplog.text.count("does not know 'dog'") == 1
+    caplog.clear()
+    clip = animator(EXAMPLE_IMAGE, "pan left", steps=1, seed=0)
+    assert animator.last_warnings == []
+    with caplog.at_level("WARNING"):
+        animator.edit(clip, EXAMPLE_IMAGE, "", steps=1, seed=0)
+    assert caplog.text.count("empty prompt") == 1 and animator.last_warnings[0].startswith("empty prompt")

@@ -103,3 +103,16 @@ def test_whole_video_matches_the_torch_pipeline(tiny_checkpoint_dir, engines_fp3
     print(f"\nwhole video ORT fp32 vs torch: PSNR {quality:.1f} dB, relative L2 {relative_error(ours, ref):.1e}, "
           f"{(diff > 1).mean():.2%} of values differ by more than 1 level")
     assert quality >= 40.0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engines_and_checkpoint_report_the_same_unet_parameter_count(tiny_checkpoint_dir, precision, request):
+    """The CPU-thread log names the parameter count: an engines folder counts its UNet graph as the checkpoint
+    counts its UNet (it once summed every graph: 2.0 M against the demo checkpoint's 1.2 M)."""
+    from cinemo_rt.limits import checkpoint_estimate_inputs, engines_unet_parameters
+    from cinemo_rt.model_facts import ModelFacts
+
+    engines = request.getfixturevalue(f"engines_{precision}")
+    expected = checkpoint_estimate_inputs(tiny_checkpoint_dir)["parameters"]
+    assert engines_unet_parameters(engines) == pytest.approx(expected, rel=0.05)
+    assert ModelFacts.of_folder(engines, engines=True).parameters == engines_unet_parameters(engines)

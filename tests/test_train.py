@@ -194,3 +194,29 @@ def test_lr_warmup_then_cosine():
     assert lr_factor(cfg, 60) == pytest.approx(0.5) and lr_factor(cfg, 110) == pytest.approx(0.0)
     constant = TrainConfig(unet={"sample_size": 8}, steps=110, warmup_steps=10)
     assert lr_factor(constant, 100) == 1.0
+
+
+def test_training_refuses_to_write_into_the_package(tmp_path, tiny_data, caplog):
+    """A training trial once replaced the bundled demo weights in place (editable install): the example
+    config exports to a run folder, and the package folder is refused before any work."""
+    from pathlib import Path
+
+    import cinemo_rt
+    from cinemo_rt.safe_paths import OutputError
+    from cinemo_rt.train.__main__ import main as train_main
+
+    package = Path(cinemo_rt.__file__).resolve().parent
+    demo = json.loads((Path(__file__).parents[1] / "configs" / "demo.json").read_text())
+    for key in ("output_dir", "export_dir", "data_dir"):
+        assert package not in (Path(demo[key]).resolve().parents), (key, demo[key])
+
+    before = {p: p.stat().st_mtime_ns for p in (package / "assets" / "demo").rglob("*")}
+    for field in ("export_dir", "output_dir"):
+        cfg = _tiny_config(tmp_path, tiny_data, **{field: str(package / "assets" / "demo")})
+        with pytest.raises(OutputError, match="inside the cinemo_rt package"):
+            train(cfg, device="cpu")
+    assert {p: p.stat().st_mtime_ns for p in (package / "assets" / "demo").rglob("*")} == before
+    assert train_main(["--data_dir", str(tiny_data), "--export_dir", str(package / "assets" / "demo"),
+                       "--init_from", str(package / "assets" / "demo"), "--output_dir", str(tmp_path / "r")]) == 2
+    assert "Choose a run folder" in caplog.text
+    assert not (tmp_path / "r").exists()

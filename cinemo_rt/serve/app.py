@@ -28,10 +28,13 @@ from ..errors import InputError
 from ..request import FAST_PRESET, REFERENCE_STEPS, resolve_options
 from ..files import give_default_mode
 from ..samplers import DEFAULT_SAMPLER, SAMPLERS
+from ..scale import FILTER_HELP as SCALE_FILTER_HELP
+from ..scale import HELP as SCALE_HELP
+from ..scale import OutputScale
 from .batching import BatchPolicy
 from .jobs import DONE, EDIT, FINAL_STATES, QUEUED, RUNNING, JobStore, is_job_id, new_job_id
-from .limits import (MEDIA_TYPES, Limits, RequestError, check_clip, check_edit, check_request, read_upload,
-                     save_clip_upload)
+from .limits import (MEDIA_TYPES, Limits, RequestError, check_clip, check_edit, check_request, check_scale,
+                     read_upload, save_clip_upload)
 from .metrics import Metrics
 from .runner import AnimationRequest, EditJobRequest, Runner
 from .worker import QueueFull, Worker
@@ -193,6 +196,9 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
             body.update(step=job.step, total=job.total or job.request["steps"] * job.request["segments"])
         if job.state in (RUNNING, DONE):
             body["unet_calls"] = job.calls  # single-image UNet calls so far (a CFG step counts 2)
+        facts = getattr(executor, "facts", None) if executor.ready.is_set() else None
+        if facts is not None:  # what the model cannot read in the prompt (empty, words outside its vocabulary)
+            body["warnings"] = facts.prompt_warnings(job.request["prompt"], job.request.get("negative_prompt", ""))
         if job.error:
             body["error"] = job.error
         return body
@@ -216,6 +222,8 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
                sampler: Annotated[str | None, Form(description=f"one of {', '.join(SAMPLERS)} (default "
                                             f"{DEFAULT_SAMPLER}, or {FAST_PRESET.sampler} with fast)")] = None,
                format: Annotated[str, Form(description="mp4 or gif")] = "mp4",
+               scale: Annotated[int, Form(description=SCALE_HELP)] = 1,
+               scale_filter: Annotated[str, Form(description=SCALE_FILTER_HELP)] = OutputScale.filter,
                fast: Annotated[bool, Form(description="the measured fewer-UNet-calls preset: steps, sampler and "
                                           "step cache (the fields given override it)")] = False,
                cache: Annotated[float | None, Form(description="step cache threshold >= 0: skip the UNet while "
@@ -236,13 +244,14 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
                                       guidance_until=options.guidance_until,
                                       guidance_every=options.guidance_every).resolved(executor.defaults)
             check_request(wanted, format, settings.limits)
+            output = check_scale(scale, scale_filter, wanted)
             Runner.pipeline_request(wanted)  # what the pipeline itself refuses (sampler, eta with it, ...)
         except InputError as err:
             raise RequestError(422, str(err)) from err
         pixels = read_upload(image.file.read(settings.limits.max_upload_bytes + 1), settings.limits)
         job_id = new_job_id()
         _save_png_atomically(pixels, store.input_path(job_id))
-        return enqueue(job_id, {**wanted.__dict__, "format": format})
+        return enqueue(job_id, {**wanted.__dict__, "format": format, **_scale_fields(output)})
 
     def ready_with_room(executor) -> None:
         if not executor.ready.is_set():
@@ -283,6 +292,8 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
                     start: Annotated[float, Form(description="seconds into the clip")] = 0.0,
                     segments: Annotated[int, Form(description="chained segments over consecutive windows")] = 1,
                     format: Annotated[str, Form(description="mp4 or gif")] = "mp4",
+                    scale: Annotated[int, Form(description=SCALE_HELP)] = 1,
+                    scale_filter: Annotated[str, Form(description=SCALE_FILTER_HELP)] = OutputScale.filter,
                     use_dct: Annotated[bool, Form(description="mix the new frame's low frequencies into the "
                                                               "inverted latents (DCTInit)")] = True):
         executor, store = state["executor"], state["store"]
@@ -297,6 +308,7 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
             inversion_guidance=inversion_guidance, seed=seed, height=height, width=width, frames=frames,
             stride=stride, start=start, segments=segments, use_dct=use_dct).resolved(executor.defaults)
         check_edit(wanted, format, settings.limits)
+        output = check_scale(scale, scale_filter, wanted)
         pixels = None
         if image is not None and image.filename:
             pixels = read_upload(image.file.read(settings.limits.max_upload_bytes + 1), settings.limits)
@@ -304,10 +316,10 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
         clip = store.clip_path(job_id)
         save_clip_upload(video.file, clip, settings.limits)
         try:
-            check_clip(clip, wanted)
+            wanted = wanted.measured(*check_clip(clip, wanted))  # the stride and an auto bucket, as the CLI prints
             if pixels is not None:
                 _save_png_atomically(pixels, store.input_path(job_id))
-            return enqueue(job_id, {**wanted.__dict__, "format": format, "kind": EDIT})
+            return enqueue(job_id, {**wanted.__dict__, "format": format, "kind": EDIT, **_scale_fields(output)})
         except BaseException:
             store.remove_inputs(job_id)
             raise
@@ -373,6 +385,14 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
         reason = executor.load_error or "loading the model"
         return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
 
+    @app.get("/v1/model", dependencies=authorized,
+             summary="What the model can do: its video size and frames, parameters, closed vocabulary, training")
+    def model():
+        executor = state["executor"]
+        if not executor.ready.is_set():
+            raise HTTPException(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
+        return executor.facts.as_dict()
+
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     def metrics():
         return PlainTextResponse(state["metrics"].render(), media_type="text/plain; version=0.0.4")
@@ -381,8 +401,17 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
     def page():
         return FileResponse(PAGE / "index.html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():  # browsers ask for it whatever the page says; a 404 there is a console error
+        return FileResponse(PAGE / "favicon.svg", media_type="image/svg+xml")
+
     app.mount("/static", StaticFiles(directory=PAGE), name="static")
     return app
+
+
+def _scale_fields(scale: OutputScale) -> dict:
+    """The output scale as the stored job request names it (the worker reads it back when writing)."""
+    return {"scale": scale.factor, "scale_filter": scale.filter}
 
 
 def _sweep(store: JobStore, keep_s: float, stop: threading.Event) -> None:

@@ -14,7 +14,8 @@ from PIL import Image
 
 from ..files import give_default_mode
 from ..image import InputError, load_image
-from ..limits import MAX_IMAGE_PIXELS
+from ..limits import MAX_IMAGE_PIXELS, check_scaled_size
+from ..scale import OutputScale
 from .runner import AnimationRequest, EditJobRequest
 
 FORMATS = ("mp4", "gif")
@@ -96,6 +97,16 @@ def check_request(request: AnimationRequest | EditJobRequest, format: str, limit
         bad(f"format must be one of {', '.join(FORMATS)}")
 
 
+def check_scale(factor: int, filter: str, request: AnimationRequest | EditJobRequest) -> OutputScale:
+    """The output scale of the form's `scale` and `scale_filter` (`cinemo_rt.scale`), within the side limit."""
+    try:
+        scale = OutputScale(factor, filter)
+        check_scaled_size(request.height, request.width, scale)
+    except ValueError as err:
+        bad(str(err))
+    return scale
+
+
 def check_edit(request: EditJobRequest, format: str, limits: Limits) -> None:
     """An edit's fields: the animation checks, then the edit's own."""
     check_request(request, format, limits, auto_bucket=True)
@@ -130,13 +141,13 @@ def save_clip_upload(upload, path: Path, limits: Limits) -> None:
         raise
 
 
-def check_clip(path: Path, request: EditJobRequest) -> None:
-    """The window the edit will read (stride, start, frames) exists in the clip and decodes: RequestError(400)
-    with the reason and the fix (the CLI's message, in the API's field names and without the server's path)."""
+def check_clip(path: Path, request: EditJobRequest):
+    """-> (Clip, Window): the window the edit will read (stride, start, frames) exists in the clip and decodes;
+    else RequestError(400) with the reason and the fix (the CLI's message, in the API's field names and without the server's path)."""
     from ..clip import read_clip
 
     try:
-        read_clip(path, request.clip_frames, request.stride, request.start, request.frames + 1)
+        return read_clip(path, request.clip_frames, request.stride, request.start, request.frames + 1)
     except InputError as err:
         message = str(err).replace(repr(str(path)), "the video").replace("--", "")
         raise RequestError(400, message) from err

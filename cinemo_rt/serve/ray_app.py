@@ -44,12 +44,14 @@ class RayExecutor:
         self.ready = threading.Event()
         self.load_error: str | None = None
         self.defaults = None
+        self.facts = None
         self.seconds_per_job = 10.0
 
     def start(self, requeued=()) -> None:
         def connect():
             try:
                 self.defaults = self.handle.defaults.remote().result()
+                self.facts = self.handle.facts.remote().result()
             except Exception as err:  # noqa: BLE001 - reported by /readyz
                 self.load_error = f"no model replica answered: {type(err).__name__}: {err}"
                 log.exception("no model replica answered")
@@ -124,6 +126,9 @@ class AnimationReplica:
 
     def defaults(self):
         return self.worker.defaults
+
+    def facts(self):
+        return self.worker.facts
 
     async def run(self, job_id: str) -> str:
         self.worker.submit(job_id)

@@ -35,7 +35,8 @@ import torch
 
 from .. import stages
 from ..image import load_image, preprocess
-from ..pipeline import Animator
+from ..motion import bucket_from_motion_id
+from ..pipeline import Animator, clip_motion_id
 from ..fewer_calls import CallCounter
 from ..model_calls import UNetCall
 from ..request import FewerCalls, Request
@@ -113,6 +114,14 @@ class EditJobRequest:
         return EditJobRequest(**{**self.__dict__, "seed": seed, "height": self.height or d.height,
                                  "width": self.width or d.width, "frames": self.frames or d.frames})
 
+    def measured(self, clip, window) -> "EditJobRequest":
+        """The stride the clip's window uses and, for bucket auto, the bucket measured on its frames (as
+        `Animator.edit` would): stored with the job, the status shows them and the request reproduces the video."""
+        bucket = self.bucket
+        if bucket is None and self.motion_id is None:
+            bucket = bucket_from_motion_id(clip_motion_id(clip.frames, Size(self.height, self.width, self.frames)))
+        return EditJobRequest(**{**self.__dict__, "bucket": bucket, "stride": window.stride})
+
     @property
     def clip_frames(self) -> int:
         """Frames the edit reads from the clip: each segment's frames + 1, the boundary frames shared."""
@@ -182,6 +191,10 @@ class Runner:
     @property
     def defaults(self):
         return self.animator.defaults
+
+    @property
+    def facts(self):
+        return self.animator.facts
 
     def check_image(self, image) -> np.ndarray:
         return load_image(image)

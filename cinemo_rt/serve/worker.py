@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..scale import OutputScale
 from ..segments import first_frame_of_next
 from ..video import write_video
 from .batching import BatchPolicy, take_compatible
@@ -100,6 +101,11 @@ class Worker:
     @property
     def defaults(self):
         return self.runner.defaults
+
+    @property
+    def facts(self):
+        """The model's `ModelFacts` (size, vocabulary, training), once loaded."""
+        return self.runner.facts
 
     def retry_after_s(self) -> int:
         return max(1, round(self.seconds_per_job * (len(self.queue) + 1) / self.policy.max_batch))
@@ -269,7 +275,8 @@ class Worker:
         job = self.store.get(job_id)
         if job is None:  # deleted meanwhile
             return
-        write_video(video, self.store.video_path(job), fps=FPS, format=job.format)
+        write_video(video, self.store.video_path(job), fps=FPS, format=job.format,
+                    scale=OutputScale(job.request.get("scale", 1), job.request.get("scale_filter", "nearest")))
         self._observe("write", started)
         if self.store.finish(job_id, DONE):
             self._update_estimate(job)

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import (Checkpoint, default_scheduler_config, load_checkpoint, owns_checkpoint_entry,
                           save_checkpoint)
-from ..safe_paths import check_owned_folder
+from ..safe_paths import check_outside_package, check_owned_folder
 from ..components import TextEncoder, VAE
 from ..model import UNet3D, UNetConfig
 from ..residuals import residuals_from_frames
@@ -334,7 +334,12 @@ def train(cfg: TrainConfig, device: str | None = None) -> dict:
     if cfg.threads:  # data preparation and VAE pre-training already run with the requested count
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
-    if cfg.export_dir:  # refused now, not after hours of training
+    written = {"output_dir": cfg.output_dir, "export_dir": cfg.export_dir,
+               "data_dir": cfg.data_dir if cfg.make_demo_data else None}
+    for name, folder in written.items():  # refused now, not after hours of training
+        if folder:
+            check_outside_package(folder, name)
+    if cfg.export_dir:
         check_owned_folder(cfg.export_dir, owns_checkpoint_entry, "a checkpoint")
     out.mkdir(parents=True, exist_ok=True)
     prepare_data(cfg, info)

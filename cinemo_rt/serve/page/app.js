@@ -31,7 +31,8 @@ function recentJobs() {
 
 function remember(job) {
   const jobs = recentJobs().filter((j) => j.id !== job.id);
-  jobs.unshift({ id: job.id, prompt: job.request.prompt, state: job.state, when: Date.now() });
+  const what = (job.kind === "edit" ? "edit: " : "") + job.request.prompt;
+  jobs.unshift({ id: job.id, prompt: what, state: job.state, when: Date.now() });
   localStorage.setItem(RECENT_KEY, JSON.stringify(jobs.slice(0, 10)));
   showRecent();
 }
@@ -71,8 +72,20 @@ async function showVideo(job) {
   $("download").hidden = false;
 }
 
+function showWarnings(job) {
+  const list = $("warnings");
+  list.replaceChildren();
+  for (const text of job.warnings || []) {
+    const item = document.createElement("li");
+    item.textContent = text;
+    list.append(item);
+  }
+  list.hidden = !list.children.length;
+}
+
 function update(job) {
   $("status").textContent = describe(job);
+  showWarnings(job);
   $("status").className = job.state === "failed" ? "failed" : "";
   if (job.total) $("progress").max = job.total;  // final states carry no step counts: keep the last
   $("progress").value = job.state === "done" ? $("progress").max : (job.step || 0);
@@ -82,7 +95,7 @@ function update(job) {
 // Server-sent events read with fetch (EventSource cannot send the API key header).
 async function follow(id) {
   $("job").hidden = false;
-  for (const el of ["video", "gif", "download"]) $(el).hidden = true;
+  for (const el of ["video", "gif", "download", "warnings"]) $(el).hidden = true;
   $("progress").value = 0;
   const response = await fetch(`/v1/animations/${id}/events`, { headers: headers() });
   if (!response.ok) { $("status").textContent = (await response.json()).detail; return; }
@@ -103,6 +116,53 @@ async function follow(id) {
   if (job && job.state === "done") await showVideo(job);
 }
 
+// The model's facts (GET /v1/model): its size, frames, closed vocabulary and training, above the form.
+async function showModel() {
+  const response = await fetch("/v1/model", { headers: headers() });
+  if (response.status === 503) { setTimeout(showModel, 2000); return; }  // still loading: ask again
+  if (!response.ok) return;  // a key needed (401): the page works without the facts
+  const m = await response.json();
+  const size = `${m.width}x${m.height} pixels, ${m.video_frames} frames (the input image, then ${m.frames})`;
+  $("model-summary").textContent = `Model: ${m.name}, videos of ${size}` +
+    (m.parameters ? `, ${(m.parameters / 1e6).toFixed(1)} M UNet parameters.` : ".");
+  if (m.vocabulary) {
+    $("model-vocabulary").textContent = "It knows only these words (others are ignored): " +
+      m.vocabulary.filter((w) => w.length > 1).join(", ");
+    $("model-vocabulary").hidden = false;
+  }
+  if (m.trained_on) {
+    $("model-training").textContent = "Trained on " + m.trained_on + ".";
+    $("model-training").hidden = false;
+  }
+  $("model").hidden = false;
+}
+
+function refused(status, body) {
+  $("job").hidden = false;
+  for (const el of ["video", "gif", "download", "warnings"]) $(el).hidden = true;
+  const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+  $("status").textContent = `refused (${status}): ${detail}`;
+  $("status").className = "failed";
+}
+
+async function submitEdit(event) {
+  event.preventDefault();
+  const form = new FormData($("edit-form"));
+  for (const [name, value] of [...form.entries()]) {
+    if (value === "" || (value instanceof File && !value.name)) form.delete(name);
+  }
+  $("edit-submit").disabled = true;
+  try {
+    const response = await fetch("/v1/edits", { method: "POST", body: form, headers: headers() });
+    const body = await response.json();
+    if (!response.ok) { refused(response.status, body); return; }
+    remember(body);
+    await follow(body.id);
+  } finally {
+    $("edit-submit").disabled = false;
+  }
+}
+
 async function submit(event) {
   event.preventDefault();
   const form = new FormData($("form"));
@@ -112,13 +172,7 @@ async function submit(event) {
   try {
     const response = await fetch("/v1/animations", { method: "POST", body: form, headers: headers() });
     const body = await response.json();
-    if (!response.ok) {
-      $("job").hidden = false;
-      const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
-      $("status").textContent = `refused (${response.status}): ${detail}`;
-      $("status").className = "failed";
-      return;
-    }
+    if (!response.ok) { refused(response.status, body); return; }
     remember(body);
     await follow(body.id);
   } finally {
@@ -139,6 +193,8 @@ drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.ad
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); pickImage(e.dataTransfer.files[0]); });
 $("form").addEventListener("submit", submit);
+$("edit-form").addEventListener("submit", submitEdit);
 showBucket();
+showModel();
 showFast();
 showRecent();
