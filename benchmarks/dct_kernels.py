@@ -45,7 +45,7 @@ def bench_shape(shape, dtype: str, warmup: int, repeats: int) -> list[dict]:
     import cupyx.scipy.fft as cfft
     import torch
 
-    from kernels import cupy_dct, reference
+    from cinemo_rt._kernels import cupy_dct, reference
 
     stream = cp.cuda.get_current_stream()
     x = cp.random.standard_normal(shape, dtype=dtype)

@@ -31,24 +31,26 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FRACTION = DCT_FRACTION  # the name callers used before settings.py
 DCTInitFn = Callable[..., torch.Tensor]
-# The CUDA kernels' package: installed inside the cinemo_rt namespace, top-level `kernels` in a checkout.
-KERNEL_PACKAGES = ("cinemo_rt._kernels", "kernels")
-KERNEL_MODULES = tuple(f"{package}.cupy_dct" for package in KERNEL_PACKAGES)
+# The CUDA kernels' package: the repository's `kernels/` folder, imported under one name, installed or in a
+# checkout (`cinemo_rt/_kernels` links to it). A top-level `kernels` would shadow Hugging Face's package of
+# that name, which transformers imports.
+KERNEL_PACKAGE = "cinemo_rt._kernels"
+KERNEL_MODULES = (f"{KERNEL_PACKAGE}.cupy_dct",)
 IMPLEMENTATION_ENV = "CINEMO_RT_DCTINIT"  # "cuda-on-cpu": the CUDA kernel executed on the CPU
 CUDA_ON_CPU = "cuda-on-cpu"
 
 
 def import_kernels(module: str = "cupy_dct"):
-    """A module of the kernels package (CuPy imports lazily inside it); ImportError when neither name resolves."""
+    """A module of the kernels package (CuPy imports lazily inside it); ImportError when it does not resolve."""
     import importlib
 
-    for name in (f"{package}.{module}" for package in KERNEL_PACKAGES):
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name not in name:  # a missing dependency inside the module, not the module itself
-                raise
-    raise ImportError(f"the DCT kernels module {module} is not installed (package {' or '.join(KERNEL_PACKAGES)})")
+    name = f"{KERNEL_PACKAGE}.{module}"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name not in name:  # a missing dependency inside the module, not the module itself
+            raise
+        raise ImportError(f"the DCT kernels module {name} is not installed") from err
 
 
 def dct_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:

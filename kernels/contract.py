@@ -57,7 +57,7 @@ def array_facts(x, name: str) -> ArrayFacts:
         return ArrayFacts(name, "cupy", tuple(x.shape), str(x.dtype), bool(x.flags.c_contiguous),
                           f"cuda:{x.device.id}", int(x.data.ptr))
     raise KernelTypeError(f"{name} must be a torch tensor or a cupy array, got {type(x).__name__}; "
-                              f"for numpy use kernels.reference")
+                              f"for numpy use cinemo_rt._kernels.reference")
 
 
 def _check_one(f: ArrayFacts, on_gpu: bool) -> None:

@@ -3,7 +3,7 @@
 Inputs are torch CUDA tensors or cupy arrays, shared without copies through DLPack; torch inputs give
 torch outputs (allocated by torch's caching allocator) and run on torch's current stream unless a
 stream is given; then the torch tensors are recorded on that stream (`record_stream`). The caller orders
-the given stream after the work that produced the inputs (`stream.wait_stream(...)`). CuPy is imported lazily so that `import kernels.cupy_dct` works on CPU-only machines.
+the given stream after the work that produced the inputs (`stream.wait_stream(...)`). CuPy is imported lazily so that `import cinemo_rt._kernels.cupy_dct` works on CPU-only machines.
 
 The launch geometry lives in the pure functions `gemm_plan` and `init_plan`; tests/test_kernels.py
 replays the kernels' index arithmetic in numpy with the same plans, so they are checked without a GPU.
@@ -126,7 +126,7 @@ def _cupy():
         import cupy
     except ImportError as exc:
         raise RuntimeError(
-            "kernels.cupy_dct needs CuPy and a CUDA GPU: pip install -e '.[cuda12]' (or '.[cuda13]'), "
+            "cinemo_rt._kernels.cupy_dct needs CuPy and a CUDA GPU: pip install -e '.[cuda12]' (or '.[cuda13]'), "
             "or use the CPU reference cinemo_rt.dctinit.dct_init"
         ) from exc
     return cupy

@@ -61,7 +61,7 @@ def test_fast_fp16_cuda_graph_matches_reference():
 
 def test_animator_end_to_end_fast_vs_torch_with_cupy_dctinit(tiny_checkpoint_dir):
     pytest.importorskip("cupy", reason="CuPy (cupy-cuda12x/13x) is part of the GPU machine's setup")
-    from kernels.cupy_dct import dct_init_cuda
+    from cinemo_rt._kernels.cupy_dct import dct_init_cuda
 
     from cinemo_rt.pipeline import Animator
 

@@ -17,7 +17,7 @@ from cinemo_rt.pipeline import Animator
 from cinemo_rt.request import EditRequest, Request
 from cinemo_rt.residuals import residuals_from_frames
 from cinemo_rt.stages import encode_frames
-from kernels.contract import KernelContractError, check_launch
+from cinemo_rt._kernels.contract import KernelContractError, check_launch
 
 SIZE = dict(height=64, width=64, frames=3)
 ENGINE_SIZE = dict(height=64, width=64, frames=15)  # conftest.ENGINE_SIZE: the engines' static shape
@@ -76,7 +76,7 @@ def test_device_alignment_fraction_and_pairs():
         check_launch("dct_init", {"z1": x[:, :, :1].contiguous(), "noise": x}, on_gpu=False, fraction=0.0)
     with pytest.raises(TypeError, match=r"to\(noise.dtype\)"):
         check_launch("dct_init", {"z1": x[:, :, :1].double().contiguous(), "noise": x}, on_gpu=False, fraction=0.5)
-    from kernels.cuda_on_cpu import to_device
+    from cinemo_rt._kernels.cuda_on_cpu import to_device
 
     raw = np.zeros(4 * 2 * 3 * 4 * 5 + 1, dtype=np.uint8)
     misaligned = np.frombuffer(raw.data, dtype=np.float32, offset=1, count=2 * 3 * 4 * 5).reshape(1, 2, 3, 4, 5)
@@ -94,7 +94,7 @@ def test_the_frames_first_layout_of_the_edit_path_is_refused():
 
 
 def test_cpu_implementation_is_chosen_by_the_environment(monkeypatch):
-    from kernels.cuda_on_cpu import dct_init_cpu
+    from cinemo_rt._kernels.cuda_on_cpu import dct_init_cpu
 
     monkeypatch.delenv(IMPLEMENTATION_ENV, raising=False)
     assert select_dct_init("cpu") is dct_init_checked
@@ -184,7 +184,7 @@ def test_every_mode_hands_the_kernel_what_it_takes(backend, tiny_checkpoint_dir,
 def test_every_mode_runs_the_cpu_executed_kernel(tiny_checkpoint_dir, monkeypatch):
     """The same modes with DCTInit computed by dct.cu itself, through cupy_dct's launcher: the videos match the
     float64 reference path within fp32 rounding (the kernel mixes in float32 here)."""
-    from kernels.cuda_on_cpu import dct_init_cpu
+    from cinemo_rt._kernels.cuda_on_cpu import dct_init_cpu
 
     reference = Animator.from_checkpoint(tiny_checkpoint_dir, backend="torch", device="cpu")
     monkeypatch.setenv(IMPLEMENTATION_ENV, CUDA_ON_CPU)
@@ -201,7 +201,7 @@ def test_every_mode_runs_the_cpu_executed_kernel(tiny_checkpoint_dir, monkeypatc
 
 
 def test_cpu_executed_dct_init_matches_the_reference_in_fp32():
-    from kernels.cuda_on_cpu import dct_init_cpu
+    from cinemo_rt._kernels.cuda_on_cpu import dct_init_cpu
 
     g = torch.Generator().manual_seed(0)
     z1, noise = torch.randn(2, 4, 1, 8, 8, generator=g), torch.randn(2, 4, 3, 8, 8, generator=g)

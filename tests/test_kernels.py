@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import scipy.fft
 
-from kernels import cupy_dct, reference
+from cinemo_rt._kernels import cupy_dct, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 4, 15, 40, 64), (2, 3, 5, 7, 9), (1, 1, 1, 1, 1), (1, 2, 3, 33, 65), (1, 1, 2, 64, 31)]
@@ -226,7 +226,7 @@ def test_smem_plan_fits_spec_shape():
 # Import without CuPy, error messages that do not need a GPU
 
 def test_import_without_cupy_is_lazy():
-    code = ("import sys; sys.modules['cupy'] = None; import kernels.cupy_dct as k, numpy as np\n"
+    code = ("import sys; sys.modules['cupy'] = None; import cinemo_rt._kernels.cupy_dct as k, numpy as np\n"
             "try:\n    k._cupy()\nexcept RuntimeError as e:\n    assert 'cuda12' in str(e); print('ok')")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert res.stdout.strip() == "ok", res.stderr

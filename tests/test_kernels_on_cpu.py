@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kernels import cupy_dct, cuda_on_cpu, reference
+from cinemo_rt._kernels import cupy_dct, cuda_on_cpu, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and not os.environ.get("CXX"),
@@ -119,7 +119,7 @@ def test_a_kernel_that_does_not_compile_says_so(tmp_path):
 DRIVER = """
 import sys
 import numpy as np
-from kernels import cupy_dct, cuda_on_cpu, reference
+from cinemo_rt._kernels import cupy_dct, cuda_on_cpu, reference
 control = sys.argv[1]
 if control == "smem-8":  # the launcher asks for 8 bytes too few
     smem_bytes = cupy_dct.InitPlan.smem_bytes

@@ -20,9 +20,14 @@ def _pyproject() -> dict:
 def test_every_package_folder_is_installed_inside_cinemo_rt():
     tool = _pyproject()["tool"]["setuptools"]
     mapped = tool["package-dir"]
-    assert mapped == {"cinemo_rt.export": "export", "cinemo_rt._kernels": "kernels"}
+    assert mapped == {"cinemo_rt.export": "export"}
     folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "cinemo_rt").rglob("__init__.py")}
     folders |= {name for name, folder in mapped.items() if (ROOT / folder / "__init__.py").is_file()}
+    # kernels/ has no __init__.py (a regular top-level `kernels` package would shadow Hugging Face's, which
+    # transformers imports): it is the namespace package cinemo_rt._kernels through the link cinemo_rt/_kernels.
+    assert (ROOT / "cinemo_rt" / "_kernels").resolve() == (ROOT / "kernels").resolve()
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    folders.add("cinemo_rt._kernels")
     assert set(tool["packages"]) == folders
     assert all(name == "cinemo_rt" or name.startswith("cinemo_rt.") for name in tool["packages"])
 

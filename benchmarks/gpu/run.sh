@@ -48,6 +48,8 @@ SCRATCH=$(mktemp -d -t gpu-window-scratch.XXXXXX)  # private site-packages, CMak
 trap 'rm -rf "$SCRATCH"' EXIT
 export PRIVATE=$SCRATCH/site
 export PYTHONPATH=$ROOT:$PRIVATE  # `pip install -e .` is impossible offline: the checkout is imported in place
+# The kernels import as cinemo_rt._kernels through a link to kernels/; a copy of the tree may have lost it.
+[ -e "$ROOT/cinemo_rt/_kernels" ] || ln -s ../kernels "$ROOT/cinemo_rt/_kernels"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 LOG=$OUT/steps.log
 STEPS=$SCRATCH/steps.tsv
