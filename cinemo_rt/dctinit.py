@@ -9,10 +9,11 @@ temporal frequencies (the original mask has a frame dim of 1 that broadcasts ove
 
 The reference here runs in float64 with explicit DCT matrices (40x40, 64x64, FxF at the released size),
 which is exact to float64 rounding and has an obvious GPU/ONNX counterpart (three small matmuls).
-`select_dct_init` picks the CUDA implementation (`kernels/cupy_dct.py`) when one is available. On the CPU every
-DCTInit call first passes the kernel's own precondition check (`kernels/contract.py`, all but the device), so a
-tensor layout the kernel would refuse fails on the CPU too; `CINEMO_RT_DCTINIT=cuda-on-cpu` runs the CUDA kernel
-itself, executed on the CPU (`kernels/cuda_on_cpu.py`: the GPU window's rehearsal).
+`select_dct_init` picks the CUDA implementation (`kernels/cupy_dct.py`) when one is available. The pipeline hands
+DCTInit its tensors through `check_kernel_contract` (the kernel's own precondition check, `kernels/contract.py`,
+all but the device) on every device, so a tensor layout the kernel would refuse fails on the CPU too;
+`CINEMO_RT_DCTINIT=cuda-on-cpu` runs the CUDA kernel itself, executed on the CPU (`kernels/cuda_on_cpu.py`: the
+GPU window's rehearsal).
 """
 
 from __future__ import annotations
@@ -127,19 +128,17 @@ def dct_init(
     return idct_3d(mixed).to(device=noise.device, dtype=noise.dtype)
 
 
-def dct_init_checked(z1: torch.Tensor, noise: torch.Tensor, alpha_bar_tau: float | torch.Tensor,
-                     fraction: float = DEFAULT_FRACTION) -> torch.Tensor:
-    """`dct_init` behind the CUDA kernel's preconditions (all but the device): the CPU pipeline hands DCTInit
-    the very tensors it would hand the kernel on a GPU, so they must pass the same check."""
+def check_kernel_contract(z1: torch.Tensor, noise: torch.Tensor, fraction: float) -> None:
+    """The CUDA kernel's preconditions (kernels/contract.py), all but the device, on the tensors the pipeline hands
+    DCTInit: checked on every device, so a layout the kernel would refuse fails on the CPU as on a GPU."""
     import_kernels("contract").check_launch("dct_init", {"z1": z1, "noise": noise}, on_gpu=False,
                                             fraction=fraction, z_frames_one=True)
-    return dct_init(z1, noise, alpha_bar_tau, fraction)
 
 
 def select_dct_init(device: torch.device | str) -> DCTInitFn:
     """Choose the DCTInit implementation once for `device`: the CUDA kernel from `kernels/cupy_dct.py` when the
-    device is CUDA and CuPy and that module import, else the float64 CPU reference behind the kernel's checks
-    (`dct_init_checked`), or with CINEMO_RT_DCTINIT=cuda-on-cpu the CUDA kernel executed on the CPU."""
+    device is CUDA and CuPy and that module import, else the float64 CPU reference `dct_init`, or with
+    CINEMO_RT_DCTINIT=cuda-on-cpu the CUDA kernel executed on the CPU."""
     device = torch.device(device)
     if device.type == "cuda":
         try:
@@ -157,5 +156,5 @@ def select_dct_init(device: torch.device | str) -> DCTInitFn:
         return import_kernels("cuda_on_cpu").dct_init_cpu
     if choice:
         raise ValueError(f"{IMPLEMENTATION_ENV}={choice!r} is not known; unset it or set it to {CUDA_ON_CPU!r}")
-    log.info("DCTInit: CPU float64 reference behind the kernel's checks (device %s)", device)
-    return dct_init_checked
+    log.info("DCTInit: CPU float64 reference (device %s)", device)
+    return dct_init

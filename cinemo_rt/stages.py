@@ -16,6 +16,7 @@ import torch
 
 from .backends.base import Backend
 from .components import images_to_uint8, tokenize
+from .dctinit import check_kernel_contract
 from .residuals import frames_from_residuals
 from .request import DCTInit, Request
 from .fewer_calls import CallCounter
@@ -90,10 +91,13 @@ def initial_noise(z1: torch.Tensor, frames: int, generator: torch.Generator, dct
 def mix_low_frequencies(z1: torch.Tensor, noise: torch.Tensor, dct: DCTInit | None, dct_init: Callable,
                         alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """DCTInit of `noise` (B, 4, F, h, w) towards z1, or `noise` itself when `dct` is None. Editing passes the
-    inverted latents of a clip as the noise (SPEC 10, step 3)."""
+    inverted latents of a clip as the noise (SPEC 10, step 3). The tensors pass the CUDA kernel's preconditions
+    here on every device (`check_kernel_contract`), so the CPU suite proves what a GPU run hands the kernel."""
     if dct is None:
         return noise
-    return dct_init(z1.float(), noise.float(), float(alphas_cumprod[dct.tau]), dct.fraction)
+    z1, noise = z1.float(), noise.float()
+    check_kernel_contract(z1, noise, dct.fraction)
+    return dct_init(z1, noise, float(alphas_cumprod[dct.tau]), dct.fraction)
 
 
 def denoising(backend: Backend, conditioning: Conditioning, x_T: torch.Tensor, request: Request,

@@ -112,12 +112,11 @@ def test_dct_init_rejects_bad_shapes():
 
 
 def test_select_cpu_reference(caplog, monkeypatch):
-    """On the CPU: the float64 reference behind the CUDA kernel's precondition check (tests/test_kernel_contract.py)."""
-    from cinemo_rt.dctinit import IMPLEMENTATION_ENV, dct_init_checked
+    from cinemo_rt.dctinit import IMPLEMENTATION_ENV
 
     monkeypatch.delenv(IMPLEMENTATION_ENV, raising=False)
     with caplog.at_level(logging.INFO, logger="cinemo_rt.dctinit"):
-        assert select_dct_init("cpu") is dct_init_checked
+        assert select_dct_init("cpu") is dct_init
     assert "CPU" in caplog.text
 
 

@@ -1,7 +1,8 @@
 """The CUDA kernels' preconditions (`kernels/contract.py`) on the CPU: every pipeline mode, on every backend that
-runs on the CPU, hands DCTInit tensors the kernel would take as they are. On the CPU the DCTInit implementation is
-the float64 reference behind the kernel's own check (`dct_init_checked`), or the CUDA kernel itself executed on
-the CPU (`CINEMO_RT_DCTINIT=cuda-on-cpu`), so a layout the kernel refuses fails here, not on the first GPU.
+runs on the CPU, hands DCTInit tensors the kernel would take as they are. The pipeline passes them through the
+kernel's own check on every device (`stages.mix_low_frequencies` -> `dctinit.check_kernel_contract`), and with
+`CINEMO_RT_DCTINIT=cuda-on-cpu` DCTInit is the CUDA kernel itself executed on the CPU, so a layout the kernel
+refuses fails here, not on the first GPU.
 
 The edit path once handed the kernel the inverted clip latents in the frames-first layout of the VAE encoder's
 output (a permuted view): `test_every_mode_hands_the_kernel_what_it_takes[...edit...]` fails on that."""
@@ -12,12 +13,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cinemo_rt.dctinit import CUDA_ON_CPU, IMPLEMENTATION_ENV, dct_init, dct_init_checked, select_dct_init
+from cinemo_rt.dctinit import (CUDA_ON_CPU, IMPLEMENTATION_ENV, check_kernel_contract, dct_init, import_kernels,
+                                select_dct_init)
 from cinemo_rt.pipeline import Animator
 from cinemo_rt.request import EditRequest, Request
 from cinemo_rt.residuals import residuals_from_frames
-from cinemo_rt.stages import encode_frames
-from cinemo_rt._kernels.contract import KernelContractError, check_launch
+
+# The modules the runtime imports (installed: cinemo_rt._kernels; a checkout: kernels), so classes compare equal.
+contract, cuda_on_cpu = import_kernels("contract"), import_kernels("cuda_on_cpu")
+KernelContractError, check_launch = contract.KernelContractError, contract.check_launch
 
 SIZE = dict(height=64, width=64, frames=3)
 ENGINE_SIZE = dict(height=64, width=64, frames=15)  # conftest.ENGINE_SIZE: the engines' static shape
@@ -76,12 +80,10 @@ def test_device_alignment_fraction_and_pairs():
         check_launch("dct_init", {"z1": x[:, :, :1].contiguous(), "noise": x}, on_gpu=False, fraction=0.0)
     with pytest.raises(TypeError, match=r"to\(noise.dtype\)"):
         check_launch("dct_init", {"z1": x[:, :, :1].double().contiguous(), "noise": x}, on_gpu=False, fraction=0.5)
-    from cinemo_rt._kernels.cuda_on_cpu import to_device
-
     raw = np.zeros(4 * 2 * 3 * 4 * 5 + 1, dtype=np.uint8)
     misaligned = np.frombuffer(raw.data, dtype=np.float32, offset=1, count=2 * 3 * 4 * 5).reshape(1, 2, 3, 4, 5)
     with pytest.raises(KernelContractError, match="aligned"):
-        check_launch("dct", {"x": to_device(misaligned)}, axis=-1)
+        check_launch("dct", {"x": cuda_on_cpu.to_device(misaligned)}, axis=-1)
 
 
 def test_the_frames_first_layout_of_the_edit_path_is_refused():
@@ -90,16 +92,14 @@ def test_the_frames_first_layout_of_the_edit_path_is_refused():
     z1, residuals = residuals_from_frames(frames_first)
     assert z1.is_contiguous() and residuals.is_contiguous()  # the fix: the pipeline's layout from here on
     with pytest.raises(KernelContractError, match="noise .* not contiguous"):
-        dct_init_checked(z1, frames_first[:, :, 1:], 0.5, 0.5)
+        check_kernel_contract(z1, frames_first[:, :, 1:], 0.5)
 
 
 def test_cpu_implementation_is_chosen_by_the_environment(monkeypatch):
-    from cinemo_rt._kernels.cuda_on_cpu import dct_init_cpu
-
     monkeypatch.delenv(IMPLEMENTATION_ENV, raising=False)
-    assert select_dct_init("cpu") is dct_init_checked
+    assert select_dct_init("cpu") is dct_init
     monkeypatch.setenv(IMPLEMENTATION_ENV, CUDA_ON_CPU)
-    assert select_dct_init("cpu") is dct_init_cpu
+    assert select_dct_init("cpu") is cuda_on_cpu.dct_init_cpu
     monkeypatch.setenv(IMPLEMENTATION_ENV, "gpu-please")
     with pytest.raises(ValueError, match=CUDA_ON_CPU):
         select_dct_init("cpu")
@@ -170,13 +170,13 @@ def _spy(animator):
 def test_every_mode_hands_the_kernel_what_it_takes(backend, tiny_checkpoint_dir, request, monkeypatch):
     monkeypatch.delenv(IMPLEMENTATION_ENV, raising=False)
     animator = _animator(backend, tiny_checkpoint_dir, request)
-    assert animator.dct_init is dct_init_checked
+    assert animator.dct_init is dct_init
     size = ENGINE_SIZE if backend == "onnxruntime" else SIZE
     for mode, run in _modes(size).items():
         if backend == "onnxruntime" and mode in BACKEND_FREE:
             continue
         calls = _spy(animator)
-        run(animator)  # dct_init_checked raises KernelContractError on a tensor the kernel refuses
+        run(animator)  # the stage raises KernelContractError on a tensor the kernel refuses
         assert calls, f"{mode}: no DCTInit call seen"
         assert all(c[1] and c[3] for c in calls), (mode, calls)
 
@@ -184,12 +184,10 @@ def test_every_mode_hands_the_kernel_what_it_takes(backend, tiny_checkpoint_dir,
 def test_every_mode_runs_the_cpu_executed_kernel(tiny_checkpoint_dir, monkeypatch):
     """The same modes with DCTInit computed by dct.cu itself, through cupy_dct's launcher: the videos match the
     float64 reference path within fp32 rounding (the kernel mixes in float32 here)."""
-    from cinemo_rt._kernels.cuda_on_cpu import dct_init_cpu
-
     reference = Animator.from_checkpoint(tiny_checkpoint_dir, backend="torch", device="cpu")
     monkeypatch.setenv(IMPLEMENTATION_ENV, CUDA_ON_CPU)
     kernel = Animator.from_checkpoint(tiny_checkpoint_dir, backend="torch", device="cpu")
-    assert kernel.dct_init is dct_init_cpu
+    assert kernel.dct_init is cuda_on_cpu.dct_init_cpu
     for mode, run in _modes(SIZE).items():
         if mode == "edit-segments":
             continue  # two chained edits: nothing a single edit does not already hand the kernel
@@ -201,10 +199,8 @@ def test_every_mode_runs_the_cpu_executed_kernel(tiny_checkpoint_dir, monkeypatc
 
 
 def test_cpu_executed_dct_init_matches_the_reference_in_fp32():
-    from cinemo_rt._kernels.cuda_on_cpu import dct_init_cpu
-
     g = torch.Generator().manual_seed(0)
     z1, noise = torch.randn(2, 4, 1, 8, 8, generator=g), torch.randn(2, 4, 3, 8, 8, generator=g)
-    ours, ref = dct_init_cpu(z1, noise, 6.5e-5, 0.5), dct_init(z1, noise.double(), 6.5e-5, 0.5)
+    ours, ref = cuda_on_cpu.dct_init_cpu(z1, noise, 6.5e-5, 0.5), dct_init(z1, noise.double(), 6.5e-5, 0.5)
     assert ours.dtype == torch.float32
     assert float((ours.double() - ref).norm() / ref.norm()) < 1e-6
