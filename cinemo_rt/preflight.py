@@ -15,13 +15,13 @@ import numpy as np
 
 from .image import InputError, load_image
 from .settings import Size
-from .limits import available_memory, check_output_size, checkpoint_estimate_inputs, estimate_run_bytes, size_defaults
+from .limits import check_job_size, checkpoint_estimate_inputs, size_defaults
 from .vocabulary import warn_unknown_words
 
 log = logging.getLogger(__name__)
 
 LATENT_MULTIPLE = 8  # output sides must be divisible by the VAE's factor (8 for the released model)
-_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 @dataclass
@@ -46,7 +46,7 @@ def model_folder(args) -> tuple[Path, bool]:
     return Path(folder), False
 
 
-def _runs_on_cpu(device: str | None) -> bool:
+def runs_on_cpu(device: str | None) -> bool:
     """Without importing torch: an explicit CPU device, or no NVIDIA device on this machine."""
     if device is not None:
         return device.startswith("cpu")
@@ -65,14 +65,12 @@ def plan_run(args) -> RunPlan:
     if height % LATENT_MULTIPLE or width % LATENT_MULTIPLE:
         raise InputError(f"output size {height}x{width} (height x width) must be divisible by {LATENT_MULTIPLE}; "
                          "change --height/--width")
-    facts = {} if engines else checkpoint_estimate_inputs(folder)
+    check_job_size(folder, height, width, frames, args.segments, engines=engines,
+                   dtype_bytes=DTYPE_BYTES.get(args.dtype or "fp32", 4), on_cpu=runs_on_cpu(args.device),
+                   defaults=defaults)
     # Engines: graph bytes / 4 approximates the parameter count well enough to choose threads.
-    parameters = (sum(p.stat().st_size for p in folder.glob("*.onnx*")) // 4 if engines else facts["parameters"])
-    dtype_bytes = _DTYPE_BYTES.get(args.dtype or "fp32", 4)
-    estimate = estimate_run_bytes(height, width, frames, dtype_bytes=dtype_bytes, **(facts or {
-        "parameters": 0, "base_channels": 320, "latent_factor": 8}))  # engines: the released model's widths
-    memory = available_memory() if _runs_on_cpu(args.device) else None
-    check_output_size(height, width, frames, estimate=estimate, defaults=defaults, memory=memory)
+    parameters = (sum(p.stat().st_size for p in folder.glob("*.onnx*")) // 4 if engines
+                  else checkpoint_estimate_inputs(folder)["parameters"])
     warn_unknown_words(f"{args.prompt} {args.negative_prompt}", folder / "tokenizer")
     return RunPlan(folder=folder, engines=engines, image=image, parameters=parameters,
                    size=Size(height, width, frames))

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 
+from .limits import MAX_THREADS
+
 log = logging.getLogger(__name__)
 
 ENV_VAR = "CINEMO_RT_THREADS"
@@ -45,6 +47,9 @@ def parse_threads(value: str | int | None, source: str = "--threads") -> int | N
         raise ValueError(f"{source} must be a whole number of threads or 'auto', got {value!r}") from None
     if number < 0:
         raise ValueError(f"{source} must be at least 1 (or 'auto'), got {number}")
+    if number > MAX_THREADS:
+        raise ValueError(f"{source} is {number}; at most {MAX_THREADS} threads (this machine lets this process "
+                         f"use {available_cores()} cores; more threads than cores only wait for each other)")
     return number or None
 
 

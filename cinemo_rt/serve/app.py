@@ -29,9 +29,9 @@ from ..request import FAST_PRESET, REFERENCE_STEPS, resolve_options
 from ..files import give_default_mode
 from ..samplers import DEFAULT_SAMPLER, SAMPLERS
 from .batching import BatchPolicy
-from .jobs import DONE, EDIT, FINAL_STATES, QUEUED, RUNNING, JobStore, is_job_id, new_job_id
-from .limits import (MEDIA_TYPES, Limits, RequestError, check_clip, check_edit, check_request, read_upload,
-                     save_clip_upload)
+from .jobs import DONE, EDIT, FINAL_STATES, QUEUED, RUNNING, JobStore, StoreBusy, is_job_id, new_job_id
+from .limits import (MEDIA_TYPES, Limits, RequestError, check_clip, check_edit, check_request, job_sizer,
+                     read_upload, save_clip_upload)
 from .metrics import Metrics
 from .runner import AnimationRequest, EditJobRequest, Runner
 from .worker import QueueFull, Worker
@@ -46,8 +46,8 @@ COLLECTIONS = {"animation": "animations", EDIT: "edits"}  # job kind -> its URL 
 DESCRIPTION = """Animate a still image with Cinemo: submit a job, follow its progress, download the video.
 
 Jobs are stored in SQLite under the server's jobs folder and survive restarts; finished videos expire after
-the server's keep time. With `--api-key`, every `/v1` route needs `Authorization: Bearer KEY` (or
-`X-API-Key: KEY`).
+the server's keep time. With `--api-key`, every `/v1` route needs `Authorization: Bearer KEY` (the scheme
+in any case; a bare key needs `X-API-Key: KEY`).
 
 `POST /v1/edits` edits a video: upload a clip (mp4, webm, mov or gif) and optionally a new first frame; the
 clip's motion moves the new frame (`cinemo-rt edit` over HTTP). Edit jobs share the queue and the job routes
@@ -78,15 +78,23 @@ class ServeSettings:
 
 
 def _key_checker(api_key: str | None) -> Callable:
-    expected = api_key.encode() if api_key else None
+    """`Authorization: Bearer KEY` (the scheme in any case, RFC 7235) or `X-API-Key: KEY`; a bare key in
+    `Authorization` has no scheme and is refused. Keys compare as UTF-8 bytes: HTTP headers arrive decoded
+    as Latin-1, so a header is turned back into the bytes the client sent before comparing."""
+    expected = api_key.encode("utf-8") if api_key is not None else None
+
+    def given_key(authorization: str | None, x_api_key: str | None) -> bytes:
+        if x_api_key:
+            return x_api_key.strip().encode("latin-1", "replace")
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        return token.strip().encode("latin-1", "replace") if scheme.lower() == "bearer" else b""
 
     def require_key(authorization: Annotated[str | None, Header()] = None,
                     x_api_key: Annotated[str | None, Header()] = None) -> None:
         if expected is None:
             return
-        given = x_api_key or (authorization or "").removeprefix("Bearer ").strip()
         # compare_digest takes time independent of where the strings differ
-        if not hmac.compare_digest(given.encode(), expected):
+        if not hmac.compare_digest(given_key(authorization, x_api_key), expected):
             raise HTTPException(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
@@ -119,7 +127,7 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
         Idempotent: the lifespan calls it, and so does a Ray Serve ingress (which may not run lifespans)."""
         if state:
             return
-        store = JobStore(settings.jobs_dir)
+        store = JobStore(settings.jobs_dir, owner=True)
         requeued = store.recover(requeue=settings.requeue)
         store.expire(settings.keep_s)
         metrics = Metrics(lambda: state["executor"].queue_length(), store.counts)
@@ -146,6 +154,7 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
     app = FastAPI(title="cinemo-rt", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.serve, app.state.start, app.state.stop = state, start, stop
     authorized = [Depends(_key_checker(settings.api_key))]
+    sizing = job_sizer(settings.checkpoint, settings.engines, settings.dtype, settings.device)
 
     @app.middleware("http")
     async def bound_uploads(request: Request, call_next):
@@ -168,6 +177,11 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
     async def request_error(request: Request, err: RequestError):
         state["metrics"].requests.labels(str(err.status)).inc()
         return JSONResponse({"detail": str(err)}, status_code=err.status)
+
+    @app.exception_handler(StoreBusy)
+    async def store_busy(request: Request, err: StoreBusy):
+        state["metrics"].requests.labels("503").inc()
+        return JSONResponse({"detail": str(err)}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, err: QueueFull):
@@ -235,16 +249,23 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
                                       segments=segments, sampler=sampler, cache=options.cache,
                                       guidance_until=options.guidance_until,
                                       guidance_every=options.guidance_every).resolved(executor.defaults)
-            check_request(wanted, format, settings.limits)
+            check_request(wanted, format, settings.limits, sizing=sizing)
             Runner.pipeline_request(wanted)  # what the pipeline itself refuses (sampler, eta with it, ...)
         except InputError as err:
             raise RequestError(422, str(err)) from err
         pixels = read_upload(image.file.read(settings.limits.max_upload_bytes + 1), settings.limits)
         job_id = new_job_id()
-        _save_png_atomically(pixels, store.input_path(job_id))
-        return enqueue(job_id, {**wanted.__dict__, "format": format})
+        try:  # an input is kept only with its job: no orphan upload when the database refuses the job
+            _save_png_atomically(pixels, store.input_path(job_id))
+            return enqueue(job_id, {**wanted.__dict__, "format": format})
+        except BaseException:
+            store.remove_inputs(job_id)
+            raise
 
     def ready_with_room(executor) -> None:
+        if not getattr(executor, "is_alive", lambda: True)():
+            raise HTTPException(503, "the worker stopped (see the server's log); jobs cannot run until the server "
+                                     "is restarted", headers={"Retry-After": "30"})
         if not executor.ready.is_set():
             raise HTTPException(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
         executor.check_capacity()
@@ -296,7 +317,7 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
             motion_id=motion_id, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
             inversion_guidance=inversion_guidance, seed=seed, height=height, width=width, frames=frames,
             stride=stride, start=start, segments=segments, use_dct=use_dct).resolved(executor.defaults)
-        check_edit(wanted, format, settings.limits)
+        check_edit(wanted, format, settings.limits, sizing=sizing)
         pixels = None
         if image is not None and image.filename:
             pixels = read_upload(image.file.read(settings.limits.max_upload_bytes + 1), settings.limits)
@@ -368,9 +389,10 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
     @app.get("/readyz", summary="The model is loaded and the worker accepts jobs")
     def readyz():
         executor = state["executor"]
-        if executor.ready.is_set():
+        alive = getattr(executor, "is_alive", lambda: True)()
+        if executor.ready.is_set() and alive:
             return {"status": "ready"}
-        reason = executor.load_error or "loading the model"
+        reason = executor.load_error or ("loading the model" if alive else "the worker stopped; see the log")
         return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
