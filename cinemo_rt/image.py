@@ -66,12 +66,13 @@ def decode_image_file(source: str | os.PathLike | bytes | bytearray, name: str |
         raise InputError(f"{name} is too large: more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} Mpx, over the "
                          f"{MAX_IMAGE_PIXELS / 1e6:.0f} Mpx limit; downscale it first, e.g. to 2048 px a side") from err
     except UnidentifiedImageError as err:
-        raise InputError(f"{name} is not an image this program can read; send a PNG, JPEG, WebP, BMP, TIFF or "
-                         "GIF file") from err
+        raise InputError(f"{name} could not be read: it is not a readable image (PNG, JPEG, WebP, BMP, TIFF or "
+                         "GIF); send one of those") from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         if isinstance(err, (InputError, LimitError)):
             raise
-        raise InputError(f"{name} is damaged or truncated ({_plain(err)}); send the complete file") from err
+        raise InputError(f"{name} could not be read: it is damaged or truncated ({_plain(err)}); send the "
+                         "complete file") from err
 
 
 def _plain(err: BaseException) -> str:

@@ -152,15 +152,24 @@ def check_job_size(folder: str | os.PathLike | None, height: int, width: int, fr
     return estimate if folder is not None else 0
 
 
+# A clip's frames are scaled down to the output size: past 4K a source frame is only cost (a 959-byte GIF
+# with an 8000x8000 logical screen cost 3.3 GB), and the frames an edit keeps stay within a budget.
+MAX_CLIP_FRAME_PIXELS = 3840 * 2160
+MAX_CLIP_BYTES = 2 * 2**30
+
+
 def check_clip_frames(count: int, height: int, width: int, source: str = "the clip") -> None:
     """The frames an edit keeps from its source clip (count x height x width RGB, plus one float copy of a
     frame while resizing), from the stream's or the first frame's size, before any frame is decoded."""
-    check_image_pixels(width, height, name=f"{source}'s frames")
+    if width * height > MAX_CLIP_FRAME_PIXELS:
+        raise LimitError(f"{source} has {height}x{width} (height x width) frames, over the limit of "
+                         f"{MAX_CLIP_FRAME_PIXELS / 1e6:.1f} Mpx a frame (3840x2160); scale the clip down first")
     need = count * height * width * 3 + height * width * 3 * 4
     memory = available_memory()
-    if memory is not None and need > memory:
+    budget = MAX_CLIP_BYTES if memory is None else min(memory, MAX_CLIP_BYTES)
+    if need > budget:
         raise LimitError(f"{source} has {height}x{width} (height x width) frames; keeping the {count} frames the "
-                         f"edit reads needs about {gib(need)} of memory, {gib(memory)} is available. Scale the clip "
+                         f"edit reads needs about {gib(need)} of memory; the limit is {gib(budget)}. Scale the clip "
                          "down first, or lower --frames/--segments")
 
 

@@ -65,7 +65,7 @@ def plan_run(args) -> RunPlan:
     if height % LATENT_MULTIPLE or width % LATENT_MULTIPLE:
         raise InputError(f"output size {height}x{width} (height x width) must be divisible by {LATENT_MULTIPLE}; "
                          "change --height/--width")
-    check_job_size(folder, height, width, frames, args.segments, engines=engines,
+    check_job_size(folder, height, width, frames, getattr(args, "segments", 1), engines=engines,
                    dtype_bytes=DTYPE_BYTES.get(args.dtype or "fp32", 4), on_cpu=runs_on_cpu(args.device),
                    defaults=defaults)
     # Engines: graph bytes / 4 approximates the parameter count well enough to choose threads.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# The server's option ranges, each checked when the options are parsed: past them a value is a typo (a wait of
+# The server's option ranges, checked before it starts (`check_options`): past them a value is a typo (a wait of
 # 1e300 ms overflowed the worker's timer and stopped it while /readyz said ready).
 MAX_QUEUE = 100_000
 MAX_BATCH = 256
@@ -16,19 +16,19 @@ MAX_WAIT_MS = 60_000.0
 MAX_KEEP_HOURS = 24 * 365 * 10
 
 
-def _bounded(kind, name: str, low: float, high: float):
-    """An argparse type: a finite number of `kind` in low..high, else argparse's one-line error (exit 2)."""
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not low <= value <= high:  # NaN and infinities fail this too
-            raise argparse.ArgumentTypeError(f"{name} must be in {low:g}..{high:g}, got {text}")
-        return value
+OPTION_RANGES = {"port": (1, 65535), "max_queue": (1, MAX_QUEUE), "max_batch": (1, MAX_BATCH),
+                 "max_wait_ms": (0, MAX_WAIT_MS), "keep_hours": (1 / 3600, MAX_KEEP_HOURS), "replicas": (1, MAX_BATCH)}
 
-    convert.__name__ = "number"
-    return convert
+
+def check_options(args) -> None:
+    """Every numeric option within its range (NaN and infinities fail the comparison too): one message
+    naming the option and the range, exit 2, before anything starts."""
+    from ..image import InputError
+
+    for name, (low, high) in OPTION_RANGES.items():
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            raise InputError(f"--{name.replace('_', '-')} must be in {low:g}..{high:g}; got {value}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,28 +40,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", default=None, metavar="N",
                         help="CPU threads for PyTorch (default: as `cinemo-rt run`, see --threads there)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    parser.add_argument("--port", type=_bounded(int, "--port", 1, 65535), default=8000)
+    parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--jobs", default="cinemo-jobs", help="folder for the job database, inputs and videos")
     parser.add_argument("--api-key", default=None,
                         help="require this key on /v1 routes (or set CINEMO_API_KEY; keeps it out of `ps`)")
-    parser.add_argument("--max-queue", type=_bounded(int, "--max-queue", 1, MAX_QUEUE), default=32,
+    parser.add_argument("--max-queue", type=int, default=32,
                         help="queued jobs before 429 (default 32)")
-    parser.add_argument("--max-batch", type=_bounded(int, "--max-batch", 1, MAX_BATCH), default=None,
+    parser.add_argument("--max-batch", type=int, default=None,
                         help="requests per UNet call; 1 = no batching (default: 4 on a GPU, 1 on a CPU, where "
                              "a UNet call's cost grows with its rows and batching does not pay: "
                              "benchmarks/results/serving.md)")
-    parser.add_argument("--max-wait-ms", type=_bounded(float, "--max-wait-ms", 0, MAX_WAIT_MS), default=50.0,
+    parser.add_argument("--max-wait-ms", type=float, default=50.0,
                         help="how long an idle worker waits for companions to batch with (default 50)")
     parser.add_argument("--no-exact-batching", dest="exact_batching", action="store_false",
                         help="batch only the rows there are: faster on a CPU at low load, but a batched "
                              "video may differ from the same request alone in the last bits")
-    parser.add_argument("--keep-hours", type=_bounded(float, "--keep-hours", 1 / 3600, MAX_KEEP_HOURS), default=24.0,
+    parser.add_argument("--keep-hours", type=float, default=24.0,
                         help="finished jobs expire after this")
     parser.add_argument("--requeue", action="store_true",
                         help="after a restart, run interrupted jobs again (default: mark them failed)")
     parser.add_argument("--ray", action="store_true",
                         help="run as a Ray Serve application (see cinemo_rt/serve/ray_app.py; joins RAY_ADDRESS)")
-    parser.add_argument("--replicas", type=_bounded(int, "--replicas", 1, MAX_BATCH), default=2,
+    parser.add_argument("--replicas", type=int, default=2,
                         help="with --ray: model replicas (default 2)")
 
 
@@ -107,6 +107,7 @@ def api_key(flag: str | None, environ) -> str | None:
 
 
 def serve(args) -> int:
+    check_options(args)
     settings = settings_from_args(args)
     if args.ray:
         from .ray_app import run_ray
