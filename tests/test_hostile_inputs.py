@@ -321,3 +321,114 @@ def test_sighup_is_handled_like_sigterm():
             for _ in range(1000):  # the handler runs at the next bytecode boundary
                 pass
     assert exit_code_for(caught.value) == EXIT_HANGUP == 129
+
+
+def test_build_engines_on_a_full_disk_is_one_message(tmp_path, tiny_checkpoint_dir, monkeypatch, capsys, caplog):
+    import torch
+
+    from export import build_engines as be
+
+    pytest.importorskip("onnx", reason="export extras: pip install -e '.[onnx]'")
+    calls = []
+
+    def full_disk(*args, dynamo=True, **kwargs):  # both exporters, as torch wraps the write error
+        calls.append(dynamo)
+        raise RuntimeError("failed to save the model: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(torch.onnx, "export", full_disk)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        code = be.main(["--checkpoint", str(tiny_checkpoint_dir), "--out", str(tmp_path / "eng"),
+                        "--height", "32", "--width", "32", "--frames", "2"])
+    text = capsys.readouterr().err + caplog.text
+    assert code == 2 and "No space left on device" in text and "Traceback" not in text, text
+    assert calls == [True] and "falling back" not in text  # not reported as the exporter's failure
+    assert not [p for p in tmp_path.rglob(".*")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: config values and resume files
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override, fragment", [
+    (["--threads", "-1"], "threads must be at least 0"), (["--steps", "abc"], "steps must be a whole number"),
+    (["--batch_size", "0"], "batch_size must be at least 1"), (["--height", "1e9"], "height must be a whole number"),
+    (["--height", "1000000000"], "the limit is 8192"), (["--lr", "NaN"], "lr must be a finite number"),
+    (["--frame_interval", "[1]"], "frame_interval must be a pair"), (["--bf16", "3"], "bf16 must be true or false"),
+])
+def test_bad_training_config_values_are_one_message(override, fragment, capsys):
+    from cinemo_rt.train.__main__ import main
+
+    with pytest.raises(SystemExit) as stop:  # argparse's error: usage, the message, exit 2
+        main(["--unet.sample_size", "8", *override])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err
+
+
+def tiny_training_state(tmp_path):
+    import torch
+
+    from cinemo_rt.train.loop import EMA, STATE_FILE, _rng_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    ema = EMA(model, 0.9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    generator = torch.Generator().manual_seed(0)
+    state = {"unet": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+             "lr_schedule": schedule.state_dict(), "step": 1}
+    torch.save(state, tmp_path / STATE_FILE)
+    torch.save(_rng_state(generator), tmp_path / "rng_rank0.pt")
+
+    def fresh():
+        m = torch.nn.Linear(4, 3)
+        o = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        return m, EMA(m, 0.9), o, torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0), torch.Generator()
+
+    return fresh
+
+
+def _tamper(name):
+    import torch
+
+    def unet_missing(state, rng):
+        del state["unet"]
+
+    def wrong_shape(state, rng):
+        state["unet"]["weight"] = torch.zeros(5, 4)
+
+    def optimizer_shape(state, rng):
+        state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(7)
+
+    def generator_size(state, rng):
+        rng["generator"] = torch.zeros(3, dtype=torch.uint8)
+
+    def no_numpy(state, rng):
+        del rng["numpy"]
+
+    def step_text(state, rng):
+        state["step"] = "many"
+
+    return {f.__name__: f for f in (unet_missing, wrong_shape, optimizer_shape, generator_size, no_numpy,
+                                    step_text)}[name]
+
+
+@pytest.mark.parametrize("tamper", ["unet_missing", "wrong_shape", "optimizer_shape", "generator_size", "no_numpy",
+                                    "step_text"])
+def test_tampered_resume_is_one_message(tmp_path, tamper):
+    import torch
+
+    from cinemo_rt.train.loop import STATE_FILE, restore_training_state
+
+    fresh = tiny_training_state(tmp_path)
+    restore_training_state(tmp_path, 0, *fresh())  # the untampered files resume
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)
+    rng = torch.load(tmp_path / "rng_rank0.pt", weights_only=True)
+    _tamper(tamper)(state, rng)
+    torch.save(state, tmp_path / STATE_FILE)
+    torch.save(rng, tmp_path / "rng_rank0.pt")
+    with pytest.raises(ValueError, match="cannot resume from .*(training_state|rng_rank0)"):
+        restore_training_state(tmp_path, 0, *fresh())
