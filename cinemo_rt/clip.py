@@ -69,6 +69,10 @@ def plan_window(available: int | None, fps: float | None, count: int, stride: in
     """The window of `count` frames for a clip of `available` frames (None: not known yet; checked when
     decoding). An explicit stride that does not fit is an error naming the stride that would; the default
     one (spanning DEFAULT_SPAN_S per `segment_frames`, default `count`) shrinks to fit, and says so."""
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise InputError(f"the clip's frame rate must be a finite number above 0; got {fps}")
+    if available is not None and available < 1:
+        raise InputError("the clip has no frames; pass a video with frames or a folder of frames")
     if not start >= 0:  # NaN included
         raise InputError(f"--start must be a number >= 0 seconds; got {start}")
     if start and not fps:

@@ -87,7 +87,7 @@ def png_bytes(size=(48, 40)) -> bytes:
 
 def gif_bytes(frames=4, size=(32, 32)) -> bytes:
     buffer = io.BytesIO()
-    images = [Image.fromarray(np.full((size[1], size[0], 3), 40 * i, np.uint8)) for i in range(frames)]
+    images = [Image.fromarray(np.full((size[1], size[0], 3), 40 * i % 256, np.uint8)) for i in range(frames)]
     images[0].save(buffer, "GIF", save_all=True, append_images=images[1:], duration=100)
     return buffer.getvalue()
 
