@@ -301,3 +301,13 @@ def test_keys_compare_as_utf8_and_schemes_in_any_case(tmp_path, key):
         assert status({"Authorization": b"Basic " + raw}) == 401
         assert status({"Authorization": b"Bearer " + raw + b"x"}) == 401
         assert status({}) == 401
+
+
+def test_an_empty_key_is_refused_by_every_entry_point(tmp_path):
+    from cinemo_rt.serve.command import api_key
+
+    with pytest.raises(ValueError, match="empty"):
+        idle_app(tmp_path / "jobs", api_key="")  # Python: create_app (the Ray ingress builds the same app)
+    with pytest.raises(ValueError, match="CINEMO_API_KEY is empty"):
+        api_key(None, {"CINEMO_API_KEY": " "})  # the environment of `serve` and `serve run ...ray_app:app`
+    assert api_key(None, {}) is None and api_key("k", {"CINEMO_API_KEY": "other"}) == "k"

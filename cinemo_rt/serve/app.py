@@ -81,6 +81,8 @@ def _key_checker(api_key: str | None) -> Callable:
     """`Authorization: Bearer KEY` (the scheme in any case, RFC 7235) or `X-API-Key: KEY`; a bare key in
     `Authorization` has no scheme and is refused. Keys compare as UTF-8 bytes: HTTP headers arrive decoded
     as Latin-1, so a header is turned back into the bytes the client sent before comparing."""
+    if api_key is not None and not api_key.strip():  # every request would match it: authentication off
+        raise ValueError("the API key is empty; give a key, or None to serve without one")
     expected = api_key.encode("utf-8") if api_key is not None else None
 
     def given_key(authorization: str | None, x_api_key: str | None) -> bytes:
