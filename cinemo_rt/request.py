@@ -110,8 +110,8 @@ class Request:
         validate.finite(self.eta, "eta")
         validate.text(self.prompt, "the prompt")
         validate.text(self.negative_prompt, "the negative prompt")
-        if self.steps < 1:
-            raise InputError(f"steps must be at least 1; got {self.steps}")
+        if not 1 <= self.steps <= NUM_TRAIN_TIMESTEPS:  # more steps than the schedule has timesteps mean nothing
+            raise InputError(f"steps must be in 1..{NUM_TRAIN_TIMESTEPS}; got {self.steps}")
         if self.frames is not None and self.frames < 1:
             raise InputError(f"frames must be at least 1; got {self.frames}")
         if self.sampler not in SAMPLERS:

@@ -432,3 +432,24 @@ def test_tampered_resume_is_one_message(tmp_path, tamper):
     torch.save(rng, tmp_path / "rng_rank0.pt")
     with pytest.raises(ValueError, match="cannot resume from .*(training_state|rng_rank0)"):
         restore_training_state(tmp_path, 0, *fresh())
+
+
+@pytest.mark.parametrize("override, fragment", [
+    (["--vae.layers_per_block", "100000"], "vae.layers_per_block is 100000"),
+    (["--unet.block_out_channels", "[8192, 8192]"], "unet.block_out_channels[0] is 8192"),
+])
+def test_from_scratch_model_sizes_are_bounded(override, fragment, capsys):
+    from cinemo_rt.train.__main__ import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--unet.sample_size", "8", *override])
+    assert stop.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_from_scratch_models_past_the_memory_are_refused_before_allocating(monkeypatch):
+    from cinemo_rt.train import components
+
+    monkeypatch.setattr(limits, "available_memory", lambda: 2**20)
+    with pytest.raises(ValueError, match="training config vae asks for .* parameters"):
+        components.build_vae({"block_out_channels": [64, 128], "norm_num_groups": 8}, seed=0)
+    assert components.build_vae({"block_out_channels": [8], "norm_num_groups": 4}, seed=0) is not None

@@ -86,6 +86,7 @@ class StoreBusy(Exception):
 
 LOCK_FILE = "server.lock"
 BUSY_TIMEOUT_S = 5.0  # a request waits this long for a database another program holds, then gets 503
+WORKER_BUSY_TIMEOUT_S = 30.0  # the worker's writes (progress, results) wait longer: a job is not given up lightly
 
 
 class JobStore:
@@ -107,7 +108,7 @@ class JobStore:
             if owner:
                 self._lock_file = _take_folder_lock(self.folder)
             self._db = sqlite3.connect(self.folder / "jobs.sqlite3", check_same_thread=False,
-                                       isolation_level=None, timeout=BUSY_TIMEOUT_S)
+                                       isolation_level=None, timeout=WORKER_BUSY_TIMEOUT_S)
             self._db.execute("PRAGMA journal_mode=WAL")
             # WAL + NORMAL: a committed state survives the process being killed (kill -9); a power cut may lose
             # the last few commits but never corrupts the database. Progress is written every step, so no fsync.
@@ -174,10 +175,18 @@ class JobStore:
         return self.videos / f"{job.id}.{job.format}"
 
     # -- writes ---------------------------------------------------------------------------------------
-    def _execute(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
+    def _execute(self, sql: str, params: tuple = (), busy_s: float | None = None) -> sqlite3.Cursor:
+        """`busy_s`: how long to wait for a database another program holds (a request's short wait; the
+        connection's longer one otherwise); past it, StoreBusy."""
         with self._lock:
             try:
-                return self._db.execute(sql, params)
+                if busy_s is None:
+                    return self._db.execute(sql, params)
+                self._db.execute(f"PRAGMA busy_timeout={int(busy_s * 1000)}")
+                try:
+                    return self._db.execute(sql, params)
+                finally:
+                    self._db.execute(f"PRAGMA busy_timeout={int(WORKER_BUSY_TIMEOUT_S * 1000)}")
             except sqlite3.OperationalError as err:
                 if "locked" in str(err) or "busy" in str(err):
                     raise StoreBusy(f"the job database is locked by another program ({err}); retry shortly") from err
@@ -186,7 +195,7 @@ class JobStore:
     def add(self, job_id: str, request: dict, owner: str = "") -> Job:
         now = time.time()
         self._execute("INSERT INTO jobs (id, state, request, created, owner) VALUES (?, ?, ?, ?, ?)",
-                      (job_id, QUEUED, json.dumps(request), now, owner))
+                      (job_id, QUEUED, json.dumps(request, allow_nan=False), now, owner), busy_s=BUSY_TIMEOUT_S)
         return self.get(job_id)
 
     def mark_running(self, job_id: str, owner: str = "") -> None:

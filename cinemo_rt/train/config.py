@@ -148,8 +148,17 @@ def check_field_types(cfg: "TrainConfig") -> None:
                 raise ValueError(f"training config {item.name} must be a pair of numbers; got {value!r}")
 
 
+MAX_MODEL_NUMBER = 4096  # widths, layers, heads of a model trained from scratch here: past it, a typo
+
+
 def check_ranges(cfg: "TrainConfig") -> None:
     from ..limits import MAX_FRAMES, MAX_SIDE, MAX_THREADS
+
+    for part in ("unet", "vae", "text_encoder"):
+        for key, value in _numbers(getattr(cfg, part), part):
+            if value > MAX_MODEL_NUMBER:
+                raise ValueError(f"training config {key} is {value}; at most {MAX_MODEL_NUMBER} (widths, layers and "
+                                 "heads of a model trained here)")
 
     for name, least in _AT_LEAST.items():
         if getattr(cfg, name) < least:
@@ -168,6 +177,20 @@ def check_ranges(cfg: "TrainConfig") -> None:
             raise ValueError(f"training config {name} must be above 0; got {getattr(cfg, name)}")
     if not all(0 <= b < 1 for b in cfg.betas):
         raise ValueError(f"training config betas must be in [0, 1); got {cfg.betas}")
+
+
+def _numbers(value, key: str):
+    """(dotted key, number) of every whole number inside a nested config value."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        yield key, value
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _numbers(item, f"{key}[{i}]")
+    elif isinstance(value, Mapping):
+        for k, item in value.items():
+            yield from _numbers(item, f"{key}.{k}")
 
 
 def parse_overrides(flags: Sequence[str]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from ..settings import SIZE_FILE
 from ..schedule import NUM_TRAIN_TIMESTEPS, add_noise, make_schedule
 from ..threads import apply_threads
 from . import dist as distributed
-from .components import build_text_encoder, build_vae, pretrain_vae, with_scaling_factor
+from .components import build_text_encoder, build_vae, build_within_memory, pretrain_vae, with_scaling_factor
 from .config import TrainConfig
 from .data import VideoClips, read_captions, to_model_pixels
 
@@ -245,7 +245,7 @@ def build_models(cfg: TrainConfig, clips: VideoClips, resume: Path | None, gener
 
     unet_values = {**cfg.unet, "cross_attention_dim": text.hidden_size}
     torch.manual_seed(cfg.seed)
-    unet = UNet3D(UNetConfig.from_dict(unet_values))
+    unet = build_within_memory(lambda: UNet3D(UNetConfig.from_dict(unet_values)), "unet")
     # The motion embedding starts at zero (SPEC 3: add_embedding.linear_2 zero-initialised for training).
     nn.init.zeros_(unet.add_embedding.linear_2.weight)
     nn.init.zeros_(unet.add_embedding.linear_2.bias)
