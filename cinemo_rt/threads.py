@@ -56,8 +56,8 @@ def parse_threads(value: str | int | None, source: str = "--threads") -> int | N
 def choose_threads(parameters: int | None, requested: int | None = None, processes: int = 1) -> tuple[int, str]:
     """-> (threads, why). `parameters`: the model's parameter count (None: unknown, treated as large);
     `processes`: how many processes of this job share the cores (training ranks on one node)."""
-    if requested:
-        return requested, "as requested"
+    if requested:  # checked here too: the Python API and the server pass numbers, not flags
+        return parse_threads(requested, "threads"), "as requested"
     from_env = parse_threads(os.environ.get(ENV_VAR), ENV_VAR)
     if from_env:
         return from_env, f"from {ENV_VAR}"

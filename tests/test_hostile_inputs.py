@@ -453,3 +453,11 @@ def test_from_scratch_models_past_the_memory_are_refused_before_allocating(monke
     with pytest.raises(ValueError, match="training config vae asks for .* parameters"):
         components.build_vae({"block_out_channels": [64, 128], "norm_num_groups": 8}, seed=0)
     assert components.build_vae({"block_out_channels": [8], "norm_num_groups": 4}, seed=0) is not None
+
+
+def test_thread_counts_are_bounded_for_the_python_api_too():
+    from cinemo_rt.threads import choose_threads
+
+    with pytest.raises(ValueError, match="at most 256 threads"):
+        choose_threads(0, requested=10000)
+    assert choose_threads(0, requested=3) == (3, "as requested")
