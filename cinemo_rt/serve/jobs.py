@@ -124,6 +124,8 @@ class JobStore:
                 self._db.execute("ROLLBACK")
                 self.remove_temporaries()
         except (OSError, sqlite3.Error) as err:
+            if getattr(self, "_db", None) is not None:
+                self._db.close()
             self._release()
             raise StorageError(_storage_message(self.folder, err)) from None
         self._lock = threading.Lock()
