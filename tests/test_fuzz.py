@@ -6,8 +6,8 @@
 - The request types and config loaders under hypothesis-generated values (non-finite, huge, wrong types):
   each either builds or raises the one error type its entry point turns into a message (ValueError).
 
-Bounded run time: `FUZZ_EXAMPLES` examples per operation; about 40 s for the whole file on a busy 2-core
-machine.
+Bounded run time: `FUZZ_EXAMPLES` examples per operation, a fixed count per property; 31 s for the whole file
+on a shared 2-core machine beside other test runs.
 """
 
 from __future__ import annotations
