@@ -311,3 +311,17 @@ def test_an_empty_key_is_refused_by_every_entry_point(tmp_path):
     with pytest.raises(ValueError, match="CINEMO_API_KEY is empty"):
         api_key(None, {"CINEMO_API_KEY": " "})  # the environment of `serve` and `serve run ...ray_app:app`
     assert api_key(None, {}) is None and api_key("k", {"CINEMO_API_KEY": "other"}) == "k"
+
+
+def test_two_copies_of_one_app_in_a_process_share_the_owner(tmp_path):
+    """Ray unpickles the app twice in its ingress process: the second start adopts the first's store."""
+    app, other = idle_app(tmp_path / "jobs"), idle_app(tmp_path / "jobs")
+    app.state.start()
+    try:
+        other.state.start()  # no "in use by another server": this process owns the folder
+        assert other.state.serve["store"] is app.state.serve["store"]
+        other.state.stop()  # the adopter leaves the owner running
+        assert app.state.serve["store"].counts() is not None
+    finally:
+        app.state.stop()
+    JobStore(tmp_path / "jobs", owner=True).close()  # released

@@ -29,7 +29,8 @@ from ..request import FAST_PRESET, REFERENCE_STEPS, resolve_options
 from ..files import give_default_mode
 from ..samplers import DEFAULT_SAMPLER, SAMPLERS
 from .batching import BatchPolicy
-from .jobs import DONE, EDIT, FINAL_STATES, QUEUED, RUNNING, JobStore, StoreBusy, is_job_id, new_job_id
+from .jobs import (DONE, EDIT, FINAL_STATES, QUEUED, RUNNING, JobStore, StoreBusy, is_job_id, new_job_id,
+                   started_in_process)
 from .limits import (MEDIA_TYPES, Limits, RequestError, check_clip, check_edit, check_request, job_sizer,
                      read_upload, save_clip_upload)
 from .metrics import Metrics
@@ -120,28 +121,51 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
     """`open_runner` replaces loading the model from the settings (tests share one); `executor_factory(store,
     metrics) -> executor` replaces the local worker (Ray uses this)."""
     state: dict = {}
+    key = str(Path(settings.jobs_dir).resolve())
 
     def make_local_worker(store: JobStore, metrics: Metrics) -> Worker:
         return Worker(store, open_runner or settings.open_runner, settings.policy, settings.max_queue, metrics)
 
     def start() -> None:
         """Open the store, settle jobs a previous run left behind, start the executor and the expiry sweep.
-        Idempotent: the lifespan calls it, and so does a Ray Serve ingress (which may not run lifespans)."""
-        if state:
-            return
+        Idempotent: the lifespan calls it, and so does a Ray Serve ingress (which may not run lifespans). Ray
+        unpickles the app twice in the ingress process (the ASGI app and the ingress's own reference): the
+        second copy adopts the first's store and executor, since the process owns the folder once."""
+        started, lock = started_in_process()
+        with lock:
+            if state:
+                return
+            running = started.get(key)
+            if running is not None:
+                state.update(running)
+                return
+            _start()
+            started[key] = state
+
+    def _start() -> None:
         store = JobStore(settings.jobs_dir, owner=True)
-        requeued = store.recover(requeue=settings.requeue)
-        store.expire(settings.keep_s)
-        metrics = Metrics(lambda: state["executor"].queue_length(), store.counts)
-        executor = (executor_factory or make_local_worker)(store, metrics)
+        try:
+            requeued = store.recover(requeue=settings.requeue)
+            store.expire(settings.keep_s)
+            metrics = Metrics(lambda: state["executor"].queue_length(), store.counts)
+            executor = (executor_factory or make_local_worker)(store, metrics)
+        except BaseException:
+            store.close()  # the folder's lock goes with it: a retried start can take it
+            raise
         stop_sweep = threading.Event()
         state.update(store=store, metrics=metrics, executor=executor, stop_sweep=stop_sweep)
         executor.start(requeued)
         threading.Thread(target=_sweep, args=(store, settings.keep_s, stop_sweep), daemon=True).start()
 
     def stop() -> None:
-        if not state:
-            return
+        started, lock = started_in_process()
+        with lock:
+            if not state:
+                return
+            if started.get(key) is not state:  # a copy that adopted the running one: the owner stops it
+                state.clear()
+                return
+            del started[key]
         state["stop_sweep"].set()
         state["executor"].stop()
         state["store"].close()

@@ -291,6 +291,17 @@ class JobStore:
         return len(ids)
 
 
+_STARTED: dict[str, dict] = {}
+_STARTED_LOCK = threading.RLock()
+
+
+def started_in_process() -> tuple[dict[str, dict], threading.RLock]:
+    """The app state started in this process per jobs folder, and its lock. Here, a module function, not in
+    `app.py`: Ray pickles `create_app`'s closures by value, each copy with its own globals, but a module's
+    function by reference, so every copy of the app in a process finds this one registry."""
+    return _STARTED, _STARTED_LOCK
+
+
 def _take_folder_lock(folder: Path):
     """An exclusive, non-blocking lock on `folder/server.lock`, holding who took it (pid, host, time) for
     the message a second server gets."""
