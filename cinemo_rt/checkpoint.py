@@ -189,11 +189,46 @@ def _load_diffusers_part(folder: Path, part: str, cls, problems: list[str]):
         what = "config.json" if not config_path.is_file() else "weights (" + " or ".join(WEIGHT_NAMES[part]) + ")"
         problems.append(f"{part}: missing {what}")
         return None
-    model = _build(lambda: cls.from_config(read_json(config_path)), config_path, part, problems)
+    make = lambda: cls.from_config(read_json(config_path))  # noqa: E731
+    if not _config_fits_weights(make, config_path, weights, part, problems):
+        return None
+    model = _build(make, config_path, part, problems)
     if model is None:
         return None
     _check_and_load(model, read_state_dict(weights), part, problems)
     return model.eval().requires_grad_(False)
+
+
+OVERSIZED_PARAMETERS = 2  # a config built (without memory) at twice its weights' parameters is refused
+
+
+def _config_fits_weights(make, config_path: Path, weights: Path, part: str, problems: list[str]) -> bool:
+    """Before a component is built for real: its config against its safetensors header (whole numbers
+    within reach of the weights' dimensions), then built on the meta device (no memory) and its parameter
+    count compared with the header's. Pickled weights have no header to read; the loader compares those."""
+    from .limits import component_config_problems, parameter_count, safetensors_header
+
+    if weights.suffix != ".safetensors":
+        return True
+    try:
+        shapes = safetensors_header(weights)
+        found = component_config_problems(read_json(config_path), shapes)
+    except ValueError as err:  # an unreadable header or config
+        problems.append(f"{part}: {err}")
+        return False
+    if found:
+        problems.extend(f"{part}: {config_path.name}: {p}" for p in found)
+        return False
+    with torch.device("meta"):
+        model = _build(make, config_path, part, problems)
+    if model is None:
+        return False
+    wanted, held = sum(p.numel() for p in model.parameters()), parameter_count(shapes)
+    if wanted > OVERSIZED_PARAMETERS * max(held, 1):
+        problems.append(f"{part}: {config_path} asks for {wanted:,} parameters but {weights.name} holds "
+                        f"{held:,}; use the config.json that came with these weights")
+        return False
+    return True
 
 
 def _load_text_encoder(folder: Path, problems: list[str]) -> TextEncoder | None:
@@ -212,8 +247,10 @@ def _load_text_encoder(folder: Path, problems: list[str]) -> TextEncoder | None:
         problems.append("text_encoder: missing " + ("config.json" if not config_path.is_file() else
                                                     "weights (model.safetensors or pytorch_model.bin)"))
         return None
-    model = _build(lambda: CLIPTextModel(CLIPTextConfig.from_dict(read_json(config_path))), config_path,
-                   "text_encoder", problems)
+    make = lambda: CLIPTextModel(CLIPTextConfig.from_dict(read_json(config_path)))  # noqa: E731
+    if not _config_fits_weights(make, config_path, weights, "text_encoder", problems):
+        return None
+    model = _build(make, config_path, "text_encoder", problems)
     if model is None:
         return None
     _check_and_load(model, read_state_dict(weights), "text_encoder", problems)
@@ -229,7 +266,7 @@ def _build(make, source: Path, part: str, problems: list[str]):
         return make()
     except FileFormatError as err:
         problems.append(f"{part}: {err}")
-    except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError, RuntimeError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - any failure to build from a user's config is that config's fault
         problems.append(f"{part}: {source} cannot build the model ({type(err).__name__}: {err})")
     return None
 

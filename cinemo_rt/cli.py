@@ -63,6 +63,10 @@ def _finite_float(name: str):
     return _argument_type(lambda v: validate.finite(v, name), "number")
 
 
+def _text(name: str):
+    return _argument_type(lambda v: validate.text(v, name), "text")
+
+
 def _seed(value: str) -> int:
     try:
         return validate.seed(int(value))
@@ -160,13 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="animate an image", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run.add_argument("--image", required=True, help="input still image (PNG, JPEG, ...)")
-    run.add_argument("--prompt", required=True, help="text describing the motion")
+    run.add_argument("--prompt", required=True, type=_text("--prompt"), help="text describing the motion")
     motion = run.add_mutually_exclusive_group()
     motion.add_argument("--bucket", type=_bucket, default=9,
                         help="motion intensity 0..19, larger = more motion")
     motion.add_argument("--motion-id", type=_finite_float("--motion-id"), default=None,
                         help="raw motion id for other checkpoints (the released model uses 99 - bucket)")
-    run.add_argument("--negative-prompt", default="", help="what to steer away from")
+    run.add_argument("--negative-prompt", default="", type=_text("--negative-prompt"),
+                     help="what to steer away from")
     run.add_argument("--steps", type=_positive_int, default=None,
                      help="sampling steps (None: 50, or the --fast preset's)")
     run.add_argument("--sampler", choices=tuple(SAMPLERS), default=None,
@@ -193,15 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="source clip: a video file (mp4, webm, mov, gif, ...) or a folder of frames")
     edit.add_argument("--image", default=None,
                       help="the new first frame (None: the clip's own, which reconstructs or re-prompts it)")
-    edit.add_argument("--prompt", required=True, help="text describing the edited video")
-    edit.add_argument("--source-prompt", default="", help="text describing the source clip (for the inversion)")
+    edit.add_argument("--prompt", required=True, type=_text("--prompt"), help="text describing the edited video")
+    edit.add_argument("--source-prompt", default="", type=_text("--source-prompt"),
+                      help="text describing the source clip (for the inversion)")
     motion = edit.add_mutually_exclusive_group()
     motion.add_argument("--bucket", type=_bucket_or_auto, default="auto",
                         help="motion intensity 0..19, or auto: measured on the clip with the training rule "
                              "clamp(floor(100 * mean SSIM of consecutive frames), 80, 99)")
     motion.add_argument("--motion-id", type=_finite_float("--motion-id"), default=None,
                         help="raw motion id for other checkpoints")
-    edit.add_argument("--negative-prompt", default="", help="the unconditional prompt when guidance is not 1")
+    edit.add_argument("--negative-prompt", default="", type=_text("--negative-prompt"),
+                      help="the unconditional prompt when guidance is not 1")
     edit.add_argument("--steps", type=_positive_int, default=Request.steps,
                       help="DDIM steps, of the inversion and of the sampling each")
     edit.add_argument("--guidance", type=_finite_float("--guidance"), default=1.0,
@@ -234,7 +241,10 @@ def _check_output(args) -> None:
     from .video import resolve_format
 
     fmt = resolve_format(args.out, args.format)
-    parent = Path(args.out).resolve().parent
+    try:
+        parent = Path(args.out).resolve().parent
+    except (OSError, RuntimeError) as err:  # a symbolic link loop (RuntimeError before Python 3.13)
+        raise OutputError(f"--out {args.out!r} cannot be resolved ({err}); choose another output name") from None
     if not parent.is_dir():
         raise OutputError(f"output folder {str(parent)!r} does not exist; create it or choose another --out")
     if not os.access(parent, os.W_OK):
@@ -316,8 +326,8 @@ def cmd_edit(args) -> int:
         plan = plan_run(args)  # the new image (optional), folder, sizes, memory
         frames = plan.size.frames
         clip, window = read_clip(args.video, args.segments * frames + 1, args.stride, args.start, frames + 1)
-    print(f"source clip {args.video}: {window.describe(clip.fps)}"
-          + ("" if args.stride else " (the default stride; --stride K to choose)"))
+    say(f"source clip {args.video}: {window.describe(clip.fps)}"
+        + ("" if args.stride else " (the default stride; --stride K to choose)"))
 
     def job(animator, callback):
         request = build_edit_request(args, plan.size, clip.frames)
@@ -336,7 +346,7 @@ def build_edit_request(args, size, clip_frames):
         motion_id = args.motion_id
     elif args.bucket == "auto":
         motion_id = clip_motion_id(clip_frames, size)
-        print(f"motion bucket {bucket_from_motion_id(motion_id)} measured on the clip (--bucket auto)")
+        say(f"motion bucket {bucket_from_motion_id(motion_id)} measured on the clip (--bucket auto)")
     else:
         motion_id = bucket_to_motion_id(args.bucket)
     return EditRequest.create(
@@ -381,8 +391,20 @@ def _execute(args, plan, threads, phases: dict[str, float], total_steps: int, de
     log.debug("write: %.2f s", phases["write"])
     height, width = args.scale.size(*video.shape[1:3])
     scaled = f", scaled {args.scale.factor}x ({args.scale.filter})" if args.scale.factor > 1 else ""
-    print(f"wrote {video.shape[0]} frames of {height}x{width} (height x width{scaled}) to {path}")
+    say(f"wrote {video.shape[0]} frames of {height}x{width} (height x width{scaled}) to {path}")
     return EXIT_OK
+
+
+def say(line: str) -> None:
+    """One result line on stdout. A closed pipe (`| head`) or a full device (`>/dev/full`) must not turn a
+    finished run into a traceback: the line goes to the log instead, and stdout is dropped for the rest."""
+    import os
+
+    try:
+        print(line, flush=True)
+    except OSError as err:  # BrokenPipeError, ENOSPC
+        sys.stdout = open(os.devnull, "w")  # nothing left to flush at exit
+        log.warning("stdout is closed or full (%s); %s", err.strerror or type(err).__name__, line)
 
 
 def cmd_info(args) -> int:
@@ -414,16 +436,26 @@ def _user_error_types() -> tuple[type, ...]:
     to report an argument error (an error of a module not imported cannot have been raised)."""
     names = {"cinemo_rt.image": "InputError", "cinemo_rt.checkpoint": "CheckpointError",
              "cinemo_rt.safe_paths": "OutputError", "cinemo_rt.limits": "LimitError",
-             "cinemo_rt.files": "FileFormatError"}
+             "cinemo_rt.files": "FileFormatError", "cinemo_rt.serve.jobs": "StorageError"}
     return tuple(getattr(sys.modules[module], name) for module, name in names.items() if module in sys.modules)
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from .threads import parse_threads
+
     args = build_parser().parse_args(argv)
     if hasattr(args, "scale_filter"):  # the two flags become one `OutputScale`, as every entry point's
         args.scale = scale.OutputScale(args.scale, args.scale_filter)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    try:  # the environment is checked as the flags are, before any import or work
+        parse_threads(os.environ.get(ENV_VAR), ENV_VAR)
+        parse_threads(getattr(args, "threads", None))
+    except ValueError as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
     with terminate_as_interrupt():
         try:
             return {"run": cmd_run, "edit": cmd_edit, "info": cmd_info, "serve": cmd_serve}[args.command](args)

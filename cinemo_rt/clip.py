@@ -10,6 +10,7 @@ Every problem with the input raises `InputError` with the fix, before any model 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .limits import MAX_FRAMES, MAX_SEGMENTS, check_clip_frames
 from .settings import DEFAULT_SPAN_S
 
 log = logging.getLogger(__name__)
 
+MAX_START_FRAME = 2**40  # frames into a clip; past this no clip has them, and float rounding stops being exact
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -66,14 +69,22 @@ def plan_window(available: int | None, fps: float | None, count: int, stride: in
     """The window of `count` frames for a clip of `available` frames (None: not known yet; checked when
     decoding). An explicit stride that does not fit is an error naming the stride that would; the default
     one (spanning DEFAULT_SPAN_S per `segment_frames`, default `count`) shrinks to fit, and says so."""
-    if start < 0:
-        raise InputError(f"--start must be >= 0 seconds; got {start}")
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise InputError(f"the clip's frame rate must be a finite number above 0; got {fps}")
+    if available is not None and available < 1:
+        raise InputError("the clip has no frames; pass a video with frames or a folder of frames")
+    if not start >= 0:  # NaN included
+        raise InputError(f"--start must be a number >= 0 seconds; got {start}")
     if start and not fps:
         raise InputError("--start is in seconds, but this clip has no frame rate (a folder of frames or an "
                          "array); drop --start or pass a video file")
     if stride is not None and stride < 1:
         raise InputError(f"--stride must be at least 1; got {stride}")
-    first = round(start * fps) if start else 0
+    first_frame = start * fps if start else 0.0
+    if not math.isfinite(first_frame) or first_frame > MAX_START_FRAME:
+        raise InputError(f"--start {start} is past the end of any clip ({first_frame:g} frames in); choose an "
+                         "earlier --start")
+    first = round(first_frame)
     explicit = stride is not None
     stride = stride if explicit else default_stride(fps, segment_frames or count)
     window = Window(first, stride, count)
@@ -120,6 +131,15 @@ def read_clip(path: str | os.PathLike, count: int, stride: int | None = None, st
     """The `count` frames of the window (stride, start) of a video file or folder of frames -> (Clip of
     just those frames, Window in the source's frame indices)."""
     path = Path(path)
+    if count > MAX_SEGMENTS * MAX_FRAMES + 1:
+        raise InputError(f"the edit would read {count} clip frames, over the limit of {MAX_SEGMENTS * MAX_FRAMES + 1}; "
+                         "lower --frames/--segments")
+    try:
+        path.stat()
+    except OSError as err:  # a symbolic link loop, a name too long, no permission
+        if not isinstance(err, FileNotFoundError):
+            raise InputError(f"video {str(path)!r} cannot be opened ({err.strerror or err}); pass a video file "
+                             "or a folder of frames") from None
     if path.is_dir():
         names = _frame_names(path)
         window = plan_window(len(names), None, count, stride, start, segment_frames)
@@ -139,16 +159,23 @@ def _frame_names(folder: Path) -> list[Path]:
 
 
 def _read_frames(folder: Path, names: list[Path]) -> np.ndarray:
-    """The window's frames only (a long folder costs the memory of `count` frames), all of one size."""
-    from PIL import Image, UnidentifiedImageError
+    """The window's frames only (a long folder costs the memory of `count` frames), all of one size, each
+    through the one image decoder (pixel limit from the header, 16-bit and float frames scaled); the memory
+    of the whole window is checked from the first frame's header before any frame is decoded."""
+    from PIL import Image
 
+    from .image import decode_image_file
+
+    try:
+        with Image.open(names[0]) as first:
+            width, height = first.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        width = height = 0  # the decoder below names the problem
+    if width and height:
+        check_clip_frames(len(names), height, width, f"folder {str(folder)!r}")
     frames = []
     for name in names:
-        try:
-            with Image.open(name) as img:
-                frames.append(np.asarray(img.convert("RGB")))
-        except (UnidentifiedImageError, OSError) as err:
-            raise InputError(f"frame {str(name)!r} is not a readable image ({err}); remove or replace it") from err
+        frames.append(decode_image_file(name, f"frame {str(name)!r}"))
         if frames[-1].shape != frames[0].shape:
             raise InputError(f"frames in {str(folder)!r} differ in size: {names[0].name} is "
                              f"{frames[0].shape[1]}x{frames[0].shape[0]}, {name.name} is "
@@ -188,12 +215,15 @@ def _decode_window(path: Path, plan) -> tuple[float | None, Window, list[np.ndar
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else None
         window = plan(fps)
+        # The stream's size (a GIF's logical screen) is what every decoded frame costs: checked first.
+        check_clip_frames(window.count, stream.codec_context.height, stream.codec_context.width, repr(str(path)))
         wanted = set(window.indices)
         frames, decoded = [], 0
         try:
             for index, frame in enumerate(container.decode(stream)):
                 decoded = index + 1
                 if index in wanted:
+                    check_clip_frames(window.count, frame.height, frame.width, repr(str(path)))
                     frames.append(frame.to_ndarray(format="rgb24"))
                 if index >= window.last:
                     break

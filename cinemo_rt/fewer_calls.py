@@ -194,13 +194,25 @@ def wrap_model_fn(unet_fn: UNetFn, options: FewerCalls, **kwargs) -> ModelFn:
 def load_coefficients(folder: str | os.PathLike | None) -> tuple[float, ...] | None:
     """The fitted indicator polynomial from `folder/cinemo_rt.json` (key "step_cache"), None if absent.
     Other keys of the file are left to their readers."""
+    from .files import FileFormatError, read_json
+
     path = Path(folder) / CONFIG_FILE if folder else None
     if path is None or not path.is_file():
         return None
-    entry = json.loads(path.read_text(encoding="utf-8")).get(CALIBRATION_KEY)
-    if not isinstance(entry, dict) or not entry.get("coefficients"):
+    entry = read_json(path).get(CALIBRATION_KEY)
+    if entry is None:
         return None
-    return tuple(float(c) for c in entry["coefficients"])
+    coefficients = entry.get("coefficients") if isinstance(entry, dict) else None
+    if (not isinstance(coefficients, list) or not 1 <= len(coefficients) <= MAX_COEFFICIENTS
+            or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c)
+                   for c in coefficients)):
+        raise FileFormatError(f"{path}: {CALIBRATION_KEY}.coefficients must be a list of 1..{MAX_COEFFICIENTS} "
+                              f"finite numbers, got {coefficients!r}; run benchmarks/calibrate_cache.py again or "
+                              f"remove the {CALIBRATION_KEY!r} entry")
+    return tuple(float(c) for c in coefficients)
+
+
+MAX_COEFFICIENTS = 16  # a fitted polynomial's degree is small (benchmarks/calibrate_cache.py fits 2)
 
 
 def store_calibration(folder: str | os.PathLike, entry: dict) -> Path:

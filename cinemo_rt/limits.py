@@ -27,6 +27,8 @@ MAX_IMAGE_PIXELS = 64 * 2**20
 # Hard ceilings, whatever the memory: beyond them a run is a typo, not a request.
 MAX_SIDE = 8192
 MAX_FRAMES = 1024
+MAX_SEGMENTS = 64  # chained segments of one video (each re-runs the whole pipeline)
+MAX_THREADS = 256  # CPU threads: past the cores there is nothing to gain, and each thread costs a stack
 FAR_FACTOR = 4  # warn when the output has this many times the checkpoint's pixels (or frames), or 1/FAR_FACTOR
 _SAFETENSORS_HEADER_LIMIT = 100 * 2**20  # the format's own limit on the JSON header
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -82,6 +84,8 @@ def estimate_run_bytes(height: int, width: int, frames: int, *, parameters: int,
     latent_pixels = (height // latent_factor) * (width // latent_factor)
     activations = 16 * batch * frames * base_channels * latent_pixels * dtype_bytes
     attention = batch * frames * latent_pixels ** 2 * 4 if attention_scores else 0
+    # temporal attention: one head's frames x frames scores per latent pixel (8192 frames at 16x16 took 8 GB)
+    attention += batch * latent_pixels * frames ** 2 * 4
     decoder = 4 * 128 * height * width * 4
     video = (frames + 1) * height * width * 3 * (4 + 1)
     return RUNTIME_BYTES + parameters * dtype_bytes + activations + attention + decoder + video
@@ -95,9 +99,25 @@ def check_scaled_size(height: int, width: int, scale) -> None:
                          f"{MAX_SIDE} px limit a side; lower the scale")
 
 
+def check_count(value: int, name: str, maximum: int, fix: str) -> int:
+    """A user-given count (segments, threads, ...) within 1..maximum, checked before anything is allocated."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LimitError(f"{name} must be a whole number; got {value!r}")
+    if not 1 <= value <= maximum:
+        raise LimitError(f"{name} is {value}; it must be in 1..{maximum} ({fix})")
+    return value
+
+
+def check_segments(segments: int) -> int:
+    return check_count(segments, "--segments", MAX_SEGMENTS, "run longer videos as separate jobs")
+
+
 def check_output_size(height: int, width: int, frames: int, *, estimate: int, defaults: Mapping[str, int],
                       memory: int | None, what: str = "this run") -> None:
     """Refuse sizes past the ceilings or the memory available; warn when far from the checkpoint's size."""
+    if height < 1 or width < 1 or frames < 1:
+        raise LimitError(f"output size {height}x{width} (height x width), {frames} frames: each must be at "
+                         "least 1; raise --height/--width/--frames")
     if height > MAX_SIDE or width > MAX_SIDE:
         raise LimitError(f"output size {height}x{width} (height x width) is over the {MAX_SIDE} px limit a side; "
                          f"lower --height/--width (this checkpoint's size is "
@@ -116,6 +136,49 @@ def check_output_size(height: int, width: int, frames: int, *, estimate: int, de
                     "expect a slower run (about %s of memory) and content the model was not trained for",
                     height, width, frames, defaults["height"], defaults["width"], defaults["frames"],
                     gib(estimate))
+
+
+def check_job_size(folder: str | os.PathLike | None, height: int, width: int, frames: int, segments: int = 1, *,
+                   engines: bool = False, dtype_bytes: int = 4, on_cpu: bool = True,
+                   defaults: Mapping[str, int] | None = None) -> int:
+    """The one size check of every entry point (CLI, Python API, HTTP, Ray): the ceilings, the segment count
+    and the memory estimate of one segment against the memory available (on a CPU). `folder`: the
+    checkpoint or engines folder whose facts size the estimate (None: the ceilings only). Returns the
+    estimate in bytes (0 without a folder)."""
+    check_segments(segments)
+    defaults = dict(defaults or (size_defaults(folder) if folder is not None else
+                                 {"height": height, "width": width, "frames": frames}))
+    if folder is None or engines:
+        facts = {"parameters": 0, "base_channels": 320, "latent_factor": 8}  # the released model's widths
+        if engines and folder is not None:
+            facts["parameters"] = sum(p.stat().st_size for p in Path(folder).glob("*.onnx*")) // 4
+    else:
+        facts = checkpoint_estimate_inputs(folder)
+    estimate = estimate_run_bytes(height, width, frames, dtype_bytes=dtype_bytes, **facts)
+    memory = available_memory() if on_cpu and folder is not None else None
+    check_output_size(height, width, frames, estimate=estimate, defaults=defaults, memory=memory)
+    return estimate if folder is not None else 0
+
+
+# A clip's frames are scaled down to the output size: past 4K a source frame is only cost (a 959-byte GIF
+# with an 8000x8000 logical screen cost 3.3 GB), and the frames an edit keeps stay within a budget.
+MAX_CLIP_FRAME_PIXELS = 3840 * 2160
+MAX_CLIP_BYTES = 2 * 2**30
+
+
+def check_clip_frames(count: int, height: int, width: int, source: str = "the clip") -> None:
+    """The frames an edit keeps from its source clip (count x height x width RGB, plus one float copy of a
+    frame while resizing), from the stream's or the first frame's size, before any frame is decoded."""
+    if width * height > MAX_CLIP_FRAME_PIXELS:
+        raise LimitError(f"{source} has {height}x{width} (height x width) frames, over the limit of "
+                         f"{MAX_CLIP_FRAME_PIXELS / 1e6:.1f} Mpx a frame (3840x2160); scale the clip down first")
+    need = count * height * width * 3 + height * width * 3 * 4
+    memory = available_memory()
+    budget = MAX_CLIP_BYTES if memory is None else min(memory, MAX_CLIP_BYTES)
+    if need > budget:
+        raise LimitError(f"{source} has {height}x{width} (height x width) frames; keeping the {count} frames the "
+                         f"edit reads needs about {gib(need)} of memory; the limit is {gib(budget)}. Scale the clip "
+                         "down first, or lower --frames/--segments")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,13 +204,24 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[in
     if not isinstance(header, dict):
         raise ValueError(f"{path} is not a valid safetensors file (header is not a table)")
     tensors = {}
+    data_bytes = size - 8 - length
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
-            tensors[name] = (str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
+            dtype, shape = str(entry["dtype"]), tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
         except (TypeError, KeyError, ValueError):
-            raise ValueError(f"{path} is not a valid safetensors file (entry {name!r} has no dtype/shape)") from None
+            raise ValueError(f"{path} is not a valid safetensors file (entry {name!r} has no dtype/shape/"
+                             "data_offsets)") from None
+        # A shape is believed only when the bytes are there: a header that lies about a shape must be
+        # blamed on the file, not turned into a memory estimate that blames the requested size.
+        declared = math.prod(shape) * _DTYPE_BYTES.get(dtype, 0) if all(d >= 0 for d in shape) else -1
+        if dtype not in _DTYPE_BYTES or declared != end - begin or not 0 <= begin <= end <= data_bytes:
+            raise ValueError(f"{path} is damaged: tensor {name!r} declares {dtype} {list(shape)} ({declared} "
+                             f"bytes) but its data is bytes {begin}..{end} of {data_bytes}; download or copy "
+                             "the checkpoint again")
+        tensors[name] = (dtype, shape)
     return tensors
 
 
@@ -279,3 +353,38 @@ def check_unet_config(folder: str | os.PathLike) -> list[str]:
     if shapes is None or not config_path.is_file():
         return []
     return [f"unet: {p}" for p in unet_config_problems(read_json(config_path), shapes)]
+
+
+def component_config_problems(config: Mapping, shapes: Mapping[str, tuple[str, tuple[int, ...]]]) -> list[str]:
+    """Problems of any component's config (VAE, text encoder) found before building it: every whole number
+    in it (channels, layers, heads, vocabulary, positions) must be within a few times the largest tensor
+    dimension or tensor count of its weight file (`config_int_ceiling`). A config of 100000 layers or
+    4096-channel blocks over a small model's weights is refused here, before its cost is allocated; what
+    passes is built without memory (`torch.device("meta")`) and its parameters compared by the loader."""
+    ceiling = config_int_ceiling(shapes)
+    problems = []
+
+    def visit(value, key: str) -> None:
+        if isinstance(value, bool):
+            return
+        if isinstance(value, int) and value > ceiling:
+            problems.append(f"{key} is {value}, far larger than anything in the weights (largest dimension "
+                            f"or tensor count {ceiling // CONFIG_INT_FACTOR}); use the config.json that came "
+                            "with these weights")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(item, f"{key}[{i}]")
+        elif isinstance(value, Mapping):
+            for k, item in value.items():
+                visit(item, f"{key}.{k}" if key else str(k))
+
+    visit(config, "")
+    return problems
+
+
+CONFIG_INT_FACTOR = 4
+
+
+def config_int_ceiling(shapes: Mapping[str, tuple[str, tuple[int, ...]]]) -> int:
+    largest = max([len(shapes), 64, *(d for _, shape in shapes.values() for d in shape)])
+    return CONFIG_INT_FACTOR * largest

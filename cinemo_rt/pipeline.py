@@ -26,6 +26,7 @@ from .errors import InputError
 from .fewer_calls import CallCounter, load_coefficients
 from .image import load_image, preprocess
 from .model_facts import EMPTY_PROMPT, ModelFacts
+from .limits import check_job_size, check_segments
 from .motion import bucket_to_motion_id
 from .request import DCTInit, EditRequest, FewerCalls, Request
 from .residuals import frames_from_residuals, residuals_from_frames
@@ -56,11 +57,13 @@ class Animator:
     """`Animator.from_checkpoint(folder)(image, prompt, bucket)` -> uint8 video (frames + 1, H, W, 3)."""
 
     def __init__(self, backend: Backend, tokenizer, defaults: Size = Size(),
-                 cache_coefficients: tuple[float, ...] | None = None, facts: ModelFacts | None = None):
+                 cache_coefficients: tuple[float, ...] | None = None, facts: ModelFacts | None = None,
+                 folder: str | os.PathLike | None = None):
         self.backend = backend
         self.facts = facts  # the folder's size, vocabulary, training (None: built without a folder)
         self.last_warnings: list[str] = []  # what the model could not read in the last job's prompt
         self.log_warnings = True  # the CLI logs them itself, before the model loads
+        self.folder = folder  # the checkpoint or engines folder: its facts size the memory estimate
         self.tokenizer = tokenizer
         self.defaults = defaults
         self.alphas_cumprod = make_schedule()
@@ -85,7 +88,7 @@ class Animator:
             folder = default_checkpoint()
         opened, tokenizer = open_checkpoint(folder, backend, device, dtype, **load_options)
         return cls(opened, tokenizer, Size.from_folder(folder), load_coefficients(folder),
-                   ModelFacts.of_folder(folder))
+                   ModelFacts.of_folder(folder), folder)
 
     @classmethod
     def from_engines(cls, folder: str | os.PathLike, backend: str = "auto", device=None, dtype=None) -> "Animator":
@@ -94,8 +97,18 @@ class Animator:
         from .backends.registry import open_engines
 
         opened, tokenizer = open_engines(folder, backend, device)
-        return cls(opened, tokenizer, Size.from_folder(folder), load_coefficients(folder),
-                   ModelFacts.of_folder(folder, engines=True))
+        animator = cls(opened, tokenizer, Size.from_folder(folder), load_coefficients(folder),
+                       ModelFacts.of_folder(folder, engines=True), folder)
+        animator.engines = True
+        return animator
+
+    engines = False
+
+    def check_size(self, size: Size, segments: int = 1) -> None:
+        """The size check of every entry point (`limits.check_job_size`), before anything is allocated."""
+        check_job_size(self.folder, size.height, size.width, size.frames, segments, engines=self.engines,
+                       dtype_bytes=torch.finfo(self.backend.dtype).bits // 8 if self.backend.dtype.is_floating_point
+                       else 4, on_cpu=torch.device(self.backend.device).type == "cpu", defaults=self.defaults.as_dict())
 
     # -- the job --------------------------------------------------------------------------------------
     def run(self, image, request: Request, callback: Callable[[int, int, torch.Tensor], None] | None = None
@@ -117,6 +130,7 @@ class Animator:
     def _run(self, image, request: Request, callback: Callable[[int, int, torch.Tensor], None] | None = None
              ) -> np.ndarray:
         request = request.resolve(self.defaults)
+        self.check_size(Size(request.height, request.width, request.frames))
         generator = torch.Generator("cpu").manual_seed(request.seed)  # one CPU stream of draws: reproducible
         backend = self.backend
         timer = StageTimer(backend.device)
@@ -190,6 +204,7 @@ class Animator:
         like the image (the original feeds them uncropped at the model's size)."""
         request = request.resolve(self.defaults)
         target = request.target
+        self.check_size(Size(target.height, target.width, target.frames))
         if len(clip_frames) != target.frames + 1:
             raise InputError(f"the edit needs {target.frames + 1} clip frames (frames + 1); got {len(clip_frames)}")
         generator = torch.Generator("cpu").manual_seed(target.seed)
@@ -254,6 +269,7 @@ class Animator:
         from .clip import Clip, clip_from_array, read_clip
 
         size = Size(height or self.defaults.height, width or self.defaults.width, frames or self.defaults.frames)
+        self.check_size(size, segments)
         count = segments * size.frames + 1
         if isinstance(video, (str, os.PathLike)):
             clip, _ = read_clip(video, count, stride, start, size.frames + 1)
@@ -294,6 +310,7 @@ class Animator:
         """`animate_segments` for a request: segment i runs with seed + i."""
         if segments < 1:
             raise InputError(f"segments must be at least 1; got {segments}")
+        check_segments(segments)
         request = request.resolve(self.defaults)
         self._note_warnings(request.prompt, request.negative_prompt)
         return self._chain(segments, image, lambda k, first_frame: self._run(

@@ -15,14 +15,14 @@ import numpy as np
 
 from .image import InputError, load_image
 from .settings import Size
-from .limits import (available_memory, check_output_size, check_scaled_size, checkpoint_estimate_inputs,
-                     engines_unet_parameters, estimate_run_bytes, size_defaults)
+from .limits import (check_job_size, check_scaled_size, checkpoint_estimate_inputs, engines_unet_parameters,
+                     size_defaults)
 from .model_facts import ModelFacts
 
 log = logging.getLogger(__name__)
 
 LATENT_MULTIPLE = 8  # output sides must be divisible by the VAE's factor (8 for the released model)
-_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 @dataclass
@@ -47,7 +47,7 @@ def model_folder(args) -> tuple[Path, bool]:
     return Path(folder), False
 
 
-def _runs_on_cpu(device: str | None) -> bool:
+def runs_on_cpu(device: str | None) -> bool:
     """Without importing torch: an explicit CPU device, or no NVIDIA device on this machine."""
     if device is not None:
         return device.startswith("cpu")
@@ -66,13 +66,10 @@ def plan_run(args) -> RunPlan:
     if height % LATENT_MULTIPLE or width % LATENT_MULTIPLE:
         raise InputError(f"output size {height}x{width} (height x width) must be divisible by {LATENT_MULTIPLE}; "
                          "change --height/--width")
-    facts = {} if engines else checkpoint_estimate_inputs(folder)
-    parameters = engines_unet_parameters(folder) if engines else facts["parameters"]
-    dtype_bytes = _DTYPE_BYTES.get(args.dtype or "fp32", 4)
-    estimate = estimate_run_bytes(height, width, frames, dtype_bytes=dtype_bytes, **(facts or {
-        "parameters": 0, "base_channels": 320, "latent_factor": 8}))  # engines: the released model's widths
-    memory = available_memory() if _runs_on_cpu(args.device) else None
-    check_output_size(height, width, frames, estimate=estimate, defaults=defaults, memory=memory)
+    check_job_size(folder, height, width, frames, getattr(args, "segments", 1), engines=engines,
+                   dtype_bytes=DTYPE_BYTES.get(args.dtype or "fp32", 4), on_cpu=runs_on_cpu(args.device),
+                   defaults=defaults)
+    parameters = engines_unet_parameters(folder) if engines else checkpoint_estimate_inputs(folder)["parameters"]
     scale = getattr(args, "scale", None)
     if scale is not None:
         check_scaled_size(height, width, scale)

@@ -49,7 +49,7 @@ class FewerCalls:
     def __post_init__(self):
         if self.cache is not None and not (math.isfinite(self.cache) and self.cache >= 0):
             raise InputError(f"cache threshold must be a number >= 0 (e.g. 0.1); got {self.cache}")
-        if not 0.0 <= self.guidance_until <= 1.0:
+        if not 0.0 <= self.guidance_until <= 1.0:  # NaN included
             raise InputError(f"guidance_until must be a fraction of the steps in 0..1; got {self.guidance_until}")
         if self.guidance_every is not None and self.guidance_every < 1:
             raise InputError(f"guidance_every must be a whole number of steps >= 1; got {self.guidance_every}")
@@ -107,8 +107,11 @@ class Request:
     def __post_init__(self):
         validate.finite(self.motion_id, "motion_id")
         validate.finite(self.guidance, "guidance")
-        if self.steps < 1:
-            raise InputError(f"steps must be at least 1; got {self.steps}")
+        validate.finite(self.eta, "eta")
+        validate.text(self.prompt, "the prompt")
+        validate.text(self.negative_prompt, "the negative prompt")
+        if not 1 <= self.steps <= NUM_TRAIN_TIMESTEPS:  # more steps than the schedule has timesteps mean nothing
+            raise InputError(f"steps must be in 1..{NUM_TRAIN_TIMESTEPS}; got {self.steps}")
         if self.frames is not None and self.frames < 1:
             raise InputError(f"frames must be at least 1; got {self.frames}")
         if self.sampler not in SAMPLERS:
@@ -158,6 +161,7 @@ class EditRequest:
 
     def __post_init__(self):
         validate.finite(self.inversion_guidance, "inversion_guidance")
+        validate.text(self.source_prompt, "the source prompt")
 
     @classmethod
     def create(cls, prompt: str, motion_id: float, *, source_prompt: str = "", inversion_guidance: float = 1.0,

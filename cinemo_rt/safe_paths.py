@@ -21,7 +21,29 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:
-        return Path(a).resolve() == Path(b).resolve()
+        try:
+            return Path(a).resolve() == Path(b).resolve()
+        except (OSError, RuntimeError):  # a symbolic link loop (RuntimeError before Python 3.13)
+            return False
+
+
+TEMP_NAME_EXTRA = len(".") + len(".12345678.tmp")  # what writers add around a name for their temporary
+
+
+def check_name_length(path: str | os.PathLike) -> None:
+    """A name the file system cannot hold (with the temporary's prefix and suffix) fails in milliseconds,
+    not after the whole run: NAME_MAX of the folder (255 bytes on most), PATH_MAX for the whole path."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+        path_max = os.pathconf(parent, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    name_bytes = len(os.fsencode(path.name)) + TEMP_NAME_EXTRA
+    if name_bytes > name_max or len(os.fsencode(str(path.absolute()))) + TEMP_NAME_EXTRA > path_max:
+        raise OutputError(f"--out name {path.name[:40]!r}... is too long for this file system ({name_max} bytes "
+                          f"a name, {path_max} a path, with room for the temporary); choose a shorter name")
 
 
 def check_file_output(path: str | os.PathLike, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = (),
@@ -29,6 +51,7 @@ def check_file_output(path: str | os.PathLike, *, overwrite: bool, inputs: Itera
     """Refuse an output path that would destroy something: one of `inputs`, a non-regular file (device,
     fifo, socket), or any existing output unless `overwrite`. Folders of frames are checked by the writer."""
     path = Path(path)
+    check_name_length(path)
     for source in inputs:
         if source is not None and same_file(path, source):
             raise OutputError(f"--out {str(path)!r} is the input {str(source)!r}; choose another output name")

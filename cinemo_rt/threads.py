@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 
+from .limits import MAX_THREADS
+
 log = logging.getLogger(__name__)
 
 ENV_VAR = "CINEMO_RT_THREADS"
@@ -45,14 +47,17 @@ def parse_threads(value: str | int | None, source: str = "--threads") -> int | N
         raise ValueError(f"{source} must be a whole number of threads or 'auto', got {value!r}") from None
     if number < 0:
         raise ValueError(f"{source} must be at least 1 (or 'auto'), got {number}")
+    if number > MAX_THREADS:
+        raise ValueError(f"{source} is {number}; at most {MAX_THREADS} threads (this machine lets this process "
+                         f"use {available_cores()} cores; more threads than cores only wait for each other)")
     return number or None
 
 
 def choose_threads(parameters: int | None, requested: int | None = None, processes: int = 1) -> tuple[int, str]:
     """-> (threads, why). `parameters`: the model's parameter count (None: unknown, treated as large);
     `processes`: how many processes of this job share the cores (training ranks on one node)."""
-    if requested:
-        return requested, "as requested"
+    if requested:  # checked here too: the Python API and the server pass numbers, not flags
+        return parse_threads(requested, "threads"), "as requested"
     from_env = parse_threads(os.environ.get(ENV_VAR), ENV_VAR)
     if from_env:
         return from_env, f"from {ENV_VAR}"

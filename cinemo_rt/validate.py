@@ -22,6 +22,18 @@ def finite(value: float, name: str) -> float:
     return number
 
 
+def text(value: str, name: str) -> str:
+    """A prompt: Unicode text that encodes as UTF-8 (a command line's invalid bytes arrive as lone
+    surrogates, which the tokenizer and every log line would choke on) and holds no NUL."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} is not valid UTF-8 text; re-type it or fix the terminal's encoding") from None
+    if "\x00" in value:
+        raise ValueError(f"{name} holds a NUL character; remove it")
+    return value
+
+
 def fps(value: float) -> float:
     """Frames per second: finite and in (0, MAX_FPS] (0 or inf cannot be encoded; MP4 stores a rational)."""
     number = finite(value, "fps")

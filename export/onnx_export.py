@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import logging
 import os
 import shutil
@@ -85,6 +86,7 @@ def _export(spec: ExportSpec, module, args, path: Path, exporter: str) -> str:
             program.save(str(path), external_data=True)
             return "dynamo"
         except Exception as err:  # noqa: BLE001 - any exporter failure falls back, and is logged
+            _raise_if_disk_error(err)  # a full disk is not the exporter's failure: the fallback would fail too
             log.warning("%s: dynamo exporter failed (%s: %s); falling back to the TorchScript exporter",
                         spec.name, type(err).__name__, str(err).splitlines()[0][:300])
     dynamic_axes = {name: {axis: label for axis, (label, _, _) in axes.items()}
@@ -93,11 +95,33 @@ def _export(spec: ExportSpec, module, args, path: Path, exporter: str) -> str:
     for out in spec.outputs:  # outputs follow the leading dynamic axis
         if batch_labels:
             dynamic_axes[out] = {0: sorted(batch_labels)[0]}
-    with _quiet():
-        torch.onnx.export(module, args, str(path), input_names=list(spec.inputs),
-                          output_names=list(spec.outputs), dynamic_axes=dynamic_axes, dynamo=False,
-                          opset_version=OPSET)
+    try:
+        with _quiet():
+            torch.onnx.export(module, args, str(path), input_names=list(spec.inputs),
+                              output_names=list(spec.outputs), dynamic_axes=dynamic_axes, dynamo=False,
+                              opset_version=OPSET)
+    except Exception as err:
+        _raise_if_disk_error(err)
+        raise
     return "torchscript"
+
+
+_DISK_ERRORS = {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only file system",
+                errno.EFBIG: "File too large", errno.EDQUOT: "Disk quota exceeded"}
+
+
+def _raise_if_disk_error(err: BaseException) -> None:
+    """An OSError of writing (disk full, read-only, too large, quota) anywhere in `err`'s chain, or named in
+    the text of a library's wrapper exception, raised as the OSError the build reports in one line."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK_ERRORS:
+            raise seen
+        seen = seen.__cause__ or seen.__context__
+    text = str(err)
+    for number, words in _DISK_ERRORS.items():
+        if words in text:
+            raise OSError(number, words) from err
 
 
 def save_model(model: onnx.ModelProto, path: Path, external_data: bool) -> None:

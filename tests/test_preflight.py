@@ -180,8 +180,8 @@ def test_memory_estimate_refuses_with_the_flags_that_lower_it(tiny_checkpoint_di
                                                               monkeypatch):
     import cinemo_rt.preflight as preflight
 
-    monkeypatch.setattr(preflight, "available_memory", lambda: 2**30)
-    monkeypatch.setattr(preflight, "_runs_on_cpu", lambda device: True)
+    monkeypatch.setattr(limits, "available_memory", lambda: 2**30)  # where the one size check lives
+    monkeypatch.setattr(preflight, "runs_on_cpu", lambda device: True)
     message = run_bad(["--image", str(image_path), "--prompt", "x", "--checkpoint", str(tiny_checkpoint_dir),
                        "--out", str(tmp_path / "o.mp4"), "--height", "2048", "--width", "2048", "--frames", "64"],
                       tmp_path, caplog, "of memory; 1.0 GiB is available")

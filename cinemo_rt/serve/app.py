@@ -32,9 +32,10 @@ from ..scale import FILTER_HELP as SCALE_FILTER_HELP
 from ..scale import HELP as SCALE_HELP
 from ..scale import OutputScale
 from .batching import BatchPolicy
-from .jobs import DONE, EDIT, FINAL_STATES, QUEUED, RUNNING, JobStore, is_job_id, new_job_id
+from .jobs import (DONE, EDIT, FINAL_STATES, QUEUED, RUNNING, JobStore, StoreBusy, is_job_id, new_job_id,
+                   started_in_process)
 from .limits import (MEDIA_TYPES, Limits, RequestError, check_clip, check_edit, check_request, check_scale,
-                     read_upload, save_clip_upload)
+                     job_sizer, read_upload, save_clip_upload)
 from .metrics import Metrics
 from .runner import AnimationRequest, EditJobRequest, Runner
 from .worker import QueueFull, Worker
@@ -49,8 +50,8 @@ COLLECTIONS = {"animation": "animations", EDIT: "edits"}  # job kind -> its URL 
 DESCRIPTION = """Animate a still image with Cinemo: submit a job, follow its progress, download the video.
 
 Jobs are stored in SQLite under the server's jobs folder and survive restarts; finished videos expire after
-the server's keep time. With `--api-key`, every `/v1` route needs `Authorization: Bearer KEY` (or
-`X-API-Key: KEY`).
+the server's keep time. With `--api-key`, every `/v1` route needs `Authorization: Bearer KEY` (the scheme
+in any case; a bare key needs `X-API-Key: KEY`).
 
 `POST /v1/edits` edits a video: upload a clip (mp4, webm, mov or gif) and optionally a new first frame; the
 clip's motion moves the new frame (`cinemo-rt edit` over HTTP). Edit jobs share the queue and the job routes
@@ -81,15 +82,25 @@ class ServeSettings:
 
 
 def _key_checker(api_key: str | None) -> Callable:
-    expected = api_key.encode() if api_key else None
+    """`Authorization: Bearer KEY` (the scheme in any case, RFC 7235) or `X-API-Key: KEY`; a bare key in
+    `Authorization` has no scheme and is refused. Keys compare as UTF-8 bytes: HTTP headers arrive decoded
+    as Latin-1, so a header is turned back into the bytes the client sent before comparing."""
+    if api_key is not None and not api_key.strip():  # every request would match it: authentication off
+        raise ValueError("the API key is empty; give a key, or None to serve without one")
+    expected = api_key.encode("utf-8") if api_key is not None else None
+
+    def given_key(authorization: str | None, x_api_key: str | None) -> bytes:
+        if x_api_key:
+            return x_api_key.strip().encode("latin-1", "replace")
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        return token.strip().encode("latin-1", "replace") if scheme.lower() == "bearer" else b""
 
     def require_key(authorization: Annotated[str | None, Header()] = None,
                     x_api_key: Annotated[str | None, Header()] = None) -> None:
         if expected is None:
             return
-        given = x_api_key or (authorization or "").removeprefix("Bearer ").strip()
         # compare_digest takes time independent of where the strings differ
-        if not hmac.compare_digest(given.encode(), expected):
+        if not hmac.compare_digest(given_key(authorization, x_api_key), expected):
             raise HTTPException(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
@@ -113,28 +124,51 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
     """`open_runner` replaces loading the model from the settings (tests share one); `executor_factory(store,
     metrics) -> executor` replaces the local worker (Ray uses this)."""
     state: dict = {}
+    key = str(Path(settings.jobs_dir).resolve())
 
     def make_local_worker(store: JobStore, metrics: Metrics) -> Worker:
         return Worker(store, open_runner or settings.open_runner, settings.policy, settings.max_queue, metrics)
 
     def start() -> None:
         """Open the store, settle jobs a previous run left behind, start the executor and the expiry sweep.
-        Idempotent: the lifespan calls it, and so does a Ray Serve ingress (which may not run lifespans)."""
-        if state:
-            return
-        store = JobStore(settings.jobs_dir)
-        requeued = store.recover(requeue=settings.requeue)
-        store.expire(settings.keep_s)
-        metrics = Metrics(lambda: state["executor"].queue_length(), store.counts)
-        executor = (executor_factory or make_local_worker)(store, metrics)
+        Idempotent: the lifespan calls it, and so does a Ray Serve ingress (which may not run lifespans). Ray
+        unpickles the app twice in the ingress process (the ASGI app and the ingress's own reference): the
+        second copy adopts the first's store and executor, since the process owns the folder once."""
+        started, lock = started_in_process()
+        with lock:
+            if state:
+                return
+            running = started.get(key)
+            if running is not None:
+                state.update(running)
+                return
+            _start()
+            started[key] = state
+
+    def _start() -> None:
+        store = JobStore(settings.jobs_dir, owner=True)
+        try:
+            requeued = store.recover(requeue=settings.requeue)
+            store.expire(settings.keep_s)
+            metrics = Metrics(lambda: state["executor"].queue_length(), store.counts)
+            executor = (executor_factory or make_local_worker)(store, metrics)
+        except BaseException:
+            store.close()  # the folder's lock goes with it: a retried start can take it
+            raise
         stop_sweep = threading.Event()
         state.update(store=store, metrics=metrics, executor=executor, stop_sweep=stop_sweep)
         executor.start(requeued)
         threading.Thread(target=_sweep, args=(store, settings.keep_s, stop_sweep), daemon=True).start()
 
     def stop() -> None:
-        if not state:
-            return
+        started, lock = started_in_process()
+        with lock:
+            if not state:
+                return
+            if started.get(key) is not state:  # a copy that adopted the running one: the owner stops it
+                state.clear()
+                return
+            del started[key]
         state["stop_sweep"].set()
         state["executor"].stop()
         state["store"].close()
@@ -149,6 +183,7 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
     app = FastAPI(title="cinemo-rt", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.serve, app.state.start, app.state.stop = state, start, stop
     authorized = [Depends(_key_checker(settings.api_key))]
+    sizing = job_sizer(settings.checkpoint, settings.engines, settings.dtype, settings.device)
 
     @app.middleware("http")
     async def bound_uploads(request: Request, call_next):
@@ -171,6 +206,11 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
     async def request_error(request: Request, err: RequestError):
         state["metrics"].requests.labels(str(err.status)).inc()
         return JSONResponse({"detail": str(err)}, status_code=err.status)
+
+    @app.exception_handler(StoreBusy)
+    async def store_busy(request: Request, err: StoreBusy):
+        state["metrics"].requests.labels("503").inc()
+        return JSONResponse({"detail": str(err)}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, err: QueueFull):
@@ -243,17 +283,24 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
                                       segments=segments, sampler=sampler, cache=options.cache,
                                       guidance_until=options.guidance_until,
                                       guidance_every=options.guidance_every).resolved(executor.defaults)
-            check_request(wanted, format, settings.limits)
+            check_request(wanted, format, settings.limits, sizing=sizing)
             output = check_scale(scale, scale_filter, wanted)
             Runner.pipeline_request(wanted)  # what the pipeline itself refuses (sampler, eta with it, ...)
         except InputError as err:
             raise RequestError(422, str(err)) from err
         pixels = read_upload(image.file.read(settings.limits.max_upload_bytes + 1), settings.limits)
         job_id = new_job_id()
-        _save_png_atomically(pixels, store.input_path(job_id))
-        return enqueue(job_id, {**wanted.__dict__, "format": format, **_scale_fields(output)})
+        try:  # an input is kept only with its job: no orphan upload when the database refuses the job
+            _save_png_atomically(pixels, store.input_path(job_id))
+            return enqueue(job_id, {**wanted.__dict__, "format": format, **_scale_fields(output)})
+        except BaseException:
+            store.remove_inputs(job_id)
+            raise
 
     def ready_with_room(executor) -> None:
+        if not getattr(executor, "is_alive", lambda: True)():
+            raise HTTPException(503, "the worker stopped (see the server's log); jobs cannot run until the server "
+                                     "is restarted", headers={"Retry-After": "30"})
         if not executor.ready.is_set():
             raise HTTPException(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
         executor.check_capacity()
@@ -307,7 +354,7 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
             motion_id=motion_id, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
             inversion_guidance=inversion_guidance, seed=seed, height=height, width=width, frames=frames,
             stride=stride, start=start, segments=segments, use_dct=use_dct).resolved(executor.defaults)
-        check_edit(wanted, format, settings.limits)
+        check_edit(wanted, format, settings.limits, sizing=sizing)
         output = check_scale(scale, scale_filter, wanted)
         pixels = None
         if image is not None and image.filename:
@@ -380,9 +427,10 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
     @app.get("/readyz", summary="The model is loaded and the worker accepts jobs")
     def readyz():
         executor = state["executor"]
-        if executor.ready.is_set():
+        alive = getattr(executor, "is_alive", lambda: True)()
+        if executor.ready.is_set() and alive:
             return {"status": "ready"}
-        reason = executor.load_error or "loading the model"
+        reason = executor.load_error or ("loading the model" if alive else "the worker stopped; see the log")
         return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
 
     @app.get("/v1/model", dependencies=authorized,

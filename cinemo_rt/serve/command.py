@@ -8,6 +8,28 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# The server's option ranges, checked before it starts (`check_options`): past them a value is a typo (a wait of
+# 1e300 ms overflowed the worker's timer and stopped it while /readyz said ready).
+MAX_QUEUE = 100_000
+MAX_BATCH = 256
+MAX_WAIT_MS = 60_000.0
+MAX_KEEP_HOURS = 24 * 365 * 10
+
+
+OPTION_RANGES = {"port": (1, 65535), "max_queue": (1, MAX_QUEUE), "max_batch": (1, MAX_BATCH),
+                 "max_wait_ms": (0, MAX_WAIT_MS), "keep_hours": (1 / 3600, MAX_KEEP_HOURS), "replicas": (1, MAX_BATCH)}
+
+
+def check_options(args) -> None:
+    """Every numeric option within its range (NaN and infinities fail the comparison too): one message
+    naming the option and the range, exit 2, before anything starts."""
+    from ..image import InputError
+
+    for name, (low, high) in OPTION_RANGES.items():
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            raise InputError(f"--{name.replace('_', '-')} must be in {low:g}..{high:g}; got {value}")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
@@ -22,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", default="cinemo-jobs", help="folder for the job database, inputs and videos")
     parser.add_argument("--api-key", default=None,
                         help="require this key on /v1 routes (or set CINEMO_API_KEY; keeps it out of `ps`)")
-    parser.add_argument("--max-queue", type=int, default=32, help="queued jobs before 429 (default 32)")
+    parser.add_argument("--max-queue", type=int, default=32,
+                        help="queued jobs before 429 (default 32)")
     parser.add_argument("--max-batch", type=int, default=None,
                         help="requests per UNet call; 1 = no batching (default: 4 on a GPU, 1 on a CPU, where "
                              "a UNet call's cost grows with its rows and batching does not pay: "
@@ -40,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="after a restart, run interrupted jobs again (default: mark them failed)")
     parser.add_argument("--ray", action="store_true",
                         help="run as a Ray Serve application (see cinemo_rt/serve/ray_app.py; joins RAY_ADDRESS)")
-    parser.add_argument("--replicas", type=int, default=2, help="with --ray: model replicas (default 2)")
+    parser.add_argument("--replicas", type=int, default=2,
+                        help="with --ray: model replicas (default 2)")
 
 
 def default_max_batch(device: str | None) -> int:
@@ -62,20 +86,30 @@ def settings_from_args(args):
         log.info("batching up to %d request(s) per UNet call (--max-batch)", args.max_batch)
 
     return ServeSettings(jobs_dir=Path(args.jobs), checkpoint=args.checkpoint, engines=args.engines,
-                         device=args.device, dtype=args.dtype,
-                         api_key=args.api_key or os.environ.get("CINEMO_API_KEY") or None,
+                         device=args.device, dtype=args.dtype, api_key=api_key(args.api_key, os.environ),
                          max_queue=args.max_queue, policy=BatchPolicy(args.max_batch, args.max_wait_ms),
                          keep_s=args.keep_hours * 3600, requeue=args.requeue,
                          exact_batching=args.exact_batching, threads=parse_threads(args.threads))
 
 
-def serve(args) -> int:
+def api_key(flag: str | None, environ) -> str | None:
+    """--api-key, else CINEMO_API_KEY, else None (no key). An empty or blank key would silently turn
+    authentication off, and a key with control characters cannot be sent in a header: both refused."""
     from ..image import InputError
 
-    if (args.max_queue < 1 or (args.max_batch is not None and args.max_batch < 1) or args.max_wait_ms < 0
-            or args.keep_hours <= 0):
-        raise InputError("--max-queue and --max-batch must be at least 1, --max-wait-ms at least 0, "
-                         "--keep-hours above 0")
+    key, source = (flag, "--api-key") if flag is not None else (environ.get("CINEMO_API_KEY"), "CINEMO_API_KEY")
+    if key is None:
+        return None
+    if not key.strip():
+        raise InputError(f"{source} is empty; give a key, or leave {source} out to serve without one")
+    if key != key.strip() or any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise InputError(f"{source} has spaces at its ends or control characters, which HTTP headers cannot carry "
+                         "intact; choose a key of printable characters")
+    return key
+
+
+def serve(args) -> int:
+    check_options(args)
     settings = settings_from_args(args)
     if args.ray:
         from .ray_app import run_ray
@@ -84,11 +118,19 @@ def serve(args) -> int:
     import uvicorn
 
     from .app import create_app
+    from .jobs import JobStore
 
+    # The jobs folder is checked (and its lock tried) before uvicorn starts: a broken or taken folder is one
+    # message and exit 2, not a traceback from the server's start-up.
+    JobStore(settings.jobs_dir, owner=True).close()
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this port can submit jobs",
                     args.host)
     log.info("serving on http://%s:%d (jobs in %s); the page is at /, the API at /docs",
              args.host, args.port, settings.jobs_dir)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info"))
+    server.run()
+    if not server.started:  # the lifespan or the socket failed: uvicorn has logged why
+        log.error("the server could not start on %s:%d (see the lines above)", args.host, args.port)
+        return 1
     return 0

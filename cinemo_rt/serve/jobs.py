@@ -8,7 +8,10 @@ included) restarts with every finished video and an honest state for the rest. J
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import shutil
+import socket
 import sqlite3
 import threading
 import time
@@ -73,29 +76,86 @@ def is_job_id(text: str) -> bool:
     return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
-class JobStore:
-    """Thread-safe: one connection guarded by a lock (the worker and the HTTP handlers share it)."""
+class StorageError(ValueError):
+    """The jobs folder cannot be used (taken by another server, broken, read-only); one message with the fix."""
 
-    def __init__(self, folder: str | Path):
+
+class StoreBusy(Exception):
+    """The database stayed locked by another program past `BUSY_TIMEOUT_S`; the request may be retried."""
+
+
+LOCK_FILE = "server.lock"
+BUSY_TIMEOUT_S = 5.0  # a request waits this long for a database another program holds, then gets 503
+WORKER_BUSY_TIMEOUT_S = 30.0  # the worker's writes (progress, results) wait longer: a job is not given up lightly
+
+
+class JobStore:
+    """Thread-safe: one connection guarded by a lock (the worker and the HTTP handlers share it).
+
+    `owner=True` (the server that runs the folder): an exclusive lock on `server.lock` for the store's life
+    (a second server on the same folder is refused, naming the holder; the kernel releases the lock when
+    its holder dies, kill -9 included), then the temporaries a dead owner left are removed. Ray replicas
+    open the owner's store without it."""
+
+    def __init__(self, folder: str | Path, owner: bool = False):
         self.folder = Path(folder)
         self.inputs = self.folder / "inputs"
         self.videos = self.folder / "videos"
-        for path in (self.folder, self.inputs, self.videos):
-            path.mkdir(parents=True, exist_ok=True)
+        self._lock_file = None
+        try:
+            for path in (self.folder, self.inputs, self.videos):
+                path.mkdir(parents=True, exist_ok=True)
+            if owner:
+                self._lock_file = _take_folder_lock(self.folder)
+            self._db = sqlite3.connect(self.folder / "jobs.sqlite3", check_same_thread=False,
+                                       isolation_level=None, timeout=WORKER_BUSY_TIMEOUT_S)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: a committed state survives the process being killed (kill -9); a power cut may lose
+            # the last few commits but never corrupts the database. Progress is written every step, so no fsync.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            if "calls" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:  # an older store
+                self._db.execute("ALTER TABLE jobs ADD COLUMN calls INTEGER NOT NULL DEFAULT 0")
+            if owner:
+                problem = self._db.execute("PRAGMA quick_check").fetchone()[0]
+                if problem != "ok":
+                    raise sqlite3.DatabaseError(problem)
+                self._db.execute("BEGIN IMMEDIATE")  # writable: found now, not at the first job
+                self._db.execute("ROLLBACK")
+                self.remove_temporaries()
+        except (OSError, sqlite3.Error) as err:
+            if getattr(self, "_db", None) is not None:
+                self._db.close()
+            self._release()
+            raise StorageError(_storage_message(self.folder, err)) from None
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.folder / "jobs.sqlite3", check_same_thread=False, isolation_level=None,
-                                   timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # WAL + NORMAL: a committed state survives the process being killed (kill -9); a power cut may lose
-        # the last few commits but never corrupts the database. Progress is written every step, so no fsync each.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        if "calls" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:  # a store from before
-            self._db.execute("ALTER TABLE jobs ADD COLUMN calls INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing the descriptor releases the lock
+            self._lock_file = None
+
+    def remove_temporaries(self) -> int:
+        """What a dead owner left: files it was writing (an upload's `.upload-*`, a video's `.NAME.*.tmp`),
+        inputs of no waiting job and videos of no job. No live writer can hold them once this process owns
+        the folder."""
+        waiting = {row[0] for row in self._db.execute("SELECT id FROM jobs WHERE state IN (?, ?)", (QUEUED, RUNNING))}
+        known = {row[0] for row in self._db.execute("SELECT id FROM jobs")}
+        removed = 0
+        for folder, keep in ((self.inputs, waiting), (self.videos, known)):
+            for path in folder.iterdir():
+                if path.name.startswith(".") or path.name.split(".")[0] not in keep:
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     # -- paths (from generated ids only) -------------------------------------------------------------
     def input_path(self, job_id: str) -> Path:
@@ -117,14 +177,27 @@ class JobStore:
         return self.videos / f"{job.id}.{job.format}"
 
     # -- writes ---------------------------------------------------------------------------------------
-    def _execute(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
+    def _execute(self, sql: str, params: tuple = (), busy_s: float | None = None) -> sqlite3.Cursor:
+        """`busy_s`: how long to wait for a database another program holds (a request's short wait; the
+        connection's longer one otherwise); past it, StoreBusy."""
         with self._lock:
-            return self._db.execute(sql, params)
+            try:
+                if busy_s is None:
+                    return self._db.execute(sql, params)
+                self._db.execute(f"PRAGMA busy_timeout={int(busy_s * 1000)}")
+                try:
+                    return self._db.execute(sql, params)
+                finally:
+                    self._db.execute(f"PRAGMA busy_timeout={int(WORKER_BUSY_TIMEOUT_S * 1000)}")
+            except sqlite3.OperationalError as err:
+                if "locked" in str(err) or "busy" in str(err):
+                    raise StoreBusy(f"the job database is locked by another program ({err}); retry shortly") from err
+                raise
 
     def add(self, job_id: str, request: dict, owner: str = "") -> Job:
         now = time.time()
         self._execute("INSERT INTO jobs (id, state, request, created, owner) VALUES (?, ?, ?, ?, ?)",
-                      (job_id, QUEUED, json.dumps(request), now, owner))
+                      (job_id, QUEUED, json.dumps(request, allow_nan=False), now, owner), busy_s=BUSY_TIMEOUT_S)
         return self.get(job_id)
 
     def mark_running(self, job_id: str, owner: str = "") -> None:
@@ -216,3 +289,51 @@ class JobStore:
         for job_id in ids:
             self.delete(job_id)
         return len(ids)
+
+
+_STARTED: dict[str, dict] = {}
+_STARTED_LOCK = threading.RLock()
+
+
+def started_in_process() -> tuple[dict[str, dict], threading.RLock]:
+    """The app state started in this process per jobs folder, and its lock. Here, a module function, not in
+    `app.py`: Ray pickles `create_app`'s closures by value, each copy with its own globals, but a module's
+    function by reference, so every copy of the app in a process finds this one registry."""
+    return _STARTED, _STARTED_LOCK
+
+
+def _take_folder_lock(folder: Path):
+    """An exclusive, non-blocking lock on `folder/server.lock`, holding who took it (pid, host, time) for
+    the message a second server gets."""
+    import fcntl
+
+    handle = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise StorageError(f"the jobs folder {folder} is in use by another server ({holder}); stop that server "
+                           "or give this one another --jobs folder") from None
+    except OSError:
+        handle.close()
+        raise
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}\n")
+    handle.flush()
+    return handle
+
+
+def _storage_message(folder: Path, err: BaseException) -> str:
+    if isinstance(err, StorageError):
+        return str(err)
+    text = getattr(err, "strerror", None) or str(err)
+    if isinstance(err, sqlite3.DatabaseError) and not isinstance(err, sqlite3.OperationalError) or \
+            "not a database" in text or "malformed" in text:
+        return (f"the job database {folder / 'jobs.sqlite3'} is damaged ({text}); move it aside (its jobs are "
+                "lost) or give another --jobs folder")
+    return (f"the jobs folder {folder} cannot be used ({text}); give a writable folder as --jobs "
+            "(it is created if missing)")

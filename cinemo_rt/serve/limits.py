@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import math
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
+from .. import validate
 from ..files import give_default_mode
 from ..image import InputError, load_image
-from ..limits import MAX_IMAGE_PIXELS, check_scaled_size
+from ..limits import MAX_IMAGE_PIXELS, LimitError, check_job_size, check_scaled_size
 from ..scale import OutputScale
 from .runner import AnimationRequest, EditJobRequest
 
@@ -40,26 +43,24 @@ class RequestError(Exception):
 
 
 def read_upload(data: bytes, limits: Limits) -> np.ndarray:
-    """Upload bytes -> RGB uint8; the pixel count is read from the header and checked before decoding."""
+    """Upload bytes -> RGB uint8 through the one image decoder of every entry point (`image.load_image`:
+    the pixel count from the header before decoding, 16-bit and float images scaled)."""
     if len(data) > limits.max_upload_bytes:
         raise RequestError(413, f"the image is {len(data)} bytes; the limit is {limits.max_upload_bytes}")
     if not data:
         raise RequestError(400, "the image field is empty; attach a PNG or JPEG file as 'image'")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if width * height > limits.max_image_pixels:
-                    raise RequestError(413, f"the image is {width}x{height} pixels; the limit is "
-                                            f"{limits.max_image_pixels} pixels (scale it down first)")
-                rgb = img.convert("RGB")
-    except RequestError:
-        raise
-    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning, ValueError) as err:
-        raise RequestError(400, f"the image could not be read ({err}); send a PNG or JPEG file") from err
+        with Image.open(io.BytesIO(data)) as img:  # the server's own, possibly lower, pixel limit
+            width, height = img.size
+    except (OSError, Image.DecompressionBombError, ValueError, SyntaxError):
+        width = height = 0  # the decoder below names the problem
+    if width * height > limits.max_image_pixels:
+        raise RequestError(413, f"the image is {width}x{height} pixels; the limit is "
+                                f"{limits.max_image_pixels} pixels (scale it down first)")
     try:
-        return load_image(rgb)
+        return load_image(data, name="the image")
+    except LimitError as err:
+        raise RequestError(413, str(err)) from err
     except InputError as err:
         raise RequestError(400, str(err)) from err
 
@@ -68,10 +69,43 @@ def bad(message: str):
     raise RequestError(422, message)
 
 
+def job_sizer(checkpoint: str | None, engines: str | None, dtype: str | None, device: str | None
+              ) -> Callable[[int, int, int, int], None]:
+    """The CLI's size check (`cinemo_rt.limits.check_job_size`: ceilings, segments, memory estimate) for the
+    server's model folder, as `sizing(height, width, frames, segments)`."""
+    from ..defaults import default_checkpoint
+    from ..preflight import DTYPE_BYTES, runs_on_cpu
+
+    folder = Path(engines or checkpoint or default_checkpoint())
+    dtype_bytes, on_cpu = DTYPE_BYTES.get(dtype or "fp32", 4), runs_on_cpu(device)
+
+    def sizing(height: int, width: int, frames: int, segments: int) -> None:
+        check_job_size(folder, height, width, frames, segments, engines=bool(engines), dtype_bytes=dtype_bytes,
+                       on_cpu=on_cpu)
+
+    return sizing
+
+
+def check_fields(request: AnimationRequest | EditJobRequest) -> None:
+    """Every field of any request type: numbers finite (NaN and infinity give black videos or 500s, and
+    cannot be stored as JSON), text valid Unicode without NUL."""
+    for item in dataclasses.fields(request):
+        value = getattr(request, item.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            bad(f"{item.name} must be a finite number; got {value}")
+        if isinstance(value, str):
+            try:
+                validate.text(value, item.name)
+            except ValueError as err:
+                bad(str(err))
+
+
 def check_request(request: AnimationRequest | EditJobRequest, format: str, limits: Limits,
-                  auto_bucket: bool = False) -> None:
+                  auto_bucket: bool = False, sizing: Callable[[int, int, int, int], None] | None = None) -> None:
     """`request` is resolved (defaults filled in). Raises RequestError(400/422) naming the field and limit.
-    `auto_bucket`: no bucket nor motion id means measuring the clip's motion (edits)."""
+    `auto_bucket`: no bucket nor motion id means measuring the clip's motion (edits). `sizing` is the
+    model's size and memory check (`job_sizer`)."""
+    check_fields(request)
     if len(request.prompt) > limits.max_prompt_chars or len(request.negative_prompt) > limits.max_prompt_chars:
         bad(f"prompts may have at most {limits.max_prompt_chars} characters")
     auto = auto_bucket and request.bucket is None
@@ -95,6 +129,12 @@ def check_request(request: AnimationRequest | EditJobRequest, format: str, limit
         bad("guidance must be in -100..100 (7.5 is usual, 1 turns guidance off)")
     if format not in FORMATS:
         bad(f"format must be one of {', '.join(FORMATS)}")
+    try:
+        validate.seed(request.seed, request.segments)
+        if sizing is not None:
+            sizing(request.height, request.width, request.frames, request.segments)
+    except ValueError as err:  # LimitError included: the CLI's message, in the API's field names
+        bad(str(err).replace("--", ""))
 
 
 def check_scale(factor: int, filter: str, request: AnimationRequest | EditJobRequest) -> OutputScale:
@@ -107,9 +147,10 @@ def check_scale(factor: int, filter: str, request: AnimationRequest | EditJobReq
     return scale
 
 
-def check_edit(request: EditJobRequest, format: str, limits: Limits) -> None:
+def check_edit(request: EditJobRequest, format: str, limits: Limits,
+               sizing: Callable[[int, int, int, int], None] | None = None) -> None:
     """An edit's fields: the animation checks, then the edit's own."""
-    check_request(request, format, limits, auto_bucket=True)
+    check_request(request, format, limits, auto_bucket=True, sizing=sizing)
     if len(request.source_prompt) > limits.max_prompt_chars:
         bad(f"prompts may have at most {limits.max_prompt_chars} characters")
     if not -100 <= request.inversion_guidance <= 100:

@@ -179,10 +179,12 @@ def build_app(settings: ServeSettings, replicas: int = 2, min_replicas: int | No
 def settings_from_env() -> ServeSettings:
     """For `serve run cinemo_rt.serve.ray_app:app`: CINEMO_JOBS (required to share results: a folder every
     replica reaches), CINEMO_CHECKPOINT, CINEMO_ENGINES, CINEMO_DEVICE, CINEMO_API_KEY, CINEMO_MAX_BATCH."""
+    from .command import api_key
+
     env = os.environ.get
     return ServeSettings(jobs_dir=Path(env("CINEMO_JOBS", "cinemo-jobs")).resolve(),
                          checkpoint=env("CINEMO_CHECKPOINT"), engines=env("CINEMO_ENGINES"),
-                         device=env("CINEMO_DEVICE"), api_key=env("CINEMO_API_KEY"),
+                         device=env("CINEMO_DEVICE"), api_key=api_key(None, os.environ),
                          policy=BatchPolicy(max_batch=int(env("CINEMO_MAX_BATCH", "4"))))
 
 

@@ -155,6 +155,13 @@ class Worker:
             self.load_error = f"{type(err).__name__}: {err}"
             return
         self.ready.set()
+        try:
+            self._loop()
+        except Exception as err:  # noqa: BLE001 - the thread ends: /readyz and new requests say so (503)
+            log.exception("the worker stopped")
+            self.load_error = f"the worker stopped: {type(err).__name__}: {err}"
+
+    def _loop(self) -> None:
         active: list[Active] = []
         while True:
             edit = None

@@ -22,10 +22,33 @@ from .data import to_model_pixels
 log = logging.getLogger(__name__)
 
 
+TRAINING_COPIES = 4  # weights, gradients and AdamW's two moments, each the size of the parameters
+
+
+def build_within_memory(make, what: str):
+    """`make()` a model from a training config's values, first on the meta device (no memory): a config
+    whose training would not fit in the memory available is refused with its size, before it is allocated."""
+    from ..limits import available_memory, gib
+
+    try:
+        with torch.device("meta"):
+            model = make()
+            parameters = sum(p.numel() for p in getattr(model, "model", model).parameters())  # TextEncoder wraps
+    except Exception as err:  # noqa: BLE001 - any failure to build from the user's values is theirs to fix
+        raise ValueError(f"training config {what} cannot build the model ({type(err).__name__}: {err})") from None
+    need, memory = parameters * 4 * TRAINING_COPIES, available_memory()
+    if memory is not None and need > memory:
+        raise ValueError(f"training config {what} asks for {parameters:,} parameters: about {gib(need)} to train, "
+                         f"{gib(memory)} is available; make it smaller")
+    return make()
+
+
 def build_text_encoder(folder: Path, words: Iterable[str], seed: int, options: Mapping[str, Any]) -> TextEncoder:
     torch.manual_seed(seed)
-    text = tiny_text_encoder(write_tokenizer(folder, words), hidden=int(options.get("hidden", 64)),
-                             layers=int(options.get("layers", 2)), heads=int(options.get("heads", 2)))
+    tokenizer = write_tokenizer(folder, words)
+    text = build_within_memory(lambda: tiny_text_encoder(tokenizer, hidden=int(options.get("hidden", 64)),
+                                                         layers=int(options.get("layers", 2)),
+                                                         heads=int(options.get("heads", 2))), "text_encoder")
     text.model.requires_grad_(False).eval()
     return text
 
@@ -38,7 +61,7 @@ def build_vae(options: Mapping[str, Any], seed: int):
     levels = len(options.get("block_out_channels", (64,)))
     kwargs = {"down_block_types": ("DownEncoderBlock2D",) * levels, "up_block_types": ("UpDecoderBlock2D",) * levels,
               "latent_channels": 4, **options}
-    return AutoencoderKL(**kwargs)
+    return build_within_memory(lambda: AutoencoderKL(**kwargs), "vae")
 
 
 def with_scaling_factor(vae, scaling_factor: float):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -71,8 +72,10 @@ class TrainConfig:
     defaults: Mapping[str, Any] = field(default_factory=dict)      # extra keys for cinemo_rt.json
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("frame_interval", "betas"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        check_ranges(self)
         lo, hi = self.frame_interval
         if not 1 <= lo <= hi:
             raise ValueError(f"frame_interval must be (min, max) with 1 <= min <= max; got {self.frame_interval}")
@@ -96,6 +99,8 @@ class TrainConfig:
         if path:
             with open(path, encoding="utf-8") as f:
                 values = json.load(f)
+            if not isinstance(values, dict):
+                raise ValueError(f"{path} holds a JSON {type(values).__name__}; a training config is an object {{...}}")
         for key, value in parse_overrides(overrides).items():
             if isinstance(value, dict) and isinstance(values.get(key), dict):
                 value = {**values[key], **value}  # --unet.layers_per_block 2 keeps the other unet keys
@@ -108,6 +113,84 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+# Whole-number fields and their least value; the image and frame ceilings are the runtime's (cinemo_rt.limits).
+_AT_LEAST = {"demo_clips": 1, "demo_seed": 0, "num_frames": 2, "height": 8, "width": 8, "vae_steps": 0,
+             "vae_batch": 1, "steps": 0, "batch_size": 1, "warmup_steps": 0, "seed": 0, "threads": 0,
+             "save_every": 1, "log_every": 1}
+_FRACTIONS = ("text_dropout", "ema_decay")  # in 0..1
+
+
+def check_field_types(cfg: "TrainConfig") -> None:
+    """Each field's JSON type as its annotation says (`"steps": "abc"` or `"height": 1e9` is refused here,
+    not met as a TypeError an hour into training); numbers finite."""
+    for item in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, item.name), str(item.type)
+        if value is None and "None" in kind:
+            continue
+        if kind.startswith("int") or kind.startswith("float"):
+            whole = kind.startswith("int")
+            ok = isinstance(value, int) if whole else isinstance(value, (int, float))
+            if isinstance(value, bool) or not ok or (not whole and not math.isfinite(value)):
+                raise ValueError(f"training config {item.name} must be a {'whole' if whole else 'finite'} number; "
+                                 f"got {value!r}")
+        elif kind.startswith("bool") and not isinstance(value, bool):
+            raise ValueError(f"training config {item.name} must be true or false; got {value!r}")
+        elif kind.startswith("str") and not isinstance(value, str):
+            raise ValueError(f"training config {item.name} must be a string; got {value!r}")
+        elif kind.startswith("Mapping") and not isinstance(value, Mapping):
+            raise ValueError(f"training config {item.name} must be an object {{...}}; got {value!r}")
+        elif kind.startswith("tuple"):
+            number = int if "int" in kind else (int, float)
+            if (not isinstance(value, (list, tuple)) or len(value) != 2
+                    or any(isinstance(v, bool) or not isinstance(v, number) or not math.isfinite(v) for v in value)):
+                raise ValueError(f"training config {item.name} must be a pair of numbers; got {value!r}")
+
+
+MAX_MODEL_NUMBER = 4096  # widths, layers, heads of a model trained from scratch here: past it, a typo
+
+
+def check_ranges(cfg: "TrainConfig") -> None:
+    from ..limits import MAX_FRAMES, MAX_SIDE, MAX_THREADS
+
+    for part in ("unet", "vae", "text_encoder"):
+        for key, value in _numbers(getattr(cfg, part), part):
+            if value > MAX_MODEL_NUMBER:
+                raise ValueError(f"training config {key} is {value}; at most {MAX_MODEL_NUMBER} (widths, layers and "
+                                 "heads of a model trained here)")
+
+    for name, least in _AT_LEAST.items():
+        if getattr(cfg, name) < least:
+            raise ValueError(f"training config {name} must be at least {least}; got {getattr(cfg, name)}")
+    for name, most in (("height", MAX_SIDE), ("width", MAX_SIDE), ("num_frames", MAX_FRAMES + 1),
+                       ("threads", MAX_THREADS)):
+        if getattr(cfg, name) > most:
+            raise ValueError(f"training config {name} is {getattr(cfg, name)}; the limit is {most}")
+    if cfg.height % 8 or cfg.width % 8:
+        raise ValueError(f"training config height and width must be multiples of 8; got {cfg.height}x{cfg.width}")
+    for name in _FRACTIONS:
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"training config {name} must be in 0..1; got {getattr(cfg, name)}")
+    for name in ("lr", "vae_lr", "latent_std"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"training config {name} must be above 0; got {getattr(cfg, name)}")
+    if not all(0 <= b < 1 for b in cfg.betas):
+        raise ValueError(f"training config betas must be in [0, 1); got {cfg.betas}")
+
+
+def _numbers(value, key: str):
+    """(dotted key, number) of every whole number inside a nested config value."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        yield key, value
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _numbers(item, f"{key}[{i}]")
+    elif isinstance(value, Mapping):
+        for k, item in value.items():
+            yield from _numbers(item, f"{key}.{k}")
 
 
 def parse_overrides(flags: Sequence[str]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from ..settings import SIZE_FILE
 from ..schedule import NUM_TRAIN_TIMESTEPS, add_noise, make_schedule
 from ..threads import apply_threads
 from . import dist as distributed
-from .components import build_text_encoder, build_vae, pretrain_vae, with_scaling_factor
+from .components import build_text_encoder, build_vae, build_within_memory, pretrain_vae, with_scaling_factor
 from .config import TrainConfig
 from .data import VideoClips, read_captions, to_model_pixels
 
@@ -245,7 +245,7 @@ def build_models(cfg: TrainConfig, clips: VideoClips, resume: Path | None, gener
 
     unet_values = {**cfg.unet, "cross_attention_dim": text.hidden_size}
     torch.manual_seed(cfg.seed)
-    unet = UNet3D(UNetConfig.from_dict(unet_values))
+    unet = build_within_memory(lambda: UNet3D(UNetConfig.from_dict(unet_values)), "unet")
     # The motion embedding starts at zero (SPEC 3: add_embedding.linear_2 zero-initialised for training).
     nn.init.zeros_(unet.add_embedding.linear_2.weight)
     nn.init.zeros_(unet.add_embedding.linear_2.bias)
@@ -328,6 +328,40 @@ def read_resume_state(path: Path) -> dict:
     return state
 
 
+def restore_training_state(folder: Path, rank: int, unet, ema, optimizer, lr_schedule,
+                           generator: torch.Generator) -> int:
+    """Every piece of a step folder's state put back (model, EMA, optimiser, schedule, step, RNGs); a file
+    that lacks a piece or holds one of the wrong shape, size or type is one ValueError naming the file,
+    found before the first step (an optimiser state of the wrong shape fails only inside `step` otherwise).
+    Returns the step."""
+    state_path, rng_path = folder / STATE_FILE, folder / f"rng_rank{rank}.pt"
+    path = state_path
+    try:
+        state = read_resume_state(state_path)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                for name, value in optimizer.state.get(param, {}).items():
+                    if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                        raise ValueError(f"optimizer {name} has shape {tuple(value.shape)} for a parameter of "
+                                         f"{tuple(param.shape)}")
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        step = int(state["step"])
+        if step < 0:
+            raise ValueError(f"step is {step}")
+        path = rng_path
+        _set_rng_state(read_resume_state(rng_path), generator)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError, OverflowError) as err:
+        if isinstance(err, ValueError) and str(err).startswith("cannot resume"):
+            raise
+        what = f"missing {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {str(err).splitlines()[0]}"
+        raise ValueError(f"cannot resume from {path}: it is not a complete training state of this model ({what}); "
+                         "resume from another step folder or set resume to null") from None
+    return step
+
+
 def train(cfg: TrainConfig, device: str | None = None) -> dict:
     """Run training to `cfg.steps`; returns {"step", "loss" (mean of the last log window), "seconds"}."""
     info = distributed.init(device)
@@ -367,13 +401,7 @@ def train(cfg: TrainConfig, device: str | None = None) -> dict:
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg))
     step = 0
     if resume is not None:
-        state = read_resume_state(resume / STATE_FILE)
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        step = int(state["step"])
-        _set_rng_state(read_resume_state(resume / f"rng_rank{info.rank}.pt"), generator)
+        step = restore_training_state(resume, info.rank, unet, ema, optimizer, lr_schedule, generator)
         log.info("resumed from %s at step %d", resume, step)
     model = DistributedDataParallel(unet) if info.enabled else unet
 
