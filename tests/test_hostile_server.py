@@ -304,7 +304,7 @@ def test_keys_compare_as_utf8_and_schemes_in_any_case(tmp_path, key):
 
 
 def test_an_empty_key_is_refused_by_every_entry_point(tmp_path):
-    from cinemo_rt.serve.command import api_key
+    from cinemo_rt.serve.keys import api_key
 
     with pytest.raises(ValueError, match="empty"):
         idle_app(tmp_path / "jobs", api_key="")  # Python: create_app (the Ray ingress builds the same app)

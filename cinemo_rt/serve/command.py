@@ -80,6 +80,7 @@ def settings_from_args(args):
     from ..threads import parse_threads
     from .app import ServeSettings
     from .batching import BatchPolicy
+    from .keys import api_key
 
     if args.max_batch is None:
         args.max_batch = default_max_batch(args.device)
@@ -90,22 +91,6 @@ def settings_from_args(args):
                          max_queue=args.max_queue, policy=BatchPolicy(args.max_batch, args.max_wait_ms),
                          keep_s=args.keep_hours * 3600, requeue=args.requeue,
                          exact_batching=args.exact_batching, threads=parse_threads(args.threads))
-
-
-def api_key(flag: str | None, environ) -> str | None:
-    """--api-key, else CINEMO_API_KEY, else None (no key). An empty or blank key would silently turn
-    authentication off, and a key with control characters cannot be sent in a header: both refused."""
-    from ..image import InputError
-
-    key, source = (flag, "--api-key") if flag is not None else (environ.get("CINEMO_API_KEY"), "CINEMO_API_KEY")
-    if key is None:
-        return None
-    if not key.strip():
-        raise InputError(f"{source} is empty; give a key, or leave {source} out to serve without one")
-    if key != key.strip() or any(ord(c) < 32 or ord(c) == 127 for c in key):
-        raise InputError(f"{source} has spaces at its ends or control characters, which HTTP headers cannot carry "
-                         "intact; choose a key of printable characters")
-    return key
 
 
 def serve(args) -> int:

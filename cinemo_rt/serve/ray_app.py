@@ -179,7 +179,7 @@ def build_app(settings: ServeSettings, replicas: int = 2, min_replicas: int | No
 def settings_from_env() -> ServeSettings:
     """For `serve run cinemo_rt.serve.ray_app:app`: CINEMO_JOBS (required to share results: a folder every
     replica reaches), CINEMO_CHECKPOINT, CINEMO_ENGINES, CINEMO_DEVICE, CINEMO_API_KEY, CINEMO_MAX_BATCH."""
-    from .command import api_key
+    from .keys import api_key
 
     env = os.environ.get
     return ServeSettings(jobs_dir=Path(env("CINEMO_JOBS", "cinemo-jobs")).resolve(),
