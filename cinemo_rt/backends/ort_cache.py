@@ -72,9 +72,15 @@ def create_session(path: Path, graph_sha256: str | None, providers: list, make_o
             shutil.rmtree(folder, ignore_errors=True)
     options = make_options()
     scratch = _scratch_for(folder, options) if folder is not None else None
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     if scratch is None:
-        return session, "uncached"
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers), "uncached"
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as err:  # saving the optimised graph failed (disk full, ...): a session without the cache
+        shutil.rmtree(scratch, ignore_errors=True)
+        log.warning("ONNX Runtime could not save its optimised graph to %s (%s); not caching", folder,
+                    str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return ort.InferenceSession(str(path), sess_options=make_options(), providers=providers), "uncached"
     try:
         os.replace(scratch, folder)  # whole folder at once: a reader never sees half a graph
         log.info("saved ONNX Runtime's optimised %s to %s", path.name, folder)
