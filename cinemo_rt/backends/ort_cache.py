@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "CINEMO_RT_ORT_CACHE"
 GRAPH = "graph.onnx"
+STALE_SCRATCH_S = 24 * 3600  # a save takes seconds to minutes; a day-old scratch folder is abandoned
 
 
 def cache_root() -> Path | None:
@@ -94,6 +96,9 @@ def _scratch_for(folder: Path, options) -> Path | None:
     """A scratch folder next to `folder` that ORT writes the optimised graph (and its weights) into."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        for stale in folder.parent.glob(".*"):  # scratch of a process killed while saving
+            if time.time() - stale.stat().st_mtime > STALE_SCRATCH_S:
+                shutil.rmtree(stale, ignore_errors=True)
         scratch = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     except OSError as err:
         log.warning("ONNX Runtime cache folder %s is not writable (%s); not caching", folder.parent, err)
