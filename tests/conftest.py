@@ -54,3 +54,12 @@ def engines_fp32(tiny_checkpoint_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def engines_fp16(tiny_checkpoint_dir, tmp_path_factory):
     return _session_engines(tiny_checkpoint_dir, tmp_path_factory, "fp16")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ort_cache_in_tmp(tmp_path_factory):
+    """ONNX Runtime's optimised-graph cache (cinemo_rt/backends/ort_cache.py) in the session's temp folder, not
+    the user's ~/.cache; subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CINEMO_RT_ORT_CACHE", str(tmp_path_factory.mktemp("ort-cache")))
+        yield

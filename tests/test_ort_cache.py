@@ -59,3 +59,22 @@ def test_off_caches_nothing(engines_fp32, tmp_path, monkeypatch):
     _, how = _open(engines_fp32)
     assert set(how.values()) == {"uncached"}
     assert not any(tmp_path.iterdir())
+
+
+def test_a_failed_save_still_gives_a_session(engines_fp32, tmp_path, monkeypatch, caplog):
+    from cinemo_rt.backends import ort_cache
+
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "cache"))
+    real_scratch = ort_cache._scratch_for
+
+    def vanished(folder, options):  # ORT is told to save into a folder that is gone by then: it raises
+        scratch = real_scratch(folder, options)
+        scratch.rmdir()
+        return scratch
+
+    monkeypatch.setattr(ort_cache, "_scratch_for", vanished)
+    with caplog.at_level(logging.WARNING):
+        backend, how = _open(engines_fp32)
+    assert set(how.values()) == {"uncached"}
+    assert "could not save its optimised graph" in caplog.text
+    assert _unet_call(backend).isfinite().all()

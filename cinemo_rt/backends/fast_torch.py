@@ -8,10 +8,10 @@ forward, numerically the same function (parity tests/test_fast_torch.py), with t
   device, once, with their weights converted at load and never per call (`conv_layout`): on CUDA they see
   the tokens as a channels_last (B*F, C, H, W) view, cuDNN's preferred fp16 layout; on the CPU they run in
   contiguous NCHW, the reference's layout (input copied in, output copied back to tokens), because oneDNN's
-  channels_last kernels lose at the small maps of a latent UNet (2.2x slower for 1280 channels at 2x2;
-  measured side by side in benchmarks/cpu_paths.py, results in benchmarks/results/cpu_paths.md).
+  channels_last kernels lose at the small maps of a latent UNet (2.2x slower for one 1280-channel convolution at
+  2x2; both layouts measured end to end in benchmarks/cpu_paths.py, benchmarks/results/cpu_paths.md).
 - GroupNorm (5D, statistics over all frames, and per frame) is computed on the token layout without a
-  layout change: on the CPU by the built-in kernel on a channels_last view (8x faster than a var_mean
+  layout change: on the CPU by the built-in kernel on a channels_last view (5-8x faster than a var_mean
   formulation there), elsewhere with fp32 statistics written out, the following SiLU folded in (one fused
   kernel under torch.compile).
 - q/k/v of spatial and temporal attention are one matmul: the three weights are re-pointed into a single
@@ -454,6 +454,10 @@ class FastTorchBackend(TorchBackend):
         runners["unet"] = _FastUNetRunner(self, runners["unet"].inputs)
         super().__init__(checkpoint, name="torch-fast", runners=runners)
         self.fast_unet = optimize_unet(checkpoint.unet)
+        if self.device.type == "cpu":
+            # Why "auto" keeps the reference for checkpoints on the CPU (backends/registry.py).
+            log.info("torch-fast on the CPU: about as fast as the eager reference (the same oneDNN convolutions "
+                     "take most of a call; benchmarks/results/cpu_paths.md), so --backend auto runs the reference")
         if cuda_graph is None:
             cuda_graph = self.device.type == "cuda"
         if cuda_graph and self.device.type != "cuda":

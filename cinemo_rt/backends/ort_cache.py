@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "CINEMO_RT_ORT_CACHE"
 GRAPH = "graph.onnx"
+STALE_SCRATCH_S = 24 * 3600  # a save takes seconds to minutes; a day-old scratch folder is abandoned
 
 
 def cache_root() -> Path | None:
@@ -72,9 +74,15 @@ def create_session(path: Path, graph_sha256: str | None, providers: list, make_o
             shutil.rmtree(folder, ignore_errors=True)
     options = make_options()
     scratch = _scratch_for(folder, options) if folder is not None else None
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     if scratch is None:
-        return session, "uncached"
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers), "uncached"
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as err:  # saving the optimised graph failed (disk full, ...): a session without the cache
+        shutil.rmtree(scratch, ignore_errors=True)
+        log.warning("ONNX Runtime could not save its optimised graph to %s (%s); not caching", folder,
+                    str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return ort.InferenceSession(str(path), sess_options=make_options(), providers=providers), "uncached"
     try:
         os.replace(scratch, folder)  # whole folder at once: a reader never sees half a graph
         log.info("saved ONNX Runtime's optimised %s to %s", path.name, folder)
@@ -88,6 +96,9 @@ def _scratch_for(folder: Path, options) -> Path | None:
     """A scratch folder next to `folder` that ORT writes the optimised graph (and its weights) into."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        for stale in folder.parent.glob(".*"):  # scratch of a process killed while saving
+            if time.time() - stale.stat().st_mtime > STALE_SCRATCH_S:
+                shutil.rmtree(stale, ignore_errors=True)
         scratch = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     except OSError as err:
         log.warning("ONNX Runtime cache folder %s is not writable (%s); not caching", folder.parent, err)
