@@ -1,4 +1,4 @@
-"""Fit the step cache's indicator polynomial to a checkpoint and store it in its cinemo_rt.json (issue 18).
+"""Fit the step cache's indicator polynomial to a checkpoint and store it in its cinemo_rt.json.
 
     python benchmarks/calibrate_cache.py --checkpoint cinemo_rt/assets/demo [--write]
 

@@ -1,4 +1,4 @@
-"""Evidence that a checkpoint learned Cinemo's controls (issue 8), measured on images held out from training.
+"""Evidence that a checkpoint learned Cinemo's controls, measured on images held out from training.
 
     python benchmarks/controls.py [--checkpoint cinemo_rt/assets/demo] [--steps 25] [--out benchmarks/results]
 

@@ -5,7 +5,7 @@ competitor processes (started and stopped here) hold the cores, for the policy's
     python benchmarks/cpu_threads.py --repeats 1 --competitors 2 --threads auto,1,2
 
 Each configuration runs the real CLI in a fresh process (start-up included) after one warm-up run, and
-reports the median of the denoising stage and of the whole command's wall time. Goal (issue 17): the demo
+reports the median of the denoising stage and of the whole command's wall time. Goal: the demo
 within 3x of its idle time beside two competing processes, and no slower than torch's default when idle.
 """
 

@@ -1,4 +1,4 @@
-"""Microbenchmark of the DCT kernels (issue 6): median CUDA-event time, achieved bandwidth vs copy.
+"""Microbenchmark of the DCT kernels: median CUDA-event time, achieved bandwidth vs copy.
 
     python benchmarks/dct_kernels.py [--repeats 100] [--warmup 10] [--dtype float32 float64] [--out DIR]
 
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPES = [(1, 4, 15, 40, 64), (8, 4, 16, 128, 128)]  # SPEC 2 shape, and a larger batch/latent
+SHAPES = [(1, 4, 15, 40, 64), (8, 4, 16, 128, 128)]  # docs/METHOD.md, DCTInit shape, and a larger batch/latent
 RESULTS = ROOT / "benchmarks" / "results"
 
 

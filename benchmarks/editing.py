@@ -1,9 +1,9 @@
-"""Evidence for video editing and motion transfer (issue 15) on the demo checkpoint, on held-out images.
+"""Evidence for video editing and motion transfer on the demo checkpoint, on held-out images.
 
     OMP_NUM_THREADS=1 python benchmarks/editing.py [--checkpoint cinemo_rt/assets/demo] [--out benchmarks/results]
 
 1. Reconstruction: invert a clip and sample it back with its own first frame, its caption as source and
-   target prompt, DCTInit off, guidance 1 (SPEC 10's last line). PSNR of frames 1..F against the input clip
+   target prompt, DCTInit off, guidance 1 (docs/METHOD.md, editing). PSNR of frames 1..F against the input clip
    (as the model sees it: resized and cropped) and against the VAE round trip of the same posterior samples
    (decode(encode(clip))), the ceiling that isolates the inversion's own error; for 10, 25 and 50 steps.
 2. Motion transfer: demo-style clips (pan left / right / up / down, zoom in; rendered by

@@ -1,4 +1,4 @@
-"""Fewer UNet calls per video (issue 18): each setting against the 50-step DDIM + CFG video of the same image and seed.
+"""Fewer UNet calls per video: each setting against the 50-step DDIM + CFG video of the same image and seed.
 
     python benchmarks/fewer_calls.py [--checkpoint cinemo_rt/assets/demo] [--seeds 2] [--controls]
 

@@ -1,4 +1,4 @@
-"""FLOPs of one UNet call, counted from the model (issue 7), per op family: conv, linear, attention.
+"""FLOPs of one UNet call, counted from the model, per op family: conv, linear, attention.
 
     python benchmarks/flops.py [--batch 2] [--frames 15] [--height 320] [--width 512]
 

@@ -137,7 +137,7 @@ def build_checkpoint(args, device: torch.device, dtype: torch.dtype) -> Checkpoi
         torch.manual_seed(args.seed)
         with torch.device(device):  # initialised on the GPU: seconds instead of minutes on the host
             unet = UNet3D(full_config()).eval()
-            # SD-1.x's CLIP ViT-L/14 text tower and SVD's temporal VAE (SPEC 5), random weights.
+            # SD-1.x's CLIP ViT-L/14 text tower and SVD's temporal VAE (docs/checkpoints.md), random weights.
             text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
                                                 num_hidden_layers=12, num_attention_heads=12,
                                                 max_position_embeddings=77, projection_dim=768)).eval()

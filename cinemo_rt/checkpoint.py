@@ -1,4 +1,4 @@
-"""Reading and writing checkpoint folders in the released Cinemo layout (SPEC section 5).
+"""Reading and writing checkpoint folders in the released Cinemo layout (docs/checkpoints.md).
 
     model_index.json
     unet/config.json, unet/diffusion_pytorch_model.{safetensors,bin}   (or a bare cinemo.pt UNet state dict)
@@ -417,7 +417,7 @@ def save_checkpoint(folder: str | os.PathLike, checkpoint: Checkpoint) -> Path:
 
 
 def default_scheduler_config() -> dict:
-    """The DDIM settings in force in the original (SPEC 1), as a diffusers scheduler config."""
+    """The DDIM settings in force in the original (docs/METHOD.md, pipeline), as a diffusers scheduler config."""
     return {
         "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
         "beta_schedule": "linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,

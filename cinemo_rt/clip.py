@@ -1,4 +1,4 @@
-"""Reading the source clip of an edit (issue 15): a video file (anything PyAV decodes: mp4, webm, mov, gif)
+"""Reading the source clip of an edit: a video file (anything PyAV decodes: mp4, webm, mov, gif)
 or a folder of frames, and choosing which of its frames the edit inverts.
 
 The original reads frames 0..15 of the clip; a 30 fps phone clip then spans half a second. Here the frames

@@ -1,4 +1,4 @@
-"""The standard parts around the UNet: the VAE and the CLIP text encoder (SPEC section 1, steps 1, 3, 5, 8).
+"""The standard parts around the UNet: the VAE and the CLIP text encoder (docs/METHOD.md, pipeline).
 
 They are the diffusers / transformers implementations, wrapped with exactly the calls the pipeline needs.
 """
@@ -24,7 +24,7 @@ class VAE:
 
     `temporal=True` is the SVD `AutoencoderKLTemporalDecoder` (default in the release): chunks of 14 frames,
     each decoded with `num_frames` = chunk length, uint8 by truncation. `temporal=False` is the SD
-    `AutoencoderKL`: all frames at once, uint8 with rounding (SPEC 1, step 8)."""
+    `AutoencoderKL`: all frames at once, uint8 with rounding (docs/METHOD.md, pipeline)."""
 
     model: nn.Module
     temporal: bool
@@ -76,7 +76,7 @@ def images_to_uint8(images: torch.Tensor, rounding: bool = False) -> torch.Tenso
 
 @dataclass
 class TextEncoder:
-    """CLIP tokenizer + text tower: prompts -> last hidden state (B, 77, D), no attention mask (SPEC 1, step 5)."""
+    """CLIP tokenizer + text tower: prompts -> last hidden state (B, 77, D), no attention mask (docs/METHOD.md, pipeline)."""
 
     tokenizer: object
     model: nn.Module

@@ -1,4 +1,4 @@
-"""DCTInit (SPEC section 2): start the residual frames from noise whose low spatial frequencies come from z1.
+"""DCTInit (docs/METHOD.md, DCTInit): start the residual frames from noise whose low spatial frequencies come from z1.
 
     z_tau  = sqrt(a_tau) * repeat(z1, F) + sqrt(1 - a_tau) * noise          (tau = 975 in the original)
     x_T    = idct_3d( dct_3d(z_tau) * H + dct_3d(noise) * (1 - H) )

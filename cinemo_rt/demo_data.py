@@ -1,11 +1,11 @@
 """The demo dataset: short clips made on the fly from scikit-image's bundled photographs and drawn scenes.
 
-Each clip moves one source image in one way, at one speed (issue 8):
+Each clip moves one source image in one way, at one speed:
 - camera pans left / right / up / down (the view slides over the image, so the content moves the other way),
 - zoom in / out, rotation clockwise / counterclockwise (about the view centre),
 - a ball moving left / right / up / down over a still drawn scene, and a few still clips.
 Speeds are log-uniform over a wide range, so the clips' mean consecutive SSIM (and with it the motion id,
-SPEC 9) spreads over the 20 buckets. Every clip has several captions that say what moves and in which
+docs/METHOD.md, choices) spreads over the 20 buckets. Every clip has several captions that say what moves and in which
 direction ("pan left", "the camera pans left", ...); the trainer picks one at random per sample.
 
 Frames are rendered at twice the output size with `grid_sample` and averaged 2x2 down, so sub-pixel motion

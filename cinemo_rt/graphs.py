@@ -1,4 +1,4 @@
-"""The four graphs every backend runs, as the export writes them (issue 4) and the runtime feeds them:
+"""The four graphs every backend runs, as the export writes them and the runtime feeds them:
 their input and output names, dtypes and ranks, and the PyTorch modules that compute them.
 
     text_encoder  ids (B, 77) int64                                  -> text (B, 77, D)
@@ -47,12 +47,12 @@ class TextEncoderGraph(nn.Module):
         self.model = model
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids)[0]  # last hidden state (B, 77, D), no attention mask (SPEC 1, step 5)
+        return self.model(ids)[0]  # last hidden state (B, 77, D), no attention mask (docs/METHOD.md, pipeline)
 
 
 class VAEEncoderGraph(nn.Module):
     """image (B, 3, H, W) -> posterior mean, std (B, 4, h, w), unscaled. The random sample is taken on the
-    host with an explicit noise tensor (SPEC 7), so the graph is deterministic."""
+    host with an explicit noise tensor, so the graph is deterministic."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()

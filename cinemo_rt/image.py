@@ -1,4 +1,4 @@
-"""Loading the user's still image and preparing it as the reference does (SPEC section 1, step 2)."""
+"""Loading the user's still image and preparing it as the reference does (docs/METHOD.md, pipeline)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Checks of memory and time before any work (issue 17): image pixels, output size, and a checkpoint's
+"""Checks of memory and time before any work: image pixels, output size, and a checkpoint's
 config against its weight file, each from headers and arithmetic, without importing torch or allocating.
 
 A run whose estimate exceeds the memory this machine has available is refused with the estimate and the

@@ -1,6 +1,6 @@
-"""Motion intensity: buckets, motion ids and the SSIM measure behind them (SPEC sections 3 and 9).
+"""Motion intensity: buckets, motion ids and the SSIM measure behind them (docs/METHOD.md: motion intensity, choices).
 
-Conventions (SPEC 9): a user bucket b in 0..19, larger = more motion, maps to the released weights'
+Conventions (docs/METHOD.md, choices): a user bucket b in 0..19, larger = more motion, maps to the released weights'
 motion id 99 - b (the authors' app uses id = 100 - k for its slider k = 1..20). For training, a clip's
 motion id is clamp(floor(100 * s), 80, 99) with s the mean SSIM of consecutive frames (paper Eq. 2).
 
@@ -74,7 +74,7 @@ def bucket_from_motion_id(motion_id: int | float) -> int:
 
 
 def motion_id_from_ssim(s: float) -> int:
-    """Training-side motion id of a clip with mean consecutive SSIM s: clamp(floor(100 s), 80, 99) (SPEC 9)."""
+    """Training-side motion id of a clip with mean consecutive SSIM s: clamp(floor(100 s), 80, 99) (docs/METHOD.md, choices)."""
     return int(min(max(math.floor(100.0 * float(s)), MIN_MOTION_ID), MAX_MOTION_ID))
 
 

@@ -19,7 +19,7 @@ TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(relative_l2=1e-5),
     "fp16": Tolerance(relative_l2=1e-2),
     "bf16": Tolerance(relative_l2=5e-2),
-    # Kernels against scipy's float64 DCT (issue 6).
+    # Kernels against scipy's float64 DCT.
     "kernel_fp32": Tolerance(relative_l2=1e-6),
     "kernel_fp64": Tolerance(relative_l2=1e-12),
 }

@@ -1,4 +1,4 @@
-"""The animation pipeline: image + request -> 16 uint8 frames (SPEC section 1).
+"""The animation pipeline: image + request -> 16 uint8 frames (docs/METHOD.md, pipeline).
 
 `Animator.run(image, request)` reads as numbered stages, each a call into `cinemo_rt.stages`; the backend
 (PyTorch, ONNX Runtime, TensorRT) is chosen once, when the `Animator` is built (`backends.registry`), and
@@ -188,7 +188,7 @@ class Animator:
                                       guidance_every=guidance_every))
         return self.run(image, Request.create(prompt, bucket, motion_id, **fields), callback)
 
-    # -- video editing and motion transfer (SPEC 10) -------------------------------------------------------
+    # -- video editing and motion transfer (docs/METHOD.md, editing) -------------------------------------------------------
     def run_edit(self, clip_frames: np.ndarray, image, request: EditRequest,
                  callback: Callable[[int, int, torch.Tensor], None] | None = None) -> np.ndarray:
         """One edit segment (`_run_edit`), its prompt warnings noted first."""
@@ -264,7 +264,7 @@ class Animator:
         """The keyword API of editing: `video` is a path (video file or folder of frames), a `Clip` or a
         (T, H, W, 3) uint8 array (`fps` gives its frame rate for `start` and the default stride). Frames are
         taken `start` seconds in, every `stride`-th (default: spanning about 2 s). `prompt=None` re-uses the
-        source prompt; `bucket=None` and `motion_id=None` measure the clip's motion (SSIM rule, SPEC 9).
+        source prompt; `bucket=None` and `motion_id=None` measure the clip's motion (SSIM rule, docs/METHOD.md, choices).
         Returns uint8 (segments * frames + 1, H, W, 3) whose first frame is `image` (or the clip's)."""
         from .clip import Clip, clip_from_array, read_clip
 
@@ -334,7 +334,7 @@ class Animator:
 
 def clip_motion_id(frames: np.ndarray, size: Size) -> float:
     """The motion id of the clip as the model sees it (resized and cropped to `size`), by the training rule
-    clamp(floor(100 * mean consecutive SSIM), 80, 99) (SPEC 9); logged with its bucket."""
+    clamp(floor(100 * mean consecutive SSIM), 80, 99) (docs/METHOD.md, choices); logged with its bucket."""
     from .motion import motion_intensity
 
     pixels = torch.cat([preprocess(frame, size.height, size.width) for frame in frames])  # (N, 3, H, W)

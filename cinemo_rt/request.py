@@ -22,7 +22,7 @@ REFERENCE_STEPS = 50  # the original's DDIM steps: the default, and the referenc
 
 @dataclass(frozen=True)
 class DCTInit:
-    """DCTInit settings (SPEC 2): the low-pass box fraction and the noise level of the kept frequencies."""
+    """DCTInit settings (docs/METHOD.md, DCTInit): the low-pass box fraction and the noise level of the kept frequencies."""
 
     fraction: float = DCT_FRACTION
     tau: int = DCT_TAU
@@ -151,7 +151,7 @@ class Request:
 
 @dataclass(frozen=True)
 class EditRequest:
-    """A video edit (SPEC 10): invert a clip's motion under `source_prompt` (and its own first frame), then
+    """A video edit (docs/METHOD.md, editing): invert a clip's motion under `source_prompt` (and its own first frame), then
     sample `target` from those latents with a new first frame. The target's DCTInit runs over the inverted
     latents, at tau 985 by default; guidance is 1 in both stages by default, as the original script."""
 

@@ -1,4 +1,4 @@
-"""Cinemo's residual formulation (SPEC 6), in one place: the UNet denoises the motion residuals
+"""Cinemo's residual formulation (docs/METHOD.md, motion residuals), in one place: the UNet denoises the motion residuals
 M = z_{2..N} - z_1 of the frame latents, never the frames themselves."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Noise schedule of Cinemo (SPEC section 1): linear betas 1e-4..0.02 over 1000 steps, DDIM 'leading' spacing.
+"""Noise schedule of Cinemo (docs/METHOD.md, pipeline): linear betas 1e-4..0.02 over 1000 steps, DDIM 'leading' spacing.
 
 Schedules are data built by pure functions; `tests/test_schedule_sampling.py` checks them against
 `diffusers.DDIMScheduler` with the settings in force in the original pipeline.

@@ -6,14 +6,14 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-NUM_TRAIN_TIMESTEPS = 1000  # the noise schedule's length (SPEC 1)
+NUM_TRAIN_TIMESTEPS = 1000  # the noise schedule's length (docs/METHOD.md, pipeline)
 SIZE_FILE = "cinemo_rt.json"  # optional per-folder default size: {"height", "width", "frames"}
 STEP_CACHE_KEY = "step_cache"  # key of SIZE_FILE holding the fitted step-cache indicator (fewer_calls.py)
 DECODE_CHUNK = 14  # frames the temporal VAE decoder sees at a time, as the reference (14 + 2 for 16)
-DCT_FRACTION = 0.23  # DCTInit's low-pass box, a fraction of each spatial side (SPEC 2)
-DCT_TAU = 975  # DCTInit's noise level of the low frequencies kept from z1 (SPEC 2)
+DCT_FRACTION = 0.23  # DCTInit's low-pass box, a fraction of each spatial side (docs/METHOD.md, DCTInit)
+DCT_TAU = 975  # DCTInit's noise level of the low frequencies kept from z1 (docs/METHOD.md, DCTInit)
 DEFAULT_SPAN_S = 2.0  # seconds of source clip one edit segment spans by default (its stride follows)
-EDIT_DCT_TAU = 985  # the same for video editing, over the inverted latents (SPEC 10, `video_editing.py`)
+EDIT_DCT_TAU = 985  # the same for video editing, over the inverted latents (docs/METHOD.md, editing, `video_editing.py`)
 
 
 @dataclass(frozen=True)

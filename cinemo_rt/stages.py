@@ -1,4 +1,4 @@
-"""The pipeline's stages over any `Backend`: condition -> initial noise -> sample -> decode (SPEC 1).
+"""The pipeline's stages over any `Backend`: condition -> initial noise -> sample -> decode (docs/METHOD.md, pipeline).
 
 Each is a plain function, so a new mode recombines them: video editing supplies its own initial latents and
 first frame to `denoise`; serving stacks several requests' `Conditioning` along the batch (every stage works
@@ -91,7 +91,7 @@ def initial_noise(z1: torch.Tensor, frames: int, generator: torch.Generator, dct
 def mix_low_frequencies(z1: torch.Tensor, noise: torch.Tensor, dct: DCTInit | None, dct_init: Callable,
                         alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """DCTInit of `noise` (B, 4, F, h, w) towards z1, or `noise` itself when `dct` is None. Editing passes the
-    inverted latents of a clip as the noise (SPEC 10, step 3). The tensors pass the CUDA kernel's preconditions
+    inverted latents of a clip as the noise (docs/METHOD.md, editing). The tensors pass the CUDA kernel's preconditions
     here on every device (`check_kernel_contract`), so the CPU suite proves what a GPU run hands the kernel."""
     if dct is None:
         return noise

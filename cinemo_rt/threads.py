@@ -1,4 +1,4 @@
-"""How many CPU threads PyTorch uses: chosen on purpose, not left to torch's default (issue 17).
+"""How many CPU threads PyTorch uses: chosen on purpose, not left to torch's default.
 
 torch starts one intra-op thread per core it sees. On a busy machine those threads wait for each other at
 every op's barrier while other processes hold the cores: the demo's denoising took 35-182 s with 2 threads

@@ -65,7 +65,7 @@ def resolve_format(path: str | os.PathLike, format: str | None = None) -> str:
 
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:
-    if hasattr(frames, "detach"):  # a torch tensor (torch is imported only where used: issue 17)
+    if hasattr(frames, "detach"):  # a torch tensor (torch is imported only where used)
         frames = frames.detach().cpu().numpy()
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
@@ -174,7 +174,7 @@ def write_video(
     check_file_output(dest, overwrite=overwrite, is_folder_output=fmt == "png")
     if fmt == "png" and dest.is_dir():
         _only_frames(dest)
-    import av  # here, not at module level: the CLI checks paths before importing PyAV (issue 17)
+    import av  # here, not at module level: the CLI checks paths before importing PyAV
 
     try:
         if fmt == "png":
@@ -184,7 +184,7 @@ def write_video(
     except (OSError, av.error.FFmpegError) as err:
         raise OutputError(f"could not write {str(dest)!r}: {err.strerror or err}; nothing was written "
                           "(free some space or choose another --out)") from err
-    # Debug only: the CLI prints the one success line (issue 17: it was printed twice).
+    # Debug only: the CLI prints the one success line (it was printed twice).
     log.debug("wrote %d frames of %dx%d (height x width) to %s", frames.shape[0], frames.shape[1],
               frames.shape[2], dest)
     return dest

@@ -61,7 +61,7 @@ class BuildOptions:
     targets: tuple[str, ...] = ("onnx",)
     components: tuple[str, ...] = tuple(SPECS)
     verify: bool = True
-    # TensorRT (issue 5): a dynamic (min, opt, max) profile instead of the static CFG shapes, a workspace
+    # TensorRT: a dynamic (min, opt, max) profile instead of the static CFG shapes, a workspace
     # limit in bytes (None: TensorRT's default), refittable engines.
     trt_dynamic: bool = False
     trt_workspace: int | None = None

@@ -83,7 +83,7 @@ def optimize(model: onnx.ModelProto, name: str = "graph") -> tuple[onnx.ModelPro
     result = report(model, passes)
     if result.ellipsis_einsums:
         raise ValueError(f"{name}: {result.ellipsis_einsums} Einsum nodes with an ellipsis equation remain; "
-                         "TensorRT handles them poorly (SPEC 7). Rewrite them as MatMul in the model.")
+                         "TensorRT handles them poorly. Rewrite them as MatMul in the model.")
     return model, result
 
 

@@ -4,11 +4,11 @@ Each `ExportSpec` takes a graph's contract (names, dtypes: `cinemo_rt.graphs`, w
 adds its dynamic axes and a single `shapes(...)`; sample inputs, the TensorRT optimisation profiles
 (`profile(...)`) and the tests all derive from it.
 
-Decisions recorded here (issue 4):
+Decisions recorded here:
 - Spatial sizes are static per build (`--height/--width`): the graphs then hold no Shape/Gather chains for
   H and W, and a runtime asked for another size fails with a clear message instead of recompiling.
 - The UNet's frame count is static too: its rotary tables and relative-position buckets depend on it
-  (SPEC 7) and fold to constants. `frames` means *generated* frames, x_t's F (15 released), as in the
+  and fold to constants. `frames` means *generated* frames, x_t's F (15 released), as in the
   pipeline's defaults; the video has frames + 1 (z1 first), decoded in chunks of 14 (14 + 2).
 - Batch is dynamic for the text encoder and the UNet (2 with CFG, 1 without) and the VAE encoder.
 - The SVD temporal decoder reshapes by `num_frames` only symbolically (diffusers' TemporalDecoder,

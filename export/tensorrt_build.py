@@ -1,4 +1,4 @@
-"""Building one TensorRT engine from one exported ONNX graph (issue 5), for `python -m export.build_engines
+"""Building one TensorRT engine from one exported ONNX graph, for `python -m export.build_engines
 --targets tensorrt`.
 
     build_engine(component, onnx_path, out_dir, profiles, options) -> EngineEntry
@@ -7,7 +7,7 @@
   = the 16x320x512 CFG shapes), or a dynamic range as an option. Several profiles per engine are allowed
   (e.g. the temporal VAE decoder's 14- and 2-frame chunks).
 - Precision "fp16" parses the fp16 graph into a strongly typed network: every tensor keeps the type the
-  graph gives it, so normalisation that the optimiser left in fp32 (Cast around InstanceNormalization, SPEC 7:
+  graph gives it, so normalisation that the optimiser left in fp32 (Cast around InstanceNormalization:
   ~410k elements per group at 40x64x16) stays fp32. "fp16-flags" parses an fp32 graph with the FP16 builder
   flag and pins normalisation layers to fp32 (OBEY_PRECISION_CONSTRAINTS). "fp32" disables TF32 too.
 - A persistent timing cache per TensorRT version and GPU in `<out>/tensorrt/`, a workspace limit and
@@ -63,7 +63,7 @@ def static_batches(spec, dims) -> tuple[int, ...]:
     """The values of a spec's dynamic axis the pipeline actually runs, each a static profile by default:
     the UNet at 2 (CFG: both halves in one call), the text encoder at 2 and 1 (guidance 1), the VAE encoder at 1
     (an edit's clip too: `cinemo_rt.stages.encode_frames` encodes one frame per call),
-    and the temporal decoder at its chunk lengths (14 + 2 for 16 frames, SPEC 1 step 8)."""
+    and the temporal decoder at its chunk lengths (14 + 2 for 16 frames, docs/METHOD.md, pipeline step 8)."""
     if spec.name == "vae_decoder":
         frames, chunk = dims.video_frames, spec.nominal_batch  # z1 + generated frames
         return tuple(dict.fromkeys(min(chunk, frames - start) for start in range(0, frames, chunk)))
@@ -156,7 +156,7 @@ def _parse(trt, builder, logger, onnx_path: Path, strongly_typed: bool):
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     # Keep InstanceNormalization as TensorRT's INormalizationLayer (the 10.x default, made explicit): the
-    # 5D GroupNorm over frames exports as InstanceNormalization (SPEC 7), and the precision pinning below
+    # 5D GroupNorm over frames exports as InstanceNormalization, and the precision pinning below
     # finds it by layer type.
     parser.set_flag(trt.OnnxParserFlag.NATIVE_INSTANCENORM)
     # parse_from_file resolves external data (the UNet is > 2 GB in fp32) relative to the file.

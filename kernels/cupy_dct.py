@@ -106,7 +106,7 @@ def init_plan(z_shape, noise_shape, fraction: float, itemsize: int) -> InitPlan:
 
 
 def mix_scales(alpha_bar_tau: float) -> tuple[float, float]:
-    """(sqrt(a), sqrt(1-a) - 1): out = noise + LP2(sqrt(a) z1 + (sqrt(1-a) - 1) noise), SPEC 2.
+    """(sqrt(a), sqrt(1-a) - 1): out = noise + LP2(sqrt(a) z1 + (sqrt(1-a) - 1) noise), docs/METHOD.md, DCTInit.
 
     sqrt(1-a) - 1 is written as -a / (1 + sqrt(1-a)) to avoid cancellation (a_975 = 6.5e-5).
     """
@@ -284,7 +284,7 @@ def _dct_mix(z, noise, fraction: float, z_scale: float, noise_scale: float, stre
 
 
 def dct_init_cuda(z1, noise, alpha_bar_tau, fraction: float = 0.23, stream=None):
-    """DCTInit (SPEC 2) in one fused kernel; same contract as cinemo_rt.dctinit.dct_init.
+    """DCTInit (docs/METHOD.md, DCTInit) in one fused kernel; same contract as cinemo_rt.dctinit.dct_init.
 
     z1 (B, C, 1, H, W), noise (B, C, F, H, W), same dtype (float32/float64) and device. Returns
     idct_3d(dct_3d(z_tau) * M + dct_3d(noise) * (1 - M)) with z_tau = sqrt(a) z1 + sqrt(1 - a) noise

@@ -1,4 +1,4 @@
-// Orthonormal DCT-II / DCT-III kernels and the fused DCTInit kernel (SPEC section 2, issue 6).
+// Orthonormal DCT-II / DCT-III kernels and the fused DCTInit kernel (docs/METHOD.md, DCTInit).
 //
 // This file is loaded as-is by cupy.RawModule (NVRTC), so it must stay self-contained:
 // no #include (NVRTC has no host headers), no host code. The CMake library compiles it through
@@ -93,7 +93,7 @@ __device__ void batched_gemm(const T* __restrict__ A, long long lda, long long s
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fused DCTInit (SPEC section 2). With the spatial box mask broadcast over temporal frequency,
+// Fused DCTInit (docs/METHOD.md, DCTInit). With the spatial box mask broadcast over temporal frequency,
 //   IDCT3(DCT3(z_tau) * M + DCT3(noise) * (1 - M)) = noise + LP2(z_tau - noise),
 // LP2 = per-frame orthonormal 2D DCT, keep [:kh, :kw], inverse 2D DCT = Uh Uh^T X Uw Uw^T with
 // Uh = D_H[:kh, :]^T (H x kh), Uw = D_W[:kw, :]^T (W x kw). With z_tau = sqrt(a) z1 + sqrt(1-a) noise:

@@ -14,7 +14,7 @@ int cinemo_dct_f32(const float* x, float* out, const long long shape[5], int axi
 int cinemo_dct_f64(const double* x, double* out, const long long shape[5], int axis, int inverse,
                    cudaStream_t stream);
 
-// DCTInit (SPEC 2): out = noise + LP2(z_scale * z + noise_scale * noise), z (B, C, z_frames, H, W)
+// DCTInit (docs/METHOD.md, DCTInit): out = noise + LP2(z_scale * z + noise_scale * noise), z (B, C, z_frames, H, W)
 // with z_frames 1 or F. For z1: z_scale = sqrt(a), noise_scale = sqrt(1 - a) - 1; for z_tau: 1, -1.
 int cinemo_dct_init_f32(const float* z, int z_frames, const float* noise, float* out,
                         const long long shape[5], int kh, int kw, double z_scale, double noise_scale,

@@ -1,6 +1,6 @@
 """Float64 numpy references for the kernels in dct.cu (llm.c style: every kernel beside a reference).
 
-Deliberately naive: the 3D DCTInit below is the SPEC section 2 definition, not the closed form the
+Deliberately naive: the 3D DCTInit below is the docs/METHOD.md, DCTInit definition, not the closed form the
 fused kernel uses, so the parity tests check the algebra as well as the index arithmetic.
 """
 
@@ -26,7 +26,7 @@ def dct(x: np.ndarray, axis: int, inverse: bool = False) -> np.ndarray:
 
 
 def dct_init(z1: np.ndarray, noise: np.ndarray, alpha_bar_tau: float, fraction: float = 0.23) -> np.ndarray:
-    """SPEC 2: idct_3d(dct_3d(z_tau) * M + dct_3d(noise) * (1 - M)) over (f, h, w), float64.
+    """DCTInit (docs/METHOD.md): idct_3d(dct_3d(z_tau) * M + dct_3d(noise) * (1 - M)) over (f, h, w), float64.
 
     z1 (B, C, 1, H, W) is repeated over the F frames of noise (B, C, F, H, W); M is the spatial box
     [:int(H*fraction), :int(W*fraction)], broadcast over all temporal frequencies.

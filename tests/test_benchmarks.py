@@ -12,7 +12,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import flops  # noqa: E402
 import latency  # noqa: E402
 
-# Issue 7: one CFG call (batch 2, 16 frames, 40x64 latents) is 16.2 TFLOP: conv 8.9, linear 5.7, attention 1.6.
+# One CFG call (batch 2, 16 frames, 40x64 latents) is 16.2 TFLOP: conv 8.9, linear 5.7, attention 1.6.
 ISSUE_TFLOP = {"total": 16.2, "conv": 8.9, "linear": 5.7, "attention": 1.6}
 
 

@@ -1,4 +1,4 @@
-"""DCTInit reference against scipy's orthonormal DCT and the closed form of SPEC section 2."""
+"""DCTInit reference against scipy's orthonormal DCT and the closed form of docs/METHOD.md, DCTInit."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ ALPHA_975 = make_schedule()[975].item()
 
 
 def scipy_dct_init(z1: np.ndarray, noise: np.ndarray, a: float, fraction: float = 0.23) -> np.ndarray:
-    """Independent reference written from SPEC 2 with scipy.fft."""
+    """Independent reference written from docs/METHOD.md, DCTInit with scipy.fft."""
     f, h, w = noise.shape[-3:]
     z_tau = np.sqrt(a) * np.repeat(z1, f, axis=2) + np.sqrt(1 - a) * noise
     mask = np.zeros((1, 1, 1, h, w))
@@ -75,7 +75,7 @@ def test_dct_init_matches_scipy_reference(shape):
 
 
 def test_dct_init_closed_form():
-    """SPEC 2: x_T = noise + sqrt(a) LP(z1) - (1 - sqrt(1-a)) LP(noise), LP a per-frame 2D box low-pass.
+    """The closed form of DCTInit (docs/METHOD.md): x_T = noise + sqrt(a) LP(z1) - (1 - sqrt(1-a)) LP(noise), LP a per-frame 2D box low-pass.
 
     Holds because z1 is constant over time and H keeps every temporal frequency."""
     rng = np.random.default_rng(2)
@@ -88,7 +88,7 @@ def test_dct_init_closed_form():
         return scipy.fft.idctn(scipy.fft.dctn(x, axes=(-2, -1), norm="ortho") * mask, axes=(-2, -1), norm="ortho")
 
     sqrt_a, shrink = np.sqrt(ALPHA_975), 1 - np.sqrt(1 - ALPHA_975)
-    assert abs(sqrt_a - 0.0080730) < 1e-7 and abs(shrink - 3.25e-5) < 1e-7  # SPEC's constants
+    assert abs(sqrt_a - 0.0080730) < 1e-7 and abs(shrink - 3.25e-5) < 1e-7  # docs/METHOD.md's constants
     expected = noise + sqrt_a * lp(z1) - shrink * lp(noise)
     ours = dct_init(torch.from_numpy(z1), torch.from_numpy(noise), ALPHA_975)
     np.testing.assert_allclose(ours.numpy(), expected, rtol=0, atol=1e-11)

@@ -1,4 +1,4 @@
-"""The bundled demo checkpoint (issue 8): inside the package, small, in the released layout, and what
+"""The bundled demo checkpoint: inside the package, small, in the released layout, and what
 `cinemo-rt run` uses when no --checkpoint or --engines is given."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def test_default_run_animates_the_example_with_the_demo(tmp_path, caplog):
     assert change > 3.0, change
 
 
-@pytest.mark.slow  # four 25-step videos: 4 s with 1 thread, 7 min with 2 threads under contention (issue 17)
+@pytest.mark.slow  # four 25-step videos: 4 s with 1 thread, 7 min with 2 threads under contention
 def test_demo_prompt_steers_horizontal_direction():
     """The committed weights follow the direction words (benchmarks/controls.py measures this on held-out
     images; here one image, two seeds): "pan left" moves content right, "pan right" left, same noise."""

@@ -1,4 +1,4 @@
-"""`edit` through every backend on the tiny checkpoint (issue 15), like `run`'s parity tests: the 16-frame clip
+"""`edit` through every backend on the tiny checkpoint, like `run`'s parity tests: the 16-frame clip
 goes through each backend's VAE-encoder graph (one frame per call, so TensorRT's batch-1 profile serves it),
 the inversion and the sampling through its UNet. Every inversion and sampling step's latents are compared
 with the PyTorch reference backend."""

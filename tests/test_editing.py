@@ -1,6 +1,6 @@
-"""Video editing (issue 15) on the tiny checkpoint: inversion, DCTInit over the inverted latents and sampling
-checked step by step against an independent re-statement of the original algorithm (SPEC 10, written from
-the SPEC here: float64 alphas from the linear betas, the original's `next_step` arithmetic, scipy's DCT);
+"""Video editing on the tiny checkpoint: inversion, DCTInit over the inverted latents and sampling
+checked step by step against an independent re-statement of the original algorithm (docs/METHOD.md, editing, written from
+the method here: float64 alphas from the linear betas, the original's `next_step` arithmetic, scipy's DCT);
 then the `Animator.edit` API."""
 
 import logging
@@ -24,7 +24,7 @@ DCT_ABS = 1e-5
 
 
 # -------------------------------------------------------------------------------------------------
-# The re-statement (SPEC 1 and 10), nothing imported from cinemo_rt's sampling or DCT code
+# The re-statement (docs/METHOD.md: pipeline, editing), nothing imported from cinemo_rt's sampling or DCT code
 # -------------------------------------------------------------------------------------------------
 def _alphas_cumprod() -> torch.Tensor:
     betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
@@ -151,7 +151,7 @@ def test_inversion_matches_the_original_on_every_step(animator, clip, guidance, 
                      guidance=guidance, callback=lambda i, t, x: seen.append((t, x.clone())),
                      prediction_type=prediction_type)
         ref = reference_invert(unet, motion_latents, base, text, text_uncond, motion, 5, guidance, prediction_type)
-    assert [t for t, _ in seen] == [1, 201, 401, 601, 801]  # SPEC 10's example
+    assert [t for t, _ in seen] == [1, 201, 401, 601, 801]  # the example of docs/METHOD.md, editing
     _compare([x for _, x in seen], ref)
     assert torch.equal(x_T, seen[-1][1]) and x_T.dtype == motion_latents.dtype
     assert relative_error(x_T, motion_latents) > 0.1  # it did move away from the clip's residuals

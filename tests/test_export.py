@@ -1,4 +1,4 @@
-"""ONNX export of every component (issue 4): graphs, parity with PyTorch through ONNX Runtime, the build's
+"""ONNX export of every component: graphs, parity with PyTorch through ONNX Runtime, the build's
 hash-keyed caching and its atomicity. Tiny checkpoint on the CPU; the full-size UNet export is opt-in."""
 
 import json
@@ -72,7 +72,7 @@ def test_every_component_matches_pytorch_through_onnxruntime(precision, request,
 
 
 def test_graphs_are_clean(engines_fp32, engines_fp16):
-    """Opset, I/O as the spec says, no Einsum with an ellipsis (SPEC 7), node counts reported."""
+    """Opset, I/O as the spec says, no Einsum with an ellipsis, node counts reported."""
     import onnx
 
     for folder in (engines_fp32, engines_fp16):
@@ -199,7 +199,7 @@ def test_full_unet_exports_with_external_data(tmp_path):
     assert graph["inputs"]["x_t"] == ["float", ["batch", 4, 15, 8, 8]]
     assert graph["inputs"]["text"] == ["float", ["batch", 77, 768]]
     assert graph["opset"] >= 17 and "Einsum" not in graph["ops"]
-    # 16 transformer blocks: one temporal + spatial + cross softmax each; 61 5D/2D GroupNorms (SPEC 7).
+    # 16 transformer blocks: one temporal + spatial + cross softmax each; 61 5D/2D GroupNorms.
     assert graph["ops"]["Softmax"] == 48
     assert graph["ops"]["Conv"] > 90
     print(f"\nfull UNet: {graph['nodes']} nodes in {result['export_and_optimize_s']} s; {graph['ops']}")

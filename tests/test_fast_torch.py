@@ -1,4 +1,4 @@
-"""FastTorchBackend (issue 7) against the reference UNet: same function, per dtype, on fresh random inputs."""
+"""FastTorchBackend against the reference UNet: same function, per dtype, on fresh random inputs."""
 
 import copy
 

@@ -1,4 +1,4 @@
-"""Fewer UNet calls (issue 18): the default stays bit-exact, calls are counted, guidance truncation and the
+"""Fewer UNet calls: the default stays bit-exact, calls are counted, guidance truncation and the
 step cache do what they say, the calibration round-trips through cinemo_rt.json, CLI and benchmark run."""
 
 import json

@@ -1,4 +1,4 @@
-"""GPU tier of the torch-fast backend and the pipeline (issue 13): what only a CUDA GPU can check.
+"""GPU tier of the torch-fast backend and the pipeline: what only a CUDA GPU can check.
 
 - torch-fast in fp16 with its CUDA graph against the fp16 and fp32 reference on the tiny model, for a new prompt
   (the graph's static K/V are reloaded) and a new shape (a second graph);

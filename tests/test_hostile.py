@@ -1,4 +1,4 @@
-"""Hostile input (issue 17, docs/RELIABILITY.md): every case ends in one message and its exit code, with no
+"""Hostile input (docs/RELIABILITY.md): every case ends in one message and its exit code, with no
 traceback, nothing of the user's lost and no temporary left behind.
 
 In-process (`cinemo_rt.cli.main`, `export.build_engines.main`) to keep the suite fast; the few cases that

@@ -1,4 +1,4 @@
-"""Tests for kernels/ (issue 6): references, kernel index arithmetic, CMake build, GPU parity.
+"""Tests for kernels/: references, kernel index arithmetic, CMake build, GPU parity.
 
 Tiers: (a) float64 references vs scipy, and a numpy replay of the CUDA kernels' index arithmetic
 (tile loops, bounds, shared-memory layout) driven by the launchers' own plans: CPU, always run;
@@ -26,8 +26,8 @@ from cinemo_rt._kernels import cupy_dct, reference
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 4, 15, 40, 64), (2, 3, 5, 7, 9), (1, 1, 1, 1, 1), (1, 2, 3, 33, 65), (1, 1, 2, 64, 31)]
 AXES = (2, 3, 4)
-ALPHA_975 = 6.5173e-5  # SPEC 2, linear schedule
-# Relative L2 tolerances per dtype (issue 6); fp32 kernels accumulate in fp32.
+ALPHA_975 = 6.5173e-5  # docs/METHOD.md, DCTInit, linear schedule
+# Relative L2 tolerances per dtype; fp32 kernels accumulate in fp32.
 RTOL = {"float32": 1e-6, "float64": 1e-12}
 GPU_SKIP = "needs CuPy and a CUDA GPU; run on the GPU machine: pytest tests/test_kernels.py"
 

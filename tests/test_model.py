@@ -250,7 +250,7 @@ def test_spatial_backbone_matches_diffusers_unet2d():
 
 
 def test_resnet_groupnorm_pools_over_frames(tiny_unet):
-    """Changing one frame changes the normalisation of the others (5D GroupNorm, SPEC 4)."""
+    """Changing one frame changes the normalisation of the others (5D GroupNorm, docs/METHOD.md, the UNet)."""
     resnet = tiny_unet.down_blocks[0].resnets[0]
     x = torch.randn(1, 32, 4, 8, 8)
     temb = torch.randn(1, tiny_unet.config.time_embed_dim)

@@ -1,4 +1,4 @@
-"""Motion buckets / ids (SPEC 3, 9) and the torch SSIM against skimage."""
+"""Motion buckets / ids (docs/METHOD.md: motion intensity, choices) and the torch SSIM against skimage."""
 
 from __future__ import annotations
 

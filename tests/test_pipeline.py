@@ -120,7 +120,7 @@ def _reference_x0(checkpoint, z1, text, text_uncond, motion_id, noise, steps, gu
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     scheduler.set_timesteps(steps)
-    # DCTInit with scipy, float64, as SPEC 2
+    # DCTInit with scipy, float64, as docs/METHOD.md, DCTInit
     a = scheduler.alphas_cumprod[975].double()
     z_tau = a.sqrt() * z1.double().repeat(1, 1, noise.shape[2], 1, 1) + (1 - a).sqrt() * noise.double()
     h, w = noise.shape[-2:]

@@ -1,4 +1,4 @@
-"""Issue 17 (part B): the thread policy, checks before any heavy import, memory and size limits, and the
+"""The thread policy, checks before any heavy import, memory and size limits, and the
 small things a newcomer noticed. Every hostile case asserts the exit code, one message naming the fix, no
 traceback, and no output left behind; the rows of docs/RELIABILITY.md point here."""
 

@@ -61,7 +61,7 @@ def test_schedule_matches_diffusers_table():
     theirs = reference_scheduler().alphas_cumprod.double()
     # diffusers accumulates in float32; agreement to float32 rounding of a 1000-term product.
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
-    assert abs(ours[975].item() - 6.5173e-5) < 1e-9  # SPEC section 2
+    assert abs(ours[975].item() - 6.5173e-5) < 1e-9  # docs/METHOD.md, DCTInit
     assert abs(ours[0].item() - 0.9999) < 1e-15
 
 

@@ -1,4 +1,4 @@
-"""TensorRT (issue 5). CPU tier: the exported graphs use only operators TensorRT's ONNX parser supports
+"""TensorRT. CPU tier: the exported graphs use only operators TensorRT's ONNX parser supports
 (export/trt_onnx_ops.json, with its source) and pass ONNX / Polygraphy checks; profile selection, cache keys
 and manifest validation of the backend, with no engine faked. GPU tier (skipped without tensorrt and CUDA):
 build engines for the tiny checkpoint, compare each with PyTorch at the fp16 tolerance of

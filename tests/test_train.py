@@ -1,5 +1,5 @@
-"""Training (issue 8): the Algorithm-1 objective learns, resume is exact, DDP over 2 gloo ranks keeps the ranks
-identical, and the training-side motion id follows SPEC 9."""
+"""Training: the Algorithm-1 objective learns, resume is exact, DDP over 2 gloo ranks keeps the ranks
+identical, and the training-side motion id follows docs/METHOD.md, choices."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The optimised PyTorch backend ("torch-fast", issue 7): the reference UNet's weights, faster execution.
+"""The optimised PyTorch backend ("torch-fast"): the reference UNet's weights, faster execution.
 
 `optimize_unet(unet)` returns a `FastUNet` that reuses the reference modules' parameters and runs its own
 forward, numerically the same function (parity tests/test_fast_torch.py), with these changes:
@@ -18,7 +18,7 @@ forward, numerically the same function (parity tests/test_fast_torch.py), with t
   (3C, C) tensor (no extra memory; the reference modules still see their own `to_q/to_k/to_v`).
 - Temporal attention runs through `F.scaled_dot_product_attention` with the relative-position bias as an
   additive float mask; rotary is applied in place to q and k together. The reference pre-scales q by
-  head_dim^-0.5 before rotary; rotary is linear (SPEC 7), so the scale is passed to SDPA instead (applied in
+  head_dim^-0.5 before rotary; rotary is linear, so the scale is passed to SDPA instead (applied in
   fp32 inside the kernel) and one elementwise pass disappears.
 - Cross-attention K/V: text is constant over the denoising loop, so the K/V of all 16 blocks are computed
   once per video (`prepare(text)`) and reused by every step (the reference recomputes them every call).
@@ -122,7 +122,7 @@ def _group_norm(x: torch.Tensor, samples: int, norm: nn.GroupNorm, silu: bool = 
                 builtin: bool = False) -> torch.Tensor:
     """GroupNorm with statistics per (sample, group) over everything else; x (..., C) token layout.
 
-    samples = B for the ResNet GroupNorms (pooled over all frames, SPEC 4), B*F for the per-frame one.
+    samples = B for the ResNet GroupNorms (pooled over all frames, docs/METHOD.md, the UNet), B*F for the per-frame one.
     builtin: the native kernel on a (samples, C, L, 1) channels_last view (same statistics, no copy).
     Otherwise statistics and the affine in fp32 as the native CUDA kernel (accumulation type), one rounding
     at the end: the form torch.compile fuses with the SiLU."""
@@ -239,7 +239,7 @@ class FastUNet(nn.Module):
         if context.batch != batch:
             raise ValueError(f"cross-attention context was prepared for batch {context.batch}, UNet got {batch}")
 
-        # Time and motion embeddings exactly as the reference (SPEC 3).
+        # Time and motion embeddings exactly as the reference (docs/METHOD.md, motion intensity).
         t_emb = sinusoidal_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(dtype)
         m_emb = sinusoidal_embedding(motion_id, c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift).to(dtype)
         emb = u.time_embedding(t_emb) + u.add_embedding(m_emb)

@@ -1,4 +1,4 @@
-"""The TensorRT backend (issue 5): one engine per exported component, run with `execute_async_v3`.
+"""The TensorRT backend: one engine per exported component, run with `execute_async_v3`.
 
 Lifecycle (TensorRT demo/Diffusion's: export, optimise, build, load, run): `export/tensorrt_build.py` builds
 the engines and the build records each in the folder's manifest (`cinemo_rt.manifest`: keys, platform,

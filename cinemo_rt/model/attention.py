@@ -1,4 +1,4 @@
-"""Transformer parts of Cinemo's UNet3D: spatial, cross and temporal attention (SPEC section 4).
+"""Transformer parts of Cinemo's UNet3D: spatial, cross and temporal attention (docs/METHOD.md, the UNet).
 
 Module and parameter names follow the released state dict (diffusers `Attention` names plus LaVie's
 `attn_temp`, `norm_temp`, `time_rel_pos_bias`, `rotary_emb`). Everything is written with static
@@ -47,7 +47,7 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(num_frames, device=self.freqs.device).to(self.freqs.dtype)
         angles = positions[:, None] * self.freqs[None, :]  # (F, 16)
         angles = angles.repeat_interleave(2, dim=-1)  # (F, 32): pairs (n r), r=2
-        # The original casts angles to the compute dtype *before* cos/sin (`freqs.to(t)`, SPEC 4).
+        # The original casts angles to the compute dtype *before* cos/sin (`freqs.to(t)`, docs/METHOD.md, the UNet).
         angles = angles.to(dtype)
         return angles.cos(), angles.sin()
 
@@ -187,7 +187,7 @@ class BasicTransformerBlock(nn.Module):
         bf, tokens, dim = x.shape  # (B*F, H*W, C)
         x = self.attn1(self.norm1(x)) + x
         # Cross-attention is independent per query, so all frames of a video attend to their one text
-        # in a single sequence: K/V are computed once per video instead of once per frame (SPEC 7).
+        # in a single sequence: K/V are computed once per video instead of once per frame.
         per_video = self.norm2(x).reshape(batch, frames * tokens, dim)
         x = self.attn2(per_video, context).reshape(bf, tokens, dim) + x
         # Temporal: (B F) D C -> (B D) F C

@@ -1,7 +1,7 @@
 """Convolutional parts of Cinemo's UNet3D: ResNet blocks, resampling and the down/mid/up stages.
 
 Activations are 5D (B, C, F, H, W). Convolutions are 2D per frame ("inflated"); GroupNorms of the ResNet
-blocks see the whole 5D tensor, so their statistics are pooled over all frames (SPEC section 4).
+blocks see the whole 5D tensor, so their statistics are pooled over all frames (docs/METHOD.md, the UNet).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Upsample3D(nn.Module):
             # Nearest 2x over H and W only; frames are never resampled.
             frames = F.interpolate(frames, scale_factor=2.0, mode="nearest")
         else:
-            # Latent sizes not divisible by 2**levels: match the skip connection's size (SPEC 4).
+            # Latent sizes not divisible by 2**levels: match the skip connection's size (docs/METHOD.md, the UNet).
             frames = F.interpolate(frames, size=size, mode="nearest")
         return unfold_frames(self.conv(frames), x.shape[0])
 

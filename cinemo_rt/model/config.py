@@ -1,6 +1,6 @@
 """UNet3D configuration: a frozen dataclass that reads the released `unet/config.json` as is.
 
-Every key of the released config is a field (SPEC section 9: "the config accepts every field"), so a
+Every key of the released config is a field (docs/METHOD.md, choices: "the config accepts every field"), so a
 config can be round-tripped; fields the architecture does not support fail loudly instead of being
 silently ignored.
 """
@@ -47,7 +47,7 @@ _FIXED = {
 _DOWN_TYPES = ("CrossAttnDownBlock3D", "DownBlock3D")
 _UP_TYPES = ("CrossAttnUpBlock3D", "UpBlock3D")
 
-# Head size of the rotary part of temporal attention: always the first 32 channels of a head (SPEC 4).
+# Head size of the rotary part of temporal attention: always the first 32 channels of a head (docs/METHOD.md, the UNet).
 ROTARY_DIM = 32
 
 
@@ -74,7 +74,7 @@ class UNetConfig:
     transformer_layers_per_block: int = 1
     encoder_hid_dim: Any = None
     encoder_hid_dim_type: Any = None
-    # diffusers naming quirk: for SD-1.x this is the number of heads, not the head size (SPEC 4, 9).
+    # diffusers naming quirk: for SD-1.x this is the number of heads, not the head size (docs/METHOD.md: the UNet, choices).
     attention_head_dim: int | tuple[int, ...] = 8
     num_attention_heads: int | tuple[int, ...] | None = None
     dual_cross_attention: bool = False

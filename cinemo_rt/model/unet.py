@@ -1,4 +1,5 @@
-"""Cinemo's UNet3D (LaVie's video UNet plus motion embedding and residual input), SPEC sections 3-4."""
+"""Cinemo's UNet3D (LaVie's video UNet plus motion embedding and residual input; docs/METHOD.md:
+motion intensity, the UNet)."""
 
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ class UNet3D(nn.Module):
         if motion_id.dim() == 0:
             motion_id = motion_id.expand(batch)
 
-        # Time and motion embeddings (SPEC 3): both sinusoids in fp32, cast, MLP, summed.
+        # Time and motion embeddings (docs/METHOD.md, motion intensity): both sinusoids in fp32, cast, MLP, summed.
         c = self.config
         t_emb = sinusoidal_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(dtype)
         m_emb = sinusoidal_embedding(motion_id, c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift).to(dtype)

@@ -8,7 +8,7 @@ Folder layout:
 Each rank reads only its shard (`index % world == rank`). Every video is decoded once, resized so that it
 covers (height, width) and centre-cropped (bilinear, antialiased), and kept as uint8. A sample draws a clip,
 a frame interval in `frame_interval` and a start, takes `num_frames` frames, and computes the clip's motion
-id from the mean SSIM of consecutive sampled frames (SPEC 9, `cinemo_rt.motion`) on exactly those frames.
+id from the mean SSIM of consecutive sampled frames (docs/METHOD.md, choices, `cinemo_rt.motion`) on exactly those frames.
 All randomness comes from one `torch.Generator`, so a resumed run draws the same samples.
 """
 

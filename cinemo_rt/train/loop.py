@@ -1,4 +1,4 @@
-"""Cinemo training, the paper's Algorithm 1 (SPEC 6 and 9).
+"""Cinemo training, the paper's Algorithm 1 (docs/METHOD.md: motion residuals, choices).
 
 Per sample: frames x_1..x_N at a random stride -> motion id from their mean consecutive SSIM -> latents
 z_i = E(x_i) * scaling factor (frozen VAE, posterior sample) -> residuals M = z_{2..N} - z_1 -> t ~ U{0..999},
@@ -246,7 +246,7 @@ def build_models(cfg: TrainConfig, clips: VideoClips, resume: Path | None, gener
     unet_values = {**cfg.unet, "cross_attention_dim": text.hidden_size}
     torch.manual_seed(cfg.seed)
     unet = build_within_memory(lambda: UNet3D(UNetConfig.from_dict(unet_values)), "unet")
-    # The motion embedding starts at zero (SPEC 3: add_embedding.linear_2 zero-initialised for training).
+    # The motion embedding starts at zero (docs/METHOD.md, motion intensity: add_embedding.linear_2 zero-initialised for training).
     nn.init.zeros_(unet.add_embedding.linear_2.weight)
     nn.init.zeros_(unet.add_embedding.linear_2.bias)
     return Models(unet=unet, vae=vae, text=text, prediction_type=cfg.prediction_type or "epsilon")

@@ -1,4 +1,4 @@
-// dct_test: libcinemo_dct vs a host double-precision reference (direct O(N^2) DCT, SPEC 2 DCTInit
+// dct_test: libcinemo_dct vs a host double-precision reference (direct O(N^2) DCT, DCTInit of docs/METHOD.md; DCTInit
 // through full 3D transforms). Exit 0 = pass, 1 = fail, 77 = no CUDA device (ctest: skipped).
 #include "dct_api.h"
 
@@ -35,7 +35,7 @@ std::vector<double> host_dct(const std::vector<double>& x, const Shape& s, int a
     return y;
 }
 
-// SPEC 2 definition: idct3(dct3(z_tau) * M + dct3(noise) * (1 - M)), M the spatial box over all f.
+// The DCTInit definition (docs/METHOD.md): idct3(dct3(z_tau) * M + dct3(noise) * (1 - M)), M the spatial box over all f.
 std::vector<double> host_dct_init(const std::vector<double>& z_tau, const std::vector<double>& noise,
                                   const Shape& s, int kh, int kw)
 {
@@ -76,7 +76,7 @@ template <typename T> struct Api;
 template <> struct Api<float> {
     static constexpr auto dct = cinemo_dct_f32;
     static constexpr auto init = cinemo_dct_init_f32;
-    static constexpr double tol = 1e-6;   // relative L2, fp32 accumulation (issue 6)
+    static constexpr double tol = 1e-6;   // relative L2, fp32 accumulation
     static constexpr const char* name = "f32";
 };
 template <> struct Api<double> {
