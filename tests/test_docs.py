@@ -43,3 +43,24 @@ def test_readme_links_resolve():
 def test_readme_is_a_landing_page():
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= README_MAX_LINES, f"README is {len(lines)} lines: move reference material into docs/"
+
+
+def test_sources_cite_the_paper_and_the_projects_docs_not_history():
+    """Comments and docs say why, citing the paper or docs/ (METHOD.md has the constants): an issue number is
+    history (git has it), and an outside spec is a document the project does not contain."""
+    pattern = re.compile(r"\b[Ii]ssues? \d+\b|\bSPEC\b")
+    suffixes = {".py", ".md", ".sh", ".cu", ".h", ".cpp", ".txt", ".toml", ".yml"}
+    skipped = {ROOT / "tests" / "test_docs.py"}
+    offenders = []
+    for folder in ("cinemo_rt", "export", "kernels", "benchmarks", "tests", "docs", "configs", ".ci"):
+        for path in (ROOT / folder).rglob("*"):
+            if (path.is_file() and (path.suffix in suffixes or path.name == "run") and path not in skipped
+                    and "results" not in path.parts and not path.is_symlink()
+                    and "_kernels" not in path.relative_to(ROOT).parts):
+                for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                    if pattern.search(line):
+                        offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:80]}")
+    for name in ("README.md", "CMakeLists.txt", "pyproject.toml"):
+        offenders += [f"{name}: {line.strip()[:80]}" for line in (ROOT / name).read_text().splitlines()
+                      if pattern.search(line)]
+    assert not offenders, "\n".join(offenders)
