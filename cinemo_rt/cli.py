@@ -440,14 +440,19 @@ def _user_error_types() -> tuple[type, ...]:
     return tuple(getattr(sys.modules[module], name) for module, name in names.items() if module in sys.modules)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "scale_filter"):  # the two flags become one `OutputScale`, as every entry point's
+        args.scale = scale.OutputScale(args.scale, args.scale_filter)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
     from .threads import parse_threads
 
-    args = build_parser().parse_args(argv)
-    if hasattr(args, "scale_filter"):  # the two flags become one `OutputScale`, as every entry point's
-        args.scale = scale.OutputScale(args.scale, args.scale_filter)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:  # the environment is checked as the flags are, before any import or work

@@ -29,6 +29,8 @@ from cinemo_rt.serve.app import ServeSettings, create_app  # noqa: E402
 from cinemo_rt.serve.batching import BatchPolicy  # noqa: E402
 from cinemo_rt.serve.jobs import JobStore, StorageError, new_job_id  # noqa: E402
 from cinemo_rt.serve.worker import QueueFull, Worker  # noqa: E402
+from cinemo_rt.defaults import default_checkpoint  # noqa: E402
+from cinemo_rt.model_facts import ModelFacts  # noqa: E402
 from cinemo_rt.settings import Size  # noqa: E402
 
 KEY = "s3cret-key"
@@ -43,6 +45,7 @@ class IdleExecutor:
         self.ready.set()
         self.load_error = None
         self.defaults = Size(32, 32, 8)
+        self.facts = ModelFacts.of_folder(default_checkpoint())  # the demo's, as the page and /v1/model show
 
     def start(self, requeued=()):
         self.queue.extend(requeued)

@@ -121,7 +121,7 @@ import sys
 from cinemo_rt import cli
 from cinemo_rt.preflight import plan_run
 from cinemo_rt.threads import parse_threads
-args = cli.build_parser().parse_args(sys.argv[1:])
+args = cli.parse_args(sys.argv[1:])
 cli._check_output(args)
 parse_threads(args.threads)
 plan_run(args)

@@ -161,7 +161,7 @@ for i in range(torch.cuda.device_count()):
     p = torch.cuda.get_device_properties(i)
     print(f"cuda:{i} {p.name} sm_{p.major}{p.minor} {p.total_memory / 2**30:.0f} GiB")
 sys.path.insert(0, "benchmarks")
-import latency, cinemo_rt.pipeline, cinemo_rt.backends.fast_torch, kernels.cupy_dct  # noqa: E401,F401
+import latency, cinemo_rt.pipeline, cinemo_rt.backends.fast_torch, cinemo_rt._kernels.cupy_dct  # noqa: E401,F401
 assert "av" not in sys.modules, "av was imported on the GPU path"
 EOF
 }
@@ -196,7 +196,7 @@ echo "GPU window ($MODE): budget ${BUDGET}s, results in $OUT"
 step wheels 30 5 bash -c install_wheels
 step environment 20 5 bash -c record_environment
 if [[ $MODE == rehearse ]]; then
-  step kernel-on-cpu 30 10 "$PY" -m kernels.cuda_on_cpu
+  step kernel-on-cpu 30 10 "$PY" -m cinemo_rt._kernels.cuda_on_cpu
 else
   record kernel-on-cpu "skipped: the GPU runs the kernel itself" 0
 fi
