@@ -22,7 +22,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 @pytest.fixture
-def ray_url(tmp_path):
+def ray_url(tmp_path, monkeypatch):
+    # Ray Serve kills a proxy not ready in 5 s: on a busy 2-core machine its niced workers start slower than that.
+    for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        monkeypatch.setenv(name, "60")
     ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     port = free_port()
