@@ -151,15 +151,20 @@ async function submitEdit(event) {
   for (const [name, value] of [...form.entries()]) {
     if (value === "" || (value instanceof File && !value.name)) form.delete(name);
   }
-  $("edit-submit").disabled = true;
+  await postJob("/v1/edits", form, $("edit-submit"));
+}
+
+// One job submission for both forms: the button is off while it is sent and followed.
+async function postJob(url, form, button) {
+  button.disabled = true;
   try {
-    const response = await fetch("/v1/edits", { method: "POST", body: form, headers: headers() });
+    const response = await fetch(url, { method: "POST", body: form, headers: headers() });
     const body = await response.json();
     if (!response.ok) { refused(response.status, body); return; }
     remember(body);
     await follow(body.id);
   } finally {
-    $("edit-submit").disabled = false;
+    button.disabled = false;
   }
 }
 
@@ -168,16 +173,7 @@ async function submit(event) {
   const form = new FormData($("form"));
   for (const [name, value] of [...form.entries()]) if (value === "") form.delete(name);
   if ($("api-key").value) localStorage.setItem("cinemo-rt.key", $("api-key").value);
-  $("submit").disabled = true;
-  try {
-    const response = await fetch("/v1/animations", { method: "POST", body: form, headers: headers() });
-    const body = await response.json();
-    if (!response.ok) { refused(response.status, body); return; }
-    remember(body);
-    await follow(body.id);
-  } finally {
-    $("submit").disabled = false;
-  }
+  await postJob("/v1/animations", form, $("submit"));
 }
 
 // Fast leaves steps and sampler to the server's preset (disabled fields are not sent).
