@@ -101,7 +101,7 @@ def measure(animator: Animator, setting: Setting, work, references: list[np.ndar
     if not setting.calibrated:
         animator.cache_coefficients = IDENTITY
     for (_, image, prompt, seed), reference in zip(work, references):
-        video = animator(image, prompt, BUCKET, seed=seed, steps=setting.steps, fewer_calls=setting.options,
+        video = animator(image, prompt, BUCKET, seed=seed, steps=setting.steps, **setting.options.as_fields(),
                          sampler=setting.sampler, **size)
         calls.append(animator.last_unet_calls)
         seconds.append(animator.last_timings["5 denoise"])

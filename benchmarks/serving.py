@@ -122,13 +122,14 @@ def lone_request_s(steps: int, rounds: int = 5) -> dict[str, float]:
     """Median seconds of one request served alone (prepare, every step, decode) by the runner in-process, with
     batching off, on (the default padding) and on with exact batching, the modes interleaved round by round."""
     from cinemo_rt.image import load_image
-    from cinemo_rt.serve.runner import AnimationRequest, Runner
+    from cinemo_rt.request import Request
+    from cinemo_rt.serve.runner import Runner
 
     image = load_image(EXAMPLE_IMAGE)
     off = Runner.open(max_batch=1)
     runners = {"off": off, "on": Runner(off.animator, max_batch=4),
                "on, exact": Runner(off.animator, max_batch=4, exact=True)}
-    request = AnimationRequest(prompt=PROMPTS[0], seed=1, steps=steps).resolved(off.defaults)
+    request = Request(prompt=PROMPTS[0], seed=1, steps=steps).resolve(off.defaults)
     times: dict[str, list[float]] = {mode: [] for mode in runners}
     for round_index in range(rounds + 1):
         for mode, runner in runners.items():

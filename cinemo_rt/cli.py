@@ -7,6 +7,7 @@ message, no traceback), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM; clean
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -16,9 +17,7 @@ from pathlib import Path
 from . import scale, validate
 from .backends.registry import BACKENDS, CHOICES
 from .interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, exit_code_for, terminate_as_interrupt
-from .request import Request
-from .samplers import SAMPLERS
-from .settings import DCT_FRACTION, DCT_TAU, DEFAULT_SPAN_S, EDIT_DCT_TAU
+from .request import FIELD_HELP, EditRequest, Request, field_types, parse_bucket
 from .threads import ENV_VAR
 
 log = logging.getLogger("cinemo_rt")
@@ -26,26 +25,6 @@ log = logging.getLogger("cinemo_rt")
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED",
            "EXIT_TERMINATED"]
-
-
-def _bucket(value: str) -> int:
-    try:
-        bucket = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bucket must be a whole number in 0..19, got {value!r}") from None
-    if not 0 <= bucket <= 19:
-        raise argparse.ArgumentTypeError(f"bucket must be in 0..19 (larger = more motion), got {bucket}")
-    return bucket
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
 
 
 def _argument_type(check, name: str):
@@ -59,36 +38,6 @@ def _argument_type(check, name: str):
     return convert
 
 
-def _finite_float(name: str):
-    return _argument_type(lambda v: validate.finite(v, name), "number")
-
-
-def _text(name: str):
-    return _argument_type(lambda v: validate.text(v, name), "text")
-
-
-def _seed(value: str) -> int:
-    try:
-        return validate.seed(int(value))
-    except ValueError as err:
-        message = str(err) if "seed must" in str(err) else f"seed must be a whole number; got {value!r}"
-        raise argparse.ArgumentTypeError(message) from None
-
-
-def _fraction(maximum: float | None):
-    def parse(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-        if not number >= 0 or (maximum is not None and number > maximum):
-            bound = f"in 0..{maximum:g}" if maximum is not None else ">= 0"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
-        return number
-
-    return parse
-
-
 def _scale_factor(value: str) -> int:
     try:
         return scale.OutputScale(int(value)).factor
@@ -96,18 +45,14 @@ def _scale_factor(value: str) -> int:
         raise ValueError(f"--scale must be a whole number in 1..{scale.MAX_FACTOR}; got {value!r}") from err
 
 
-def _bucket_or_auto(value: str) -> int | str:
-    return "auto" if value == "auto" else _bucket(value)
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where they say something: not None or empty, nor where the help names its default."""
 
-
-def _seconds(value: str) -> float:
-    try:
-        seconds = validate.finite(value, "--start")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--start must be a finite number of seconds, got {value!r}") from None
-    if seconds < 0:
-        raise argparse.ArgumentTypeError(f"--start must be >= 0 seconds, got {value}")
-    return seconds
+    def _get_help_string(self, action):
+        if action.default is None or action.default == "" or isinstance(action.default, bool) \
+                or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _add_verbose(parser: argparse.ArgumentParser) -> None:
@@ -116,20 +61,44 @@ def _add_verbose(parser: argparse.ArgumentParser) -> None:
                         help="debug logging, with start-up time per phase (also accepted before the subcommand)")
 
 
-def _add_job_options(parser: argparse.ArgumentParser, dct_tau: int, out: str,
-                     segments_help: str = "chain N segments, each starting from the previous last frame") -> None:
-    """The flags `run` and `edit` share: size, DCTInit, model source, output and threads."""
-    parser.add_argument("--seed", type=_seed, default=None, help="random seed (bit-reproducible per backend)")
-    parser.add_argument("--frames", type=_positive_int, default=None, help="frames to generate (None: the model's)")
-    parser.add_argument("--height", type=_positive_int, default=None,
-                        help="output height, divisible by 8 (None: the model's)")
-    parser.add_argument("--width", type=_positive_int, default=None,
-                        help="output width, divisible by 8 (None: the model's)")
-    parser.add_argument("--segments", type=_positive_int, default=1, help=segments_help)
-    parser.add_argument("--no-dct", action="store_true", help="plain initial latents instead of DCTInit")
-    parser.add_argument("--dct-fraction", type=_finite_float("--dct-fraction"), default=DCT_FRACTION,
-                        help="DCTInit low-pass box fraction")
-    parser.add_argument("--dct-tau", type=int, default=dct_tau, help="DCTInit noise level of the kept frequencies")
+def _add_request_flags(parser: argparse.ArgumentParser, kind: type[Request] | type[EditRequest]) -> None:
+    """One flag per field of the request (`--negative-prompt` for `negative_prompt`), its help the field's
+    (`request.FIELD_HELP`): the flags only turn text into numbers; the request checks the values, as it
+    does for every entry point."""
+    group = parser.add_argument_group(f"what to generate (the fields of cinemo_rt.{kind.__name__})")
+    for item in dataclasses.fields(kind):
+        name, value_type = item.name, field_types(kind)[item.name]
+        flag, help = "--" + name.replace("_", "-"), FIELD_HELP[name]
+        if name == "use_dct":
+            group.add_argument("--no-dct", dest=name, action="store_false", help="plain initial latents instead of DCTInit")
+        elif value_type is bool:
+            group.add_argument(flag, action="store_true", help=help)
+        else:
+            convert = parse_bucket if name == "bucket" and kind.measures_motion else _CONVERTERS[value_type]
+            default = "auto" if name == "bucket" and kind.measures_motion else item.default
+            group.add_argument(flag, type=_argument_type(convert, value_type.__name__), default=default, help=help,
+                               required=name == "prompt" and kind is Request)
+
+
+def _whole_number(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {value!r}") from None
+
+
+def _number(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
+
+
+_CONVERTERS = {int: _whole_number, float: _number, str: str}
+
+
+def _add_job_options(parser: argparse.ArgumentParser, out: str) -> None:
+    """The flags `run` and `edit` share beyond the request: model source, output and threads."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", default=None, help="checkpoint folder in the released layout")
     source.add_argument("--engines", default=None, help="folder built by `python -m export.build_engines`")
@@ -162,66 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug logging, with start-up time per phase")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="animate an image", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = sub.add_parser("run", help="animate an image", formatter_class=_DefaultsFormatter)
     run.add_argument("--image", required=True, help="input still image (PNG, JPEG, ...)")
-    run.add_argument("--prompt", required=True, type=_text("--prompt"), help="text describing the motion")
-    motion = run.add_mutually_exclusive_group()
-    motion.add_argument("--bucket", type=_bucket, default=9,
-                        help="motion intensity 0..19, larger = more motion")
-    motion.add_argument("--motion-id", type=_finite_float("--motion-id"), default=None,
-                        help="raw motion id for other checkpoints (the released model uses 99 - bucket)")
-    run.add_argument("--negative-prompt", default="", type=_text("--negative-prompt"),
-                     help="what to steer away from")
-    run.add_argument("--steps", type=_positive_int, default=None,
-                     help="sampling steps (None: 50, or the --fast preset's)")
-    run.add_argument("--sampler", choices=tuple(SAMPLERS), default=None,
-                     help="ddim (the original's) or dpmpp-2m (DPM-Solver++(2M): fewer steps); None: ddim, or the "
-                          "--fast preset's")
-    run.add_argument("--guidance", type=_finite_float("--guidance"), default=Request.guidance,
-                     help="classifier-free guidance scale (1 = off)")
-    fewer = run.add_argument_group("fewer UNet calls (off by default; benchmarks/results/fewer_calls.md)")
-    fewer.add_argument("--fast", action="store_true",
-                       help="the preset measured on the demo model: fewer steps and the step cache")
-    fewer.add_argument("--cache", type=_fraction(maximum=None), default=None, metavar="THRESHOLD",
-                       help="step cache: skip the UNet while the accumulated estimated output change stays under "
-                            "THRESHOLD (e.g. 0.5; 0 = off in effect)")
-    fewer.add_argument("--guidance-until", type=_fraction(maximum=1.0), default=None, metavar="FRACTION",
-                       help="run both CFG branches only on this first fraction of the steps, then the "
-                            "conditional one with the last guidance direction (1 = every step)")
-    fewer.add_argument("--guidance-every", type=_positive_int, default=None, metavar="N",
-                       help="after --guidance-until, refresh the guidance direction every N-th step")
-    _add_job_options(run, dct_tau=DCT_TAU, out="cinemo.mp4")
+    _add_request_flags(run, Request)
+    _add_job_options(run, out="cinemo.mp4")
 
     edit = sub.add_parser("edit", help="move a new first frame the way a video moves (video editing, motion "
-                                       "transfer)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                       "transfer)", formatter_class=_DefaultsFormatter)
     edit.add_argument("--video", required=True,
                       help="source clip: a video file (mp4, webm, mov, gif, ...) or a folder of frames")
     edit.add_argument("--image", default=None,
                       help="the new first frame (None: the clip's own, which reconstructs or re-prompts it)")
-    edit.add_argument("--prompt", required=True, type=_text("--prompt"), help="text describing the edited video")
-    edit.add_argument("--source-prompt", default="", type=_text("--source-prompt"),
-                      help="text describing the source clip (for the inversion)")
-    motion = edit.add_mutually_exclusive_group()
-    motion.add_argument("--bucket", type=_bucket_or_auto, default="auto",
-                        help="motion intensity 0..19, or auto: measured on the clip with the training rule "
-                             "clamp(floor(100 * mean SSIM of consecutive frames), 80, 99)")
-    motion.add_argument("--motion-id", type=_finite_float("--motion-id"), default=None,
-                        help="raw motion id for other checkpoints")
-    edit.add_argument("--negative-prompt", default="", type=_text("--negative-prompt"),
-                      help="the unconditional prompt when guidance is not 1")
-    edit.add_argument("--steps", type=_positive_int, default=Request.steps,
-                      help="DDIM steps, of the inversion and of the sampling each")
-    edit.add_argument("--guidance", type=_finite_float("--guidance"), default=1.0,
-                      help="classifier-free guidance of the sampling (1 = off, as the original)")
-    edit.add_argument("--inversion-guidance", type=_finite_float("--inversion-guidance"), default=1.0,
-                      help="classifier-free guidance of the inversion (1 = off, as the original)")
-    edit.add_argument("--stride", type=_positive_int, default=None,
-                      help=f"use every K-th frame of the clip (None: the stride spanning about {DEFAULT_SPAN_S:g} s "
-                           "per segment)")
-    edit.add_argument("--start", type=_seconds, default=0.0, help="seconds into the clip to start")
-    _add_job_options(edit, dct_tau=EDIT_DCT_TAU, out="cinemo_edit.mp4",
-                     segments_help="chain N segments: segment k inverts the clip's k-th window and starts from "
-                                   "the previous segment's last frame")
+    _add_request_flags(edit, EditRequest)
+    _add_job_options(edit, out="cinemo_edit.mp4")
 
     _add_verbose(sub.add_parser("info", help="versions, devices and usable backends"))
 
@@ -251,7 +173,6 @@ def _check_output(args) -> None:
         raise OutputError(f"output folder {str(parent)!r} is not writable; choose another --out")
     check_file_output(args.out, overwrite=args.overwrite, inputs=[args.image, getattr(args, "video", None)],
                       is_folder_output=fmt == "png")
-    validate.seed(args.seed or 0, args.segments)
 
 
 @contextmanager
@@ -286,16 +207,9 @@ def _progress(total: int, desc: str = "denoising"):
     return bar, log_step
 
 
-def build_request(args) -> Request:
-    """The one place the CLI's flags become a `Request`."""
-    from .request import DCTInit
-
-    return Request.create(args.prompt, None if args.motion_id is not None else args.bucket, args.motion_id,
-                          negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                          frames=args.frames, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                          sampler=args.sampler, dct=None if args.no_dct else DCTInit(args.dct_fraction, args.dct_tau),
-                          fast=args.fast, cache=args.cache, guidance_until=args.guidance_until,
-                          guidance_every=args.guidance_every)
+def build_request(args, kind: type[Request] | type[EditRequest] = Request) -> Request | EditRequest:
+    """The one place the CLI's flags become a request: each request field from its flag."""
+    return kind(**{item.name: getattr(args, item.name) for item in dataclasses.fields(kind)})
 
 
 def cmd_run(args) -> int:
@@ -304,56 +218,42 @@ def cmd_run(args) -> int:
 
     phases: dict[str, float] = {}
     with _phase(phases, "validate"):
+        request = build_request(args, Request)
         _check_output(args)
         threads = parse_threads(args.threads)
-        plan = plan_run(args)  # image, folder, sizes, memory: before any heavy import
-        request = build_request(args)
-    return _execute(args, plan, threads, phases, request.steps * args.segments, "denoising",
-                    lambda animator, callback: animator.run_segments(plan.image, request, args.segments,
-                                                                     callback=callback))
+        plan = plan_run(args, request)  # image, folder, sizes, memory: before any heavy import
+    return _execute(args, plan, threads, phases, request.steps * request.segments, "denoising",
+                    lambda animator, callback: animator.run(plan.image, request, callback=callback))
 
 
 def cmd_edit(args) -> int:
     """As `run`, with the clip read and its frame window chosen before any model loads."""
-    from .clip import read_clip
+    from .clip import open_window
     from .preflight import plan_run
     from .threads import parse_threads
 
     phases: dict[str, float] = {}
     with _phase(phases, "validate"):
+        request = build_request(args, EditRequest)
         _check_output(args)
         threads = parse_threads(args.threads)
-        plan = plan_run(args)  # the new image (optional), folder, sizes, memory
-        frames = plan.size.frames
-        clip, window = read_clip(args.video, args.segments * frames + 1, args.stride, args.start, frames + 1)
+        plan = plan_run(args, request)  # the new image (optional), folder, sizes, memory
+        request = request.resolve(plan.size)
+        clip, window = open_window(args.video, request)
     say(f"source clip {args.video}: {window.describe(clip.fps)}"
-        + ("" if args.stride else " (the default stride; --stride K to choose)"))
+        + ("" if request.stride else " (the default stride; --stride K to choose)"))
 
     def job(animator, callback):
-        request = build_edit_request(args, plan.size, clip.frames)
-        return animator.run_edit_segments(clip.frames, plan.image, request, args.segments, callback=callback)
+        from .pipeline import measured_motion
 
-    return _execute(args, plan, threads, phases, 2 * args.steps * args.segments, "inverting + denoising", job)
+        measured = measured_motion(clip.frames, request)
+        edit = request.measured(window.stride, measured)
+        if measured is not None:
+            say(f"motion bucket {edit.bucket} measured on the clip (--bucket auto)" if edit.bucket is not None
+                else f"motion id {edit.motion_id:g} measured on the clip (--bucket auto)")
+        return animator.run_edit(clip.frames, plan.image, edit, callback=callback)
 
-
-def build_edit_request(args, size, clip_frames):
-    """The CLI's edit flags as an `EditRequest`; `--bucket auto` measures the clip (and says what it found)."""
-    from .motion import bucket_from_motion_id, bucket_to_motion_id
-    from .pipeline import clip_motion_id
-    from .request import DCTInit, EditRequest
-
-    if args.motion_id is not None:
-        motion_id = args.motion_id
-    elif args.bucket == "auto":
-        motion_id = clip_motion_id(clip_frames, size)
-        say(f"motion bucket {bucket_from_motion_id(motion_id)} measured on the clip (--bucket auto)")
-    else:
-        motion_id = bucket_to_motion_id(args.bucket)
-    return EditRequest.create(
-        args.prompt, motion_id, source_prompt=args.source_prompt, inversion_guidance=args.inversion_guidance,
-        guidance=args.guidance, negative_prompt=args.negative_prompt, height=size.height, width=size.width,
-        frames=size.frames, steps=args.steps, seed=args.seed,
-        dct=None if args.no_dct else DCTInit(args.dct_fraction, args.dct_tau))
+    return _execute(args, plan, threads, phases, 2 * request.steps * request.segments, "inverting + denoising", job)
 
 
 def _execute(args, plan, threads, phases: dict[str, float], total_steps: int, desc: str, job) -> int:

@@ -242,3 +242,14 @@ def clip_from_array(frames, count: int, stride: int | None = None, fps: float | 
         raise InputError(f"video frames must be uint8 (T, H, W, 3); got {array.dtype} {array.shape}")
     window = plan_window(len(array), fps, count, stride, start, segment_frames)
     return Clip(array[window.indices], fps), window
+
+
+def open_window(video, request, fps: float | None = None) -> tuple[Clip, Window]:
+    """The window an edit request reads (its `clip_frames` at its `stride` from `start` seconds), from a path
+    (video file or folder of frames), a `Clip` or a (T, H, W, 3) uint8 array (`fps`: its frame rate)."""
+    count, segment_frames = request.clip_frames, request.frames + 1
+    if isinstance(video, (str, os.PathLike)):
+        return read_clip(video, count, request.stride, request.start, segment_frames)
+    if isinstance(video, Clip):
+        video, fps = video.frames, video.fps if fps is None else fps
+    return clip_from_array(video, count, request.stride, fps, request.start, segment_frames)

@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 
 from .model_calls import Evaluate, Evaluation, ModelFn, UNetCall, UNetFn, guided, model_fn_of, relay
-from .request import FAST_PRESET, REFERENCE_STEPS, FewerCalls, resolve_options  # noqa: F401 (re-exported)
+from .request import FAST_PRESET, REFERENCE_STEPS, FewerCalls  # noqa: F401 (re-exported)
 from .settings import SIZE_FILE as CONFIG_FILE
 from .settings import STEP_CACHE_KEY as CALIBRATION_KEY
 

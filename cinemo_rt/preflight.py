@@ -21,7 +21,6 @@ from .model_facts import ModelFacts
 
 log = logging.getLogger(__name__)
 
-LATENT_MULTIPLE = 8  # output sides must be divisible by the VAE's factor (8 for the released model)
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
@@ -54,26 +53,25 @@ def runs_on_cpu(device: str | None) -> bool:
     return not any(Path("/dev").glob("nvidia[0-9]*"))
 
 
-def plan_run(args) -> RunPlan:
+def plan_run(args, request) -> RunPlan:
+    """The run's model folder, image and size, checked against the folder's ceilings and memory; `request`
+    (a `Request` or `EditRequest`, its values checked already) gives the size, else the folder does."""
     folder, engines = model_folder(args)
     flag = "--engines" if engines else "--checkpoint"
     if not folder.is_dir():
         raise InputError(f"{flag} folder {str(folder)!r} does not exist or is not a folder")
     image = load_image(args.image) if args.image is not None else None
     defaults = size_defaults(folder)
-    height, width = args.height or defaults["height"], args.width or defaults["width"]
-    frames = args.frames or defaults["frames"]
-    if height % LATENT_MULTIPLE or width % LATENT_MULTIPLE:
-        raise InputError(f"output size {height}x{width} (height x width) must be divisible by {LATENT_MULTIPLE}; "
-                         "change --height/--width")
-    check_job_size(folder, height, width, frames, getattr(args, "segments", 1), engines=engines,
+    height, width = request.height or defaults["height"], request.width or defaults["width"]
+    frames = request.frames or defaults["frames"]
+    check_job_size(folder, height, width, frames, request.segments, engines=engines,
                    dtype_bytes=DTYPE_BYTES.get(args.dtype or "fp32", 4), on_cpu=runs_on_cpu(args.device),
                    defaults=defaults)
     parameters = engines_unet_parameters(folder) if engines else checkpoint_estimate_inputs(folder)["parameters"]
     scale = getattr(args, "scale", None)
     if scale is not None:
         check_scaled_size(height, width, scale)
-    for message in ModelFacts.of_folder(folder, engines).prompt_warnings(args.prompt, args.negative_prompt):
+    for message in ModelFacts.of_folder(folder, engines).prompt_warnings(request.prompt, request.negative_prompt):
         log.warning("%s", message)
     return RunPlan(folder=folder, engines=engines, image=image, parameters=parameters,
                    size=Size(height, width, frames))

@@ -76,7 +76,7 @@ def encode_prompts(backend: Backend, tokenizer, prompt: str, negative_prompt: st
 
 
 def motion_ids(backend: Backend, request: Request, batch: int = 1) -> torch.Tensor:
-    return torch.full((batch,), request.motion_id, dtype=torch.float32, device=backend.device)
+    return torch.full((batch,), request.motion, dtype=torch.float32, device=backend.device)
 
 
 def initial_noise(z1: torch.Tensor, frames: int, generator: torch.Generator, dct: DCTInit | None,

@@ -75,7 +75,7 @@ def test_python_api_states_the_demos_limits_once_per_job(caplog):
     assert (facts.name, facts.height, facts.width, facts.frames) == ("demo", 32, 32, 8)
     assert "left" in facts.vocabulary and "dog" not in facts.vocabulary and "synthetic" in facts.trained_on
     with caplog.at_level("WARNING"):
-        animator.animate_segments(EXAMPLE_IMAGE, "a dog pans left", 2, steps=1, seed=0)
+        animator(EXAMPLE_IMAGE, "a dog pans left", segments=2, steps=1, seed=0)
     assert len(animator.last_warnings) == 1 and "does not know 'dog'" in animator.last_warnings[0]
     assert caplog.text.count("does not know 'dog'") == 1
     caplog.clear()

@@ -186,8 +186,8 @@ def test_whole_edit_matches_the_original_on_every_step(animator, clip, photo):
     """`run_edit` against the re-statement from the same encodes: every inversion and sampling step, the
     DCTInit latents, and the decoded video."""
     steps, seed, motion_id = 4, 21, 86.0
-    request = EditRequest.create("a dog running", motion_id, source_prompt="the camera pans right", steps=steps,
-                                 seed=seed, **SIZE)
+    request = EditRequest("a dog running", motion_id=motion_id, source_prompt="the camera pans right", steps=steps,
+                          seed=seed, **SIZE)
     seen = []
     video = animator.run_edit(clip[:4], photo, request, callback=lambda i, t, x: seen.append(x.clone()))
     assert video.shape == (4, 64, 64, 3) and len(seen) == 2 * steps

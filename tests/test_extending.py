@@ -17,7 +17,7 @@ from cinemo_rt.residuals import frames_from_residuals
 from cinemo_rt.samplers import SAMPLERS, SamplerEntry
 from cinemo_rt.sampling import sample
 from cinemo_rt.schedule import ddim_timesteps
-from cinemo_rt.serve.runner import AnimationRequest, Runner
+from cinemo_rt.serve.runner import Runner
 from cinemo_rt.testing import make_tiny_components
 
 EXAMPLE = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
@@ -62,12 +62,12 @@ def test_a_new_sampler_matches_its_mathematical_twin(toy_sampler):
 
 def test_a_new_sampler_runs_in_the_python_api_and_in_server_batches(toy_sampler, tiny_checkpoint_dir):
     with pytest.raises(ValueError, match="eta"):  # the entry says it is deterministic
-        Request.create("pans left", sampler=toy_sampler, eta=0.5)
+        Request("pans left", sampler=toy_sampler, eta=0.5)
     animator = Animator.from_checkpoint(tiny_checkpoint_dir)
     video = animator(EXAMPLE, "pans left", steps=4, seed=1, sampler=toy_sampler, **SMALL)
     assert video.shape == (4, 32, 32, 3) and animator.last_unet_calls == 8
     runner = Runner(animator, max_batch=2, exact=True)  # bit-exact batching: a fixed row count per call
-    requests = [AnimationRequest(prompt=p, seed=s, steps=4, sampler=toy_sampler, **SMALL).resolved(animator.defaults)
+    requests = [Request(prompt=p, seed=s, steps=4, sampler=toy_sampler, **SMALL).resolve(animator.defaults)
                 for p, s in [("pans left", 1), ("zooms in", 2)]]
 
     def run(group):
@@ -129,11 +129,11 @@ def variations(animator: Animator, image, request: Request, seeds: list[int]) ->
 
 def test_a_new_mode_is_a_recipe_over_the_stages(tiny_checkpoint_dir):
     animator = Animator.from_checkpoint(tiny_checkpoint_dir)
-    request = Request.create("pans left", bucket=12, steps=3, **SMALL)
+    request = Request("pans left", bucket=12, steps=3, **SMALL)
     with torch.no_grad():
         videos = variations(animator, EXAMPLE, request, [5, 6])
     for seed, video in zip([5, 6], videos):
-        alone = animator.run(EXAMPLE, Request.create("pans left", bucket=12, steps=3, seed=seed, **SMALL))
+        alone = animator.run(EXAMPLE, Request("pans left", bucket=12, steps=3, seed=seed, **SMALL))
         # batched rows may differ from a lone run in the last bits (CPU kernels block by batch size)
         assert np.abs(alone.astype(int) - video).max() <= 2
     assert not np.array_equal(videos[0], videos[1])

@@ -15,7 +15,7 @@ from cinemo_rt.fewer_calls import (
 from cinemo_rt.errors import InputError
 from cinemo_rt.image import load_image, preprocess
 from cinemo_rt.pipeline import Animator
-from cinemo_rt.request import FAST_PRESET, FewerCalls, Request, resolve_options
+from cinemo_rt.request import FAST_PRESET, FewerCalls, Request
 from cinemo_rt.model_calls import evaluation_of, model_fn_of
 from cinemo_rt.sampling import cfg_model_fn, ddim_sample, sample
 from cinemo_rt.schedule import ddim_timesteps, make_schedule
@@ -134,14 +134,16 @@ def test_polynomial_indicator_changes_the_decisions():
     assert calls_identity < calls_flat
 
 
-def test_options_and_preset_resolution():
-    assert resolve_options(False, None) == (50, "ddim", FewerCalls())
-    assert resolve_options(True, None) == (FAST_PRESET.steps, FAST_PRESET.sampler, FAST_PRESET.fewer_calls)
-    steps, sampler, options = resolve_options(True, 40, "ddim", cache=0.5)
-    assert steps == 40 and sampler == "ddim" and options.cache == 0.5 and options.guidance_until == FAST_PRESET.fewer_calls.guidance_until
+def test_the_fast_preset_fills_what_is_not_given():
+    assert (Request("x").steps, Request("x").sampler, Request("x").fewer_calls) == (50, "ddim", FewerCalls())
+    fast = Request("x", fast=True)
+    assert (fast.steps, fast.sampler, fast.fewer_calls) == (FAST_PRESET.steps, FAST_PRESET.sampler,
+                                                             FAST_PRESET.fewer_calls)
+    request = Request("x", fast=True, steps=40, sampler="ddim", cache=0.25)
+    assert (request.steps, request.sampler, request.cache) == (40, "ddim", 0.25)
     for bad in (dict(cache=-1.0), dict(guidance_until=1.5), dict(guidance_every=0), dict(cache_reuse="residual")):
         with pytest.raises(ValueError):
-            resolve_options(False, None, **bad)
+            Request("x", **bad)
 
 
 def test_calibration_merges_into_cinemo_rt_json(tmp_path):
@@ -191,11 +193,11 @@ def test_animator_keywords_and_bad_values(small_checkpoint, caplog):
     with pytest.raises(InputError, match="guidance_until"):
         animator(image, "zoom in", 9, seed=0, steps=2, guidance_until=2.0)
     # Any sampler: DPM-Solver++(2M) under the same wrappers, from a request object.
-    request = Request.create("zoom in", 9, seed=0, sampler="dpmpp-2m", steps=5, cache=1e9)
+    request = Request("zoom in", 9, seed=0, sampler="dpmpp-2m", steps=5, cache=1e9)
     assert request.fewer_calls == FewerCalls(cache=1e9)
     animator.run(image, request)
     assert animator.last_unet_calls == 2 * 2
-    assert Request.create("zoom in", fast=True).steps == FAST_PRESET.steps
+    assert Request("zoom in", fast=True).steps == FAST_PRESET.steps
 
 
 def test_cli_fast_reports_unet_calls(small_checkpoint, tmp_path, caplog):
@@ -214,9 +216,7 @@ def test_cli_fast_reports_unet_calls(small_checkpoint, tmp_path, caplog):
         assert main([*base, "--steps", "4", "--cache", "0.5", "--guidance-until", "0.5",
                      "--out", str(tmp_path / "b.gif")]) == 0
     assert "UNet calls: " in caplog.text
-    with pytest.raises(SystemExit) as exit_info:
-        main([*base, "--guidance-until", "1.5"])
-    assert exit_info.value.code == EXIT_BAD_INPUT
+    assert main([*base, "--guidance-until", "1.5"]) == EXIT_BAD_INPUT  # the request's check, as the server's
     assert main([*base, "--cache", "inf", "--out", str(tmp_path / "c.gif")]) == EXIT_BAD_INPUT
     assert not (tmp_path / "c.gif").exists()
 

@@ -93,11 +93,11 @@ def test_the_api_never_answers_5xx_nor_logs_a_traceback(fuzzed_app, caplog):
        steps=st.integers(-5, 2**40), frames=st.one_of(st.none(), st.integers(-5, 2**40)),
        prompt=st.text(max_size=30))
 def test_request_builds_or_says_why(motion, guidance, eta, cache, until, steps, frames, prompt):
-    from cinemo_rt.request import FewerCalls, Request
+    from cinemo_rt.request import Request
 
     try:
         request = Request(prompt=prompt, motion_id=motion, guidance=guidance, eta=eta, steps=steps, frames=frames,
-                          fewer_calls=FewerCalls(cache=cache, guidance_until=until))
+                          cache=cache, guidance_until=until)
     except ValueError as err:
         assert str(err)
         return
@@ -111,17 +111,16 @@ def test_request_builds_or_says_why(motion, guidance, eta, cache, until, steps, 
 def test_server_request_checks_never_raise_anything_but_a_4xx(height, width, frames, segments, motion, start,
                                                                seed):
     from cinemo_rt.defaults import DEMO_CHECKPOINT
-    from cinemo_rt.serve.limits import Limits, RequestError, check_edit, check_request, job_sizer
-    from cinemo_rt.serve.runner import AnimationRequest, EditJobRequest
+    from cinemo_rt.request import EditRequest, Request
+    from cinemo_rt.serve.limits import RequestError, build_request, job_sizer
+    from cinemo_rt.settings import Size
 
     sizing = job_sizer(str(DEMO_CHECKPOINT), None, None, "cpu")
-    for check, request in (
-            (check_request, AnimationRequest(prompt="x", motion_id=motion, height=height, width=width,
-                                             frames=frames, segments=segments, seed=seed)),
-            (check_edit, EditJobRequest(prompt="x", motion_id=motion, height=height, width=width, frames=frames,
-                                        segments=segments, start=start, seed=seed))):
+    common = dict(prompt="x", motion_id=motion, height=height, width=width, frames=frames, segments=segments,
+                  seed=seed)
+    for kind, fields in ((Request, common), (EditRequest, {**common, "start": start})):
         try:
-            check(request, "mp4", Limits(), sizing=sizing)
+            build_request(kind, fields, Size(32, 32, 8), sizing)
         except RequestError as err:
             assert 400 <= err.status < 500 and str(err)
 

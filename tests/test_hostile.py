@@ -572,7 +572,7 @@ def test_allocator_failure_is_one_message(work, tiny_checkpoint_dir, monkeypatch
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 73014444032 bytes.")
 
-    monkeypatch.setattr(Animator, "run_segments", no_memory)
+    monkeypatch.setattr(Animator, "run", no_memory)
     code, text = run_cli(["--image", str(work / "photo.png"), "--out", str(work / "o.mp4"),
                           "--checkpoint", str(tiny_checkpoint_dir), *QUICK], capsys, caplog)
     assert_refused(code, text, 2, "out of memory", "--height")

@@ -91,7 +91,7 @@ def test_python_api_applies_the_same_limits():
     with pytest.raises(limits.LimitError, match="over the limit of 1024"):
         animator(image, "x", frames=36864, height=16, width=16, steps=1)
     with pytest.raises(limits.LimitError, match="--segments"):
-        animator.animate_segments(image, "x", 10**8, steps=1)
+        animator(image, "x", segments=10**8, steps=1)
     with pytest.raises(limits.LimitError, match="8192 px"):
         animator(image, "x", height=16384, width=16, frames=2, steps=1)
 

@@ -7,6 +7,8 @@ refuses fails here, not on the first GPU.
 The edit path once handed the kernel the inverted clip latents in the frames-first layout of the VAE encoder's
 output (a permuted view): `test_every_mode_hands_the_kernel_what_it_takes[...edit...]` fails on that."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -114,10 +116,11 @@ def _clip(frames: int, rng) -> np.ndarray:
 
 
 def _serving_batch(animator, image, size):
-    from cinemo_rt.serve.runner import AnimationRequest, Runner
+    from cinemo_rt.request import Request
+    from cinemo_rt.serve.runner import Runner
 
     runner = Runner(animator, max_batch=2)
-    requests = [AnimationRequest(prompt=p, seed=s, steps=STEPS, **size).resolved(animator.defaults)
+    requests = [Request(prompt=p, seed=s, steps=STEPS, **size).resolve(animator.defaults)
                 for p, s in (("waves", 1), ("clouds", 2))]
     segments = [runner.prepare(image, r) for r in requests]
     while live := [s for s in segments if not s.done]:
@@ -130,14 +133,14 @@ def _modes(size):
     image = (rng.random((70, 90, 3)) * 255).astype(np.uint8)
     clip = _clip(size["frames"], rng)
     clip2 = _clip(2 * size["frames"], rng)
-    edit = EditRequest.create("a dog", 86.0, source_prompt="a cat", steps=STEPS, seed=3, **size)
+    edit = EditRequest("a dog", motion_id=86.0, source_prompt="a cat", steps=STEPS, seed=3, **size)
     return {
-        "run": lambda a: a.run(image, Request.create("waves", 9, steps=STEPS, seed=1, **size)),
-        "fast": lambda a: a.run(image, Request.create("waves", 9, steps=STEPS, seed=1, fast=True, **size)),
-        "segments": lambda a: a.run_segments(image, Request.create("waves", 9, steps=STEPS, seed=1, **size), 2),
+        "run": lambda a: a.run(image, Request("waves", 9, steps=STEPS, seed=1, **size)),
+        "fast": lambda a: a.run(image, Request("waves", 9, steps=STEPS, seed=1, fast=True, **size)),
+        "segments": lambda a: a.run(image, Request("waves", 9, steps=STEPS, seed=1, segments=2, **size)),
         "edit-new-image": lambda a: a.run_edit(clip, image, edit),
         "edit-own-first-frame": lambda a: a.run_edit(clip, None, edit),
-        "edit-segments": lambda a: a.run_edit_segments(clip2, image, edit, 2),
+        "edit-segments": lambda a: a.run_edit(clip2, image, dataclasses.replace(edit, segments=2)),
         "serving-batch": lambda a: _serving_batch(a, image, size),
     }
 

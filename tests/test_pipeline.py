@@ -56,7 +56,7 @@ def test_callback_called_once_per_step(animator, photo):
 
 
 def test_segments_chain_last_frame(animator, photo):
-    video = animator.animate_segments(photo, "pan left", 2, seed=3, **SMALL)
+    video = animator(photo, "pan left", segments=2, seed=3, **SMALL)
     assert video.shape[0] == 1 + 2 * 3
     first = animator(photo, "pan left", seed=3, **SMALL)
     assert np.array_equal(video[:4], first)

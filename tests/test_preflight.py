@@ -122,11 +122,11 @@ from cinemo_rt import cli
 from cinemo_rt.preflight import plan_run
 from cinemo_rt.threads import parse_threads
 args = cli.parse_args(sys.argv[1:])
+request = cli.build_request(args)
 cli._check_output(args)
 parse_threads(args.threads)
-plan_run(args)
-request = cli.build_request(args)
-print("MOTION", request.motion_id, "HEAVY", sorted(m for m in ("torch", "diffusers", "transformers", "av")
+plan_run(args, request)
+print("MOTION", request.motion, "HEAVY", sorted(m for m in ("torch", "diffusers", "transformers", "av")
                                                if m in sys.modules))
 """
 
@@ -287,7 +287,7 @@ def test_version_and_help_show_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: cinemo.mp4)" in text and "(default: 9)" in text and "--threads" in text
+    assert "(default: cinemo.mp4)" in text and "(default 9" in text and "--threads" in text
 
 
 def test_from_checkpoint_without_a_folder_opens_the_demo():
@@ -300,14 +300,15 @@ def test_from_checkpoint_without_a_folder_opens_the_demo():
 def test_words_outside_the_demo_vocabulary_are_named(caplog):
     from cinemo_rt.preflight import plan_run
 
-    args = Namespace(engines=None, checkpoint=str(DEMO_CHECKPOINT), image=str(EXAMPLE_IMAGE), height=None,
-                     width=None, frames=None, dtype=None, device="cpu", prompt="a boat pans left",
-                     negative_prompt="")
+    from cinemo_rt.request import Request
+
+    args = Namespace(engines=None, checkpoint=str(DEMO_CHECKPOINT), image=str(EXAMPLE_IMAGE), dtype=None,
+                     device="cpu")
     with caplog.at_level("WARNING"):
-        plan = plan_run(args)
+        plan = plan_run(args, Request("a boat pans left"))
     assert plan.folder == DEMO_CHECKPOINT and plan.parameters < 5_000_000
     assert "does not know 'a', 'boat'" in caplog.text or "does not know 'boat'" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
-        plan_run(Namespace(**{**vars(args), "prompt": "the camera pans left"}))
+        plan_run(args, Request("the camera pans left"))
     assert "does not know" not in caplog.text

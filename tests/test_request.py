@@ -13,10 +13,10 @@ from cinemo_rt.settings import Size
 
 
 def test_request_from_bucket_validates_and_resolves(caplog):
-    request = Request.create("pan left", bucket=15, steps=10, sampler="dpmpp-2m")
-    assert request.motion_id == 84.0 and request.classifier_free and request.dct == DCTInit()
-    assert Request.create("x", bucket=None, motion_id=91.5).motion_id == 91.5
-    assert not Request.create("x", guidance=1.0).classifier_free
+    request = Request("pan left", bucket=15, steps=10, sampler="dpmpp-2m")
+    assert request.motion == 84.0 and request.classifier_free and request.dct == DCTInit()
+    assert Request("x", motion_id=91.5).motion == 91.5 and Request("x").motion == 90.0  # bucket 9 by default
+    assert not Request("x", guidance=1.0).classifier_free
     with pytest.raises(dataclasses.FrozenInstanceError):
         request.steps = 3
     with caplog.at_level("INFO"):
@@ -25,13 +25,14 @@ def test_request_from_bucket_validates_and_resolves(caplog):
     assert f"seed {resolved.seed}" in caplog.text
     assert dataclasses.replace(request, height=32).resolve(Size()).height == 32
     for bad, match in [(dict(steps=0), "steps"), (dict(frames=0), "frames"), (dict(sampler="euler"), "sampler"),
-                       (dict(eta=0.5, sampler="dpmpp-2m"), "eta"), (dict(dct=None, eta=-1), "eta")]:
+                       (dict(eta=0.5, sampler="dpmpp-2m"), "eta"), (dict(use_dct=False, eta=-1), "eta"),
+                       (dict(bucket=3, motion_id=90.0), "not both"), (dict(steps=2.0), "whole number")]:
         with pytest.raises(InputError, match=match):
-            Request.create("x", **bad)
-    with pytest.raises(InputError, match="DCTInit"):
+            Request("x", **bad)
+    with pytest.raises(InputError, match="dct_fraction"):
         DCTInit(fraction=0.0)
     with pytest.raises(ValueError, match="0..19"):
-        Request.create("x", bucket=20)
+        Request("x", bucket=20)
 
 
 def test_registry_drives_choices_and_refuses_the_wrong_folder_kind(tiny_checkpoint_dir):
@@ -51,7 +52,7 @@ def test_stages_recombine_with_supplied_initial_latents(tiny_checkpoint_dir):
 
     animator = Animator.from_checkpoint(tiny_checkpoint_dir, device="cpu")
     image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
-    request = Request.create("zoom in", steps=2, seed=4, height=64, width=64, frames=3)
+    request = Request("zoom in", steps=2, seed=4, height=64, width=64, frames=3)
     video = animator.run(image, request)
     backend, generator = animator.backend, torch.Generator().manual_seed(4)
     z1 = stages.encode_z1(backend, preprocess(image, 64, 64), generator)

@@ -21,7 +21,8 @@ from cinemo_rt.serve.batching import BatchPolicy  # noqa: E402
 from cinemo_rt.serve.client import Client  # noqa: E402
 from cinemo_rt.serve.jobs import DONE, FAILED, JobStore, new_job_id  # noqa: E402
 from cinemo_rt.serve.limits import Limits  # noqa: E402
-from cinemo_rt.serve.runner import AnimationRequest, Runner  # noqa: E402
+from cinemo_rt.request import Request
+from cinemo_rt.serve.runner import Runner  # noqa: E402
 from cinemo_rt.video import read_video  # noqa: E402
 
 STEPS = "3"
@@ -93,8 +94,7 @@ def test_job_runs_end_to_end_with_events_video_and_metrics(tmp_path, runner):
 
 
 def test_api_key_limits_and_unknown_jobs(tmp_path, runner):
-    limits = Limits(max_upload_bytes=200_000, max_image_pixels=100 * 100, max_steps=20,
-                    max_video_pixels=8 * 64 * 64, max_segments=2, max_prompt_chars=50)
+    limits = Limits(max_upload_bytes=200_000, max_image_pixels=100 * 100)
     with make_client(tmp_path, runner, api_key=KEY, limits=limits) as client:
         good = {"Authorization": f"Bearer {KEY}"}
         assert submit(client).status_code == 401
@@ -108,12 +108,13 @@ def test_api_key_limits_and_unknown_jobs(tmp_path, runner):
             assert response.status_code == expected, response.text
             return response.json()["detail"]
 
-        assert "steps must be in 1..20" in refused(422, steps="21")
+        # the request's own checks (tests/test_vocabulary.py runs them all through the CLI and the server)
+        assert "steps must be in 1..1000" in refused(422, steps="1001")
         assert "bucket" in refused(422, bucket="20")
-        assert "frames x height x width" in refused(422, frames="16", height="64", width="64")
-        assert "segments" in refused(422, segments="3")
-        assert "at most 50 characters" in refused(422, prompt="x" * 51)
-        assert "multiples of 8" in refused(422, height="36")
+        assert "memory" in refused(422, frames="1024", height="8192", width="8192")  # the CLI's size check
+        assert "segments is 65; it must be in 1..64" in refused(422, segments="65")
+        assert "the limit is 10000" in refused(422, prompt="x" * 10_001)
+        assert "divisible by 8" in refused(422, height="36")
         assert "format" in refused(422, format="avi")
         assert "sampler" in refused(422, sampler="euler")
         assert "could not be read" in refused(400, image=b"not an image at all")
@@ -178,7 +179,7 @@ def run_group(runner, image, group, calls=None):
 
 def test_batched_requests_equal_running_alone(runner):
     image = load_image(EXAMPLE_IMAGE)
-    requests = [AnimationRequest(prompt=p, bucket=b, seed=s, guidance=g, steps=3).resolved(runner.defaults)
+    requests = [Request(prompt=p, bucket=b, seed=s, guidance=g, steps=3).resolve(runner.defaults)
                 for p, b, s, g in [("the camera pans left", 15, 1, 7.5), ("the camera pans right", 3, 2, 1.0),
                                    ("zooms in", 9, 3, 5.0)]]
 
@@ -209,9 +210,9 @@ def test_fewer_calls_requests_batch_with_plain_ones_bit_for_bit(runner):
     (never waiting in the batch for a call it does not make) and gets the video it gets alone."""
     image = load_image(EXAMPLE_IMAGE)
     base = dict(prompt="the camera pans left", steps=8, sampler="dpmpp-2m")
-    requests = [AnimationRequest(**base, seed=1).resolved(runner.defaults),
-                AnimationRequest(**base, seed=2, cache=0.5).resolved(runner.defaults),
-                AnimationRequest(**base, seed=3, guidance_until=0.25, guidance_every=3).resolved(runner.defaults)]
+    requests = [Request(**base, seed=1).resolve(runner.defaults),
+                Request(**base, seed=2, cache=0.5).resolve(runner.defaults),
+                Request(**base, seed=3, guidance_until=0.25, guidance_every=3).resolve(runner.defaults)]
     alone_calls, together_calls = [], []
     alone = [run_group(runner, image, [r], alone_calls)[0] for r in requests]
     together = run_group(runner, image, requests, together_calls)
@@ -307,7 +308,7 @@ def test_requeue_runs_jobs_a_stopped_server_left(tmp_path, runner):
     store = JobStore(tmp_path / "jobs")
     left = new_job_id()
     Image.open(io.BytesIO(png_bytes())).save(store.input_path(left))
-    request = AnimationRequest(prompt="zooms in", steps=2, seed=5).resolved(runner.defaults)
+    request = Request(prompt="zooms in", steps=2, seed=5).resolve(runner.defaults)
     store.add(left, {**request.__dict__, "format": "mp4"})
     store.mark_running(left)  # as a killed server leaves it
     store.close()

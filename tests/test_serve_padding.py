@@ -33,7 +33,8 @@ def test_a_lone_request_computes_only_its_own_rows():
     pytest.importorskip("fastapi", reason="serving extras: pip install -e '.[serve]'")
     from cinemo_rt.defaults import EXAMPLE_IMAGE
     from cinemo_rt.image import load_image
-    from cinemo_rt.serve.runner import AnimationRequest, Runner
+    from cinemo_rt.request import Request
+    from cinemo_rt.serve.runner import Runner
 
     image = load_image(EXAMPLE_IMAGE)
     default = Runner.open(max_batch=4)
@@ -43,7 +44,7 @@ def test_a_lone_request_computes_only_its_own_rows():
         rows.append(inputs[0].shape[0])
         return unet(*inputs)
 
-    request = AnimationRequest(prompt="the camera pans left", seed=1, steps=3).resolved(default.defaults)
+    request = Request(prompt="the camera pans left", seed=1, steps=3).resolve(default.defaults)
     videos = {}
     for name, runner in (("default", default), ("exact", Runner(default.animator, max_batch=4, exact=True))):
         runner.backend.unet = counting

@@ -19,25 +19,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Callable
 
-from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, UploadFile
+from fastapi import Request as HttpRequest
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
 from ..errors import InputError
-from ..request import FAST_PRESET, REFERENCE_STEPS, resolve_options
 from ..files import give_default_mode
-from ..samplers import DEFAULT_SAMPLER, SAMPLERS
-from ..scale import FILTER_HELP as SCALE_FILTER_HELP
-from ..scale import HELP as SCALE_HELP
+from ..pipeline import measured_motion
+from ..request import EditRequest, Request
 from ..scale import OutputScale
 from .batching import BatchPolicy
 from .jobs import (DONE, EDIT, FINAL_STATES, QUEUED, RUNNING, JobStore, StoreBusy, is_job_id, new_job_id,
                    started_in_process)
-from .limits import (MEDIA_TYPES, Limits, RequestError, check_clip, check_edit, check_request, check_scale,
+from .forms import AnimationForm, EditForm, split_form
+from .limits import (MEDIA_TYPES, Limits, RequestError, build_request, check_clip, check_format, check_scale,
                      job_sizer, read_upload, save_clip_upload)
 from .metrics import Metrics
-from .runner import AnimationRequest, EditJobRequest, Runner
+from .runner import Runner
 from .worker import QueueFull, Worker
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
     sizing = job_sizer(settings.checkpoint, settings.engines, settings.dtype, settings.device)
 
     @app.middleware("http")
-    async def bound_uploads(request: Request, call_next):
+    async def bound_uploads(request: HttpRequest, call_next):
         """Refuse an oversized upload from its Content-Length, before the multipart body is read."""
         if request.method == "POST":
             length = request.headers.get("content-length")
@@ -203,17 +203,17 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
         return await call_next(request)
 
     @app.exception_handler(RequestError)
-    async def request_error(request: Request, err: RequestError):
+    async def request_error(request: HttpRequest, err: RequestError):
         state["metrics"].requests.labels(str(err.status)).inc()
         return JSONResponse({"detail": str(err)}, status_code=err.status)
 
     @app.exception_handler(StoreBusy)
-    async def store_busy(request: Request, err: StoreBusy):
+    async def store_busy(request: HttpRequest, err: StoreBusy):
         state["metrics"].requests.labels("503").inc()
         return JSONResponse({"detail": str(err)}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(QueueFull)
-    async def queue_full(request: Request, err: QueueFull):
+    async def queue_full(request: HttpRequest, err: QueueFull):
         state["metrics"].requests.labels("429").inc()
         return JSONResponse({"detail": str(err)}, status_code=429,
                             headers={"Retry-After": str(err.retry_after_s)})
@@ -245,54 +245,20 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
 
     @app.post("/v1/animations", status_code=202, dependencies=authorized,
               summary="Submit an image to animate; returns the job id and its URLs")
-    def submit(request: Request,
-               image: Annotated[UploadFile, File(description="the still image, PNG or JPEG")],
-               prompt: Annotated[str, Form(description="what moves and how")],
-               bucket: Annotated[int | None, Form(description="motion intensity 0..19, larger = more")] = 9,
-               motion_id: Annotated[float | None, Form(description="raw motion id instead of bucket")] = None,
-               negative_prompt: Annotated[str, Form()] = "",
-               steps: Annotated[int | None, Form(description=f"sampling steps (default {REFERENCE_STEPS}, or "
-                                                             f"{FAST_PRESET.steps} with fast)")] = None,
-               guidance: Annotated[float, Form(description="CFG scale; 1 turns it off")] = 7.5,
-               seed: Annotated[int | None, Form(description="seed; drawn and reported when absent")] = None,
-               height: Annotated[int | None, Form(description="default: the model's")] = None,
-               width: Annotated[int | None, Form(description="default: the model's")] = None,
-               frames: Annotated[int | None, Form(description="frames after the input frame")] = None,
-               segments: Annotated[int, Form(description="chained segments for longer videos")] = 1,
-               sampler: Annotated[str | None, Form(description=f"one of {', '.join(SAMPLERS)} (default "
-                                            f"{DEFAULT_SAMPLER}, or {FAST_PRESET.sampler} with fast)")] = None,
-               format: Annotated[str, Form(description="mp4 or gif")] = "mp4",
-               scale: Annotated[int, Form(description=SCALE_HELP)] = 1,
-               scale_filter: Annotated[str, Form(description=SCALE_FILTER_HELP)] = OutputScale.filter,
-               fast: Annotated[bool, Form(description="the measured fewer-UNet-calls preset: steps, sampler and "
-                                          "step cache (the fields given override it)")] = False,
-               cache: Annotated[float | None, Form(description="step cache threshold >= 0: skip the UNet while "
-                                                   "the estimated output change stays under it (e.g. 0.5)")] = None,
-               guidance_until: Annotated[float | None, Form(description="fraction 0..1 of the steps that run "
-                                                            "both CFG branches (default 1: all)")] = None,
-               guidance_every: Annotated[int | None, Form(description="after guidance_until, refresh the "
-                                                          "guidance direction every N-th step (N >= 1)")] = None):
+    def submit(image: Annotated[UploadFile, File(description="the still image, PNG or JPEG")],
+               form: Annotated[AnimationForm, Form()]):
         executor, store = state["executor"], state["store"]
         ready_with_room(executor)
-        try:  # the request stores the options resolved, so it reproduces the video without the preset
-            steps, sampler, options = resolve_options(fast, steps, sampler, cache=cache, guidance_until=guidance_until,
-                                                      guidance_every=guidance_every)
-            wanted = AnimationRequest(prompt=prompt, bucket=None if motion_id is not None else bucket,
-                                      motion_id=motion_id, negative_prompt=negative_prompt, steps=steps,
-                                      guidance=guidance, seed=seed, height=height, width=width, frames=frames,
-                                      segments=segments, sampler=sampler, cache=options.cache,
-                                      guidance_until=options.guidance_until,
-                                      guidance_every=options.guidance_every).resolved(executor.defaults)
-            check_request(wanted, format, settings.limits, sizing=sizing)
-            output = check_scale(scale, scale_filter, wanted)
-            Runner.pipeline_request(wanted)  # what the pipeline itself refuses (sampler, eta with it, ...)
-        except InputError as err:
-            raise RequestError(422, str(err)) from err
+        fields, output = split_form(form)
+        check_format(output["format"])
+        # stored resolved (sizes, seed, the fast preset's values): the request reproduces the video
+        request = build_request(Request, fields, executor.defaults, sizing)
+        scale = check_scale(output["scale"], output["scale_filter"], request)
         pixels = read_upload(image.file.read(settings.limits.max_upload_bytes + 1), settings.limits)
         job_id = new_job_id()
         try:  # an input is kept only with its job: no orphan upload when the database refuses the job
             _save_png_atomically(pixels, store.input_path(job_id))
-            return enqueue(job_id, {**wanted.__dict__, "format": format, **_scale_fields(output)})
+            return enqueue(job_id, {**request.as_dict(), "format": output["format"], **_scale_fields(scale)})
         except BaseException:
             store.remove_inputs(job_id)
             raise
@@ -319,54 +285,32 @@ def create_app(settings: ServeSettings, open_runner: Callable[[], Runner] | None
     @app.post("/v1/edits", status_code=202, dependencies=authorized,
               summary="Submit a video to edit (its motion moves a new first frame); returns the job id and URLs")
     def submit_edit(video: Annotated[UploadFile, File(description="the source clip: mp4, webm, mov or gif")],
+                    form: Annotated[EditForm, Form()],
                     image: Annotated[UploadFile | None, File(description="the new first frame, PNG or JPEG; "
-                                                             "absent: the clip's own (reconstruction)")] = None,
-                    prompt: Annotated[str | None, Form(description="the edited video; default: source_prompt")] = None,
-                    source_prompt: Annotated[str, Form(description="the source clip (for the inversion)")] = "",
-                    bucket: Annotated[str, Form(description="motion intensity 0..19, or auto: measured on the "
-                                                            "clip")] = "auto",
-                    motion_id: Annotated[float | None, Form(description="raw motion id instead of bucket")] = None,
-                    negative_prompt: Annotated[str, Form()] = "",
-                    steps: Annotated[int, Form(description="inversion and sampling steps")] = EditJobRequest.steps,
-                    guidance: Annotated[float, Form(description="CFG scale while sampling; 1 turns it off")] = 1.0,
-                    inversion_guidance: Annotated[float, Form(description="CFG scale while inverting")] = 1.0,
-                    seed: Annotated[int | None, Form(description="seed; drawn and reported when absent")] = None,
-                    height: Annotated[int | None, Form(description="default: the model's")] = None,
-                    width: Annotated[int | None, Form(description="default: the model's")] = None,
-                    frames: Annotated[int | None, Form(description="frames after the first, per segment")] = None,
-                    stride: Annotated[int | None, Form(description="use every stride-th clip frame (default: "
-                                                                   "spanning about 2 s)")] = None,
-                    start: Annotated[float, Form(description="seconds into the clip")] = 0.0,
-                    segments: Annotated[int, Form(description="chained segments over consecutive windows")] = 1,
-                    format: Annotated[str, Form(description="mp4 or gif")] = "mp4",
-                    scale: Annotated[int, Form(description=SCALE_HELP)] = 1,
-                    scale_filter: Annotated[str, Form(description=SCALE_FILTER_HELP)] = OutputScale.filter,
-                    use_dct: Annotated[bool, Form(description="mix the new frame's low frequencies into the "
-                                                              "inverted latents (DCTInit)")] = True):
+                                                             "absent: the clip's own (reconstruction)")] = None):
         executor, store = state["executor"], state["store"]
         ready_with_room(executor)
         try:
-            number = None if bucket.strip().lower() == "auto" or motion_id is not None else int(bucket)
-        except ValueError as err:
-            raise RequestError(422, f"bucket must be a whole number in 0..19 or auto; got {bucket!r}") from err
-        wanted = EditJobRequest(
-            prompt=source_prompt if prompt is None else prompt, source_prompt=source_prompt, bucket=number,
-            motion_id=motion_id, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
-            inversion_guidance=inversion_guidance, seed=seed, height=height, width=width, frames=frames,
-            stride=stride, start=start, segments=segments, use_dct=use_dct).resolved(executor.defaults)
-        check_edit(wanted, format, settings.limits, sizing=sizing)
-        output = check_scale(scale, scale_filter, wanted)
+            fields, output = split_form(form)
+        except InputError as err:
+            raise RequestError(422, str(err)) from err
+        check_format(output["format"])
+        request = build_request(EditRequest, fields, executor.defaults, sizing)
+        scale = check_scale(output["scale"], output["scale_filter"], request)
         pixels = None
         if image is not None and image.filename:
             pixels = read_upload(image.file.read(settings.limits.max_upload_bytes + 1), settings.limits)
         job_id = new_job_id()
-        clip = store.clip_path(job_id)
-        save_clip_upload(video.file, clip, settings.limits)
+        clip_path = store.clip_path(job_id)
+        save_clip_upload(video.file, clip_path, settings.limits)
         try:
-            wanted = wanted.measured(*check_clip(clip, wanted))  # the stride and an auto bucket, as the CLI prints
+            clip, window = check_clip(clip_path, request)
+            # the stride and a measured bucket stored, as the CLI prints them
+            request = request.measured(window.stride, measured_motion(clip.frames, request))
             if pixels is not None:
                 _save_png_atomically(pixels, store.input_path(job_id))
-            return enqueue(job_id, {**wanted.__dict__, "format": format, "kind": EDIT, **_scale_fields(output)})
+            return enqueue(job_id, {**request.as_dict(), "format": output["format"], "kind": EDIT,
+                                    **_scale_fields(scale)})
         except BaseException:
             store.remove_inputs(job_id)
             raise

@@ -26,106 +26,27 @@ bit for bit the same alone or in any batch, at the price of a lone request compu
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Generator
 
 import numpy as np
 import torch
 
-from .. import stages
-from ..image import load_image, preprocess
-from ..motion import bucket_from_motion_id
-from ..pipeline import Animator, clip_motion_id
+from .. import segments, stages
+from ..clip import open_window
 from ..fewer_calls import CallCounter
+from ..image import load_image, preprocess
 from ..model_calls import UNetCall
-from ..request import FewerCalls, Request
+from ..pipeline import Animator
+from ..request import EditRequest, Request
 from ..residuals import frames_from_residuals
-from .. import segments
-from ..samplers import DEFAULT_SAMPLER
-from ..segments import segment_seed
-from ..settings import DCT_FRACTION, EDIT_DCT_TAU, Size
 from ..threads import apply_threads
 from .batching import padded_rows
 
 
-@dataclass(frozen=True)
-class AnimationRequest:
-    """What a client may set; None means the model's default (size, frames) or a drawn seed."""
-
-    prompt: str
-    bucket: int | None = 9
-    motion_id: float | None = None
-    negative_prompt: str = ""
-    steps: int = 50
-    guidance: float = 7.5
-    seed: int | None = None
-    height: int | None = None
-    width: int | None = None
-    frames: int | None = None
-    segments: int = 1
-    eta: float = 0.0
-    sampler: str = DEFAULT_SAMPLER
-    cache: float | None = None      # fewer UNet calls (`request.FewerCalls`); batch like any other request
-    guidance_until: float = 1.0
-    guidance_every: int | None = None
-
-    def resolved(self, d: Size) -> "AnimationRequest":
-        """The model's defaults filled in (and a seed drawn), so the stored request reproduces the video."""
-        seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**31)
-        return AnimationRequest(**{**self.__dict__, "seed": seed, "height": self.height or d.height,
-                                   "width": self.width or d.width, "frames": self.frames or d.frames})
-
-    @property
-    def batch_key(self) -> tuple:
-        """Requests with equal keys share UNet calls (same latent shape; same steps, so they finish together)."""
-        return (self.height, self.width, self.frames, self.steps, self.sampler)
-
-    @property
-    def fewer_calls(self) -> FewerCalls:
-        return FewerCalls(cache=self.cache, guidance_until=self.guidance_until, guidance_every=self.guidance_every)
-
-
-@dataclass(frozen=True)
-class EditJobRequest:
-    """What a client may set for an edit (`Animator.edit`'s keywords); None means the model's default (size,
-    frames), a drawn seed, or for bucket and motion_id together: measured on the clip (auto)."""
-
-    prompt: str
-    source_prompt: str = ""
-    bucket: int | None = None
-    motion_id: float | None = None
-    negative_prompt: str = ""
-    steps: int = Request.steps
-    guidance: float = 1.0
-    inversion_guidance: float = 1.0
-    seed: int | None = None
-    height: int | None = None
-    width: int | None = None
-    frames: int | None = None
-    stride: int | None = None
-    start: float = 0.0
-    segments: int = 1
-    use_dct: bool = True
-    eta = 0.0  # not a field: inversion and sampling are deterministic DDIM (the checks read it)
-
-    def resolved(self, d: Size) -> "EditJobRequest":
-        seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**31)
-        return EditJobRequest(**{**self.__dict__, "seed": seed, "height": self.height or d.height,
-                                 "width": self.width or d.width, "frames": self.frames or d.frames})
-
-    def measured(self, clip, window) -> "EditJobRequest":
-        """The stride the clip's window uses and, for bucket auto, the bucket measured on its frames (as
-        `Animator.edit` would): stored with the job, the status shows them and the request reproduces the video."""
-        bucket = self.bucket
-        if bucket is None and self.motion_id is None:
-            bucket = bucket_from_motion_id(clip_motion_id(clip.frames, Size(self.height, self.width, self.frames)))
-        return EditJobRequest(**{**self.__dict__, "bucket": bucket, "stride": window.stride})
-
-    @property
-    def clip_frames(self) -> int:
-        """Frames the edit reads from the clip: each segment's frames + 1, the boundary frames shared."""
-        return self.segments * self.frames + 1
+def batch_key(request: Request) -> tuple:
+    """Requests with equal keys share UNet calls (same latent shape; same steps, so they finish together)."""
+    return (request.height, request.width, request.frames, request.steps, request.sampler)
 
 
 @dataclass
@@ -134,7 +55,7 @@ class Segment:
     a sampler may pass several steps between two calls (`steps_done` counts them; `counter` the rows it
     asked for), so a segment never waits in a group for a call it will not make."""
 
-    request: AnimationRequest
+    request: Request  # the job's, resolved
     z1: torch.Tensor
     segment: int = 0
     frames_so_far: list[np.ndarray] = field(default_factory=list)
@@ -199,21 +120,13 @@ class Runner:
     def check_image(self, image) -> np.ndarray:
         return load_image(image)
 
-    @staticmethod
-    def pipeline_request(r: AnimationRequest, segment: int = 0) -> Request:
-        """The pipeline's `Request` for one segment (seed + k for segment k, as `Animator.run_segments`);
-        raises InputError for what the pipeline refuses."""
-        return Request.create(r.prompt, r.bucket, r.motion_id, negative_prompt=r.negative_prompt,
-                              height=r.height, width=r.width, frames=r.frames, steps=r.steps, guidance=r.guidance,
-                              eta=r.eta, seed=segment_seed(r.seed, segment), sampler=r.sampler, fewer_calls=r.fewer_calls)
-
     @torch.no_grad()
-    def prepare(self, image: np.ndarray, request: AnimationRequest, segment: int = 0,
+    def prepare(self, image: np.ndarray, request: Request, segment: int = 0,
                 frames_so_far: list[np.ndarray] | None = None) -> Segment:
-        """Stages 1-4 of the pipeline for one segment, drawing from the generator in the Animator's order.
-        Segment k uses seed + k, as `Animator.animate_segments` does."""
+        """Stages 1-4 of the pipeline for one segment of a resolved request, drawing from the generator in
+        the animate recipe's order (`modes.animate`); segment k is `request.segment(k)`, as `Animator.run`'s."""
         a, b = self.animator, self.backend
-        r = self.pipeline_request(request, segment)
+        r = request.segment(segment)
         generator = torch.Generator("cpu").manual_seed(r.seed)
         pixels = preprocess(load_image(image), r.height, r.width)
         z1 = stages.encode_z1(b, pixels, generator)
@@ -253,16 +166,12 @@ class Runner:
             s.advance(out[start:start + rows_of_s])
             start += rows_of_s
 
-    def edit(self, clip_path, image, r: EditJobRequest, callback=None) -> np.ndarray:
-        """One whole edit, un-batched: `Animator.edit` itself (inversion and sampling call the real UNet),
-        so the video is the CLI's bit for bit. `callback(i, t, x)` runs after every inversion and sampling
-        step (it may raise to stop the edit)."""
-        return self.animator.edit(
-            clip_path, image, r.prompt, source_prompt=r.source_prompt, bucket=r.bucket, motion_id=r.motion_id,
-            steps=r.steps, guidance=r.guidance, inversion_guidance=r.inversion_guidance, dct_tau=EDIT_DCT_TAU,
-            dct_fraction=DCT_FRACTION, use_dct=r.use_dct, seed=r.seed, height=r.height, width=r.width,
-            frames=r.frames, stride=r.stride, start=r.start, negative_prompt=r.negative_prompt,
-            segments=r.segments, callback=callback)
+    def edit(self, clip_path, image, request: EditRequest, callback=None) -> np.ndarray:
+        """One whole edit, un-batched: `Animator.run_edit` over the clip window the request names (its stride
+        and motion measured when it was submitted), so the video is the CLI's bit for bit. `callback(i, t, x)`
+        runs after every inversion and sampling step (it may raise to stop the edit)."""
+        clip, _ = open_window(clip_path, request)
+        return self.animator.run_edit(clip.frames, image, request, callback)
 
     def abandon(self, s: Segment) -> None:
         """Drop a segment's denoising (cancelled, or its batch failed)."""

@@ -26,7 +26,8 @@ from ..video import write_video
 from .batching import BatchPolicy, take_compatible
 from .jobs import CANCELLED, DONE, EDIT, FAILED, Job, JobStore
 from .metrics import Metrics
-from .runner import AnimationRequest, EditJobRequest, Runner, Segment
+from ..request import EditRequest, Request
+from .runner import Runner, Segment, batch_key
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,6 @@ class QueueFull(Exception):
     def __init__(self, retry_after_s: int):
         super().__init__(f"the queue is full; retry in about {retry_after_s} s")
         self.retry_after_s = retry_after_s
-
-
-def request_of(job_request: dict, kind=AnimationRequest):
-    """The stored request (with format and kind beside its fields) as `kind` (AnimationRequest or
-    EditJobRequest)."""
-    fields = kind.__dataclass_fields__
-    return kind(**{k: v for k, v in job_request.items() if k in fields})
 
 
 class Cancelled(Exception):
@@ -189,7 +183,7 @@ class Worker:
                 else:
                     if self._stop:
                         return
-                    key = active[0].segment.request.batch_key
+                    key = batch_key(active[0].segment.request)
                     admitted = take_compatible(self.queue, key, self._key, self.policy.max_batch - len(active))
             if edit is not None:
                 self._run_edit(edit)
@@ -204,15 +198,22 @@ class Worker:
             job = self.store.get(job_id)
             if job is None:
                 return None
-            # an edit's key is its own: it never shares a group
-            self._keys[job_id] = (EDIT, job_id) if job.kind == EDIT else request_of(job.request).batch_key
+            if job.kind == EDIT:  # an edit's key is its own: it never shares a group
+                self._keys[job_id] = (EDIT, job_id)
+            else:
+                try:
+                    self._keys[job_id] = batch_key(Request.from_dict(job.request))
+                except ValueError as err:  # stored by a version that allowed what this one refuses
+                    if self._start(job_id) is not None:
+                        self._fail(job_id, err)
+                    return None
         return self._keys[job_id]
 
     def _admit(self, job_id: str) -> Active | None:
         job = self._start(job_id)
         if job is None:
             return None
-        request = request_of(job.request)
+        request = Request.from_dict(job.request)
         self.store.set_progress([(job_id, 0, request.steps * request.segments, 0)])
         started = time.perf_counter()
         try:
@@ -296,7 +297,7 @@ class Worker:
         job = self._start(job_id)
         if job is None:
             return
-        request = request_of(job.request, EditJobRequest)
+        request = EditRequest.from_dict(job.request)
         total, done = 2 * request.steps * request.segments, 0
 
         def on_step(i: int, t: int, x) -> None:
