@@ -196,7 +196,7 @@ def test_readyz_reports_a_dead_worker_and_requests_get_503(tmp_path):
     runner = SimpleNamespace(defaults=Size(32, 32, 8))
     settings = ServeSettings(jobs_dir=tmp_path / "jobs", policy=BatchPolicy(2, 1e300))  # a timer that overflows
     with TestClient(create_app(settings, open_runner=lambda: runner)) as client:
-        worker: Worker = client.app.state.serve["executor"]
+        worker: Worker = client.app.state.server.executor
         assert worker.ready.wait(10)
         first = client.post("/v1/animations", data={"prompt": "x"}, files={"image": ("a.png", png_bytes(), "image/png")})
         assert first.status_code == 202
@@ -322,9 +322,9 @@ def test_two_copies_of_one_app_in_a_process_share_the_owner(tmp_path):
     app.state.start()
     try:
         other.state.start()  # no "in use by another server": this process owns the folder
-        assert other.state.serve["store"] is app.state.serve["store"]
+        assert other.state.server.store is app.state.server.store
         other.state.stop()  # the adopter leaves the owner running
-        assert app.state.serve["store"].counts() is not None
+        assert app.state.server.store.counts() is not None
     finally:
         app.state.stop()
     JobStore(tmp_path / "jobs", owner=True).close()  # released

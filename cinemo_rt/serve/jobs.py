@@ -291,14 +291,15 @@ class JobStore:
         return len(ids)
 
 
-_STARTED: dict[str, dict] = {}
+_STARTED: dict[str, object] = {}
 _STARTED_LOCK = threading.RLock()
 
 
-def started_in_process() -> tuple[dict[str, dict], threading.RLock]:
-    """The app state started in this process per jobs folder, and its lock. Here, a module function, not in
-    `app.py`: Ray pickles `create_app`'s closures by value, each copy with its own globals, but a module's
-    function by reference, so every copy of the app in a process finds this one registry."""
+def started_in_process() -> tuple[dict[str, object], threading.RLock]:
+    """The server state (`state.ServerState`) started in this process per jobs folder, and its lock. Here, a
+    module function, not on the app: Ray pickles the app by value, its server state with it, so each copy has
+    its own, but a module's function by reference, so every copy of the app in a process finds this one
+    registry."""
     return _STARTED, _STARTED_LOCK
 
 
