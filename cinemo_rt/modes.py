@@ -12,12 +12,13 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
 from . import stages
+from .backends.base import Backend
 from .errors import InputError
 from .fewer_calls import CallCounter
 from .image import load_image, preprocess
@@ -25,11 +26,22 @@ from .request import EditRequest, Request
 from .residuals import frames_from_residuals, residuals_from_frames
 from .segments import first_frame_of_next, join
 
-if TYPE_CHECKING:
-    from .pipeline import Animator
-
 log = logging.getLogger(__name__)
 StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+class Context(Protocol):
+    """What a recipe needs of the model context (`pipeline.Animator` is one)."""
+
+    backend: Backend
+    dct_init: Callable
+    alphas_cumprod: torch.Tensor
+
+    def encode_prompts(self, prompt: str, negative_prompt: str, guidance: float): ...
+
+    def initial_noise(self, z1: torch.Tensor, frames: int, generator: torch.Generator, dct) -> torch.Tensor: ...
+
+    def coefficients_for(self, request) -> tuple[float, ...] | None: ...
 
 
 @dataclass
@@ -57,7 +69,7 @@ class StageTimer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def animate(ctx: Animator, image, request: Request, callback: StepCallback | None = None) -> Video:
+def animate(ctx: Context, image, request: Request, callback: StepCallback | None = None) -> Video:
     """One segment: image -> z1 (with its posterior noise), text, initial noise (DCTInit), then
     `denoise_and_decode`. `request` is resolved (sizes and seed set)."""
     generator = torch.Generator("cpu").manual_seed(request.seed)  # one CPU stream of draws: reproducible
@@ -76,7 +88,7 @@ def animate(ctx: Animator, image, request: Request, callback: StepCallback | Non
     return denoise_and_decode(ctx, timer, 5, conditioning, x_T, request, generator, callback, CallCounter())
 
 
-def edit(ctx: Animator, clip_frames: np.ndarray, image, request: EditRequest,
+def edit(ctx: Context, clip_frames: np.ndarray, image, request: EditRequest,
          callback: StepCallback | None = None) -> Video:
     """One edit segment (docs/METHOD.md, editing): invert the clip's residual latents under the source
     prompt, mix the new first frame's low frequencies into them (DCTInit), sample with the prompt.
@@ -114,7 +126,7 @@ def edit(ctx: Animator, clip_frames: np.ndarray, image, request: EditRequest,
     return denoise_and_decode(ctx, timer, 7, conditioning, x_T, request, generator, callback, counter)
 
 
-def denoise_and_decode(ctx: Animator, timer: StageTimer, number: int, conditioning: stages.Conditioning,
+def denoise_and_decode(ctx: Context, timer: StageTimer, number: int, conditioning: stages.Conditioning,
                        x_T: torch.Tensor, request: Request | EditRequest, generator: torch.Generator,
                        callback: StepCallback | None, counter: CallCounter) -> Video:
     """The last three stages of every mode, numbered from `number`: denoise, decode the frames
