@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 from . import scale, validate
 from .backends.registry import BACKENDS, CHOICES
 from .interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, exit_code_for, terminate_as_interrupt
-from .request import FIELD_HELP, EditRequest, Request, field_types, parse_bucket
+from .request import FIELD_HELP, EditRequest, Request, field_types, parse_text
 from .threads import ENV_VAR
 
 log = logging.getLogger("cinemo_rt")
@@ -74,27 +75,9 @@ def _add_request_flags(parser: argparse.ArgumentParser, kind: type[Request] | ty
         elif value_type is bool:
             group.add_argument(flag, action="store_true", help=help)
         else:
-            convert = parse_bucket if name == "bucket" and kind.measures_motion else _CONVERTERS[value_type]
-            default = "auto" if name == "bucket" and kind.measures_motion else item.default
-            group.add_argument(flag, type=_argument_type(convert, value_type.__name__), default=default, help=help,
-                               required=name == "prompt" and kind is Request)
-
-
-def _whole_number(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {value!r}") from None
-
-
-def _number(value: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"expected a number, got {value!r}") from None
-
-
-_CONVERTERS = {int: _whole_number, float: _number, str: str}
+            group.add_argument(flag, type=_argument_type(functools.partial(parse_text, kind, name), value_type.__name__),
+                               default="auto" if name == "bucket" and kind.measures_motion else item.default,
+                               help=help, required=name == "prompt" and kind is Request)
 
 
 def _add_job_options(parser: argparse.ArgumentParser, out: str) -> None:

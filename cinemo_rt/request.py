@@ -332,6 +332,35 @@ def parse_bucket(value: str | int | None) -> int | None:
         raise InputError(f"bucket must be a whole number in 0..{NUM_BUCKETS - 1} or auto; got {value!r}") from None
 
 
+TRUE_TEXTS, FALSE_TEXTS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_text(kind: type[_Job], name: str, text: str) -> Any:
+    """The value of field `name` from the text a user typed: the one decoder of a CLI flag and an HTTP form
+    field. Empty text is the field's default (a form's unset field); the request checks the value."""
+    text = text.strip() if field_types(kind)[name] is not str else text
+    if text == "":
+        return next(f.default for f in dataclasses.fields(kind) if f.name == name)
+    value_type = field_types(kind)[name]
+    if name == "bucket" and kind.measures_motion:
+        return parse_bucket(text)
+    if value_type is bool:
+        if text.lower() not in TRUE_TEXTS + FALSE_TEXTS:
+            raise InputError(f"{name} must be true or false; got {text!r}")
+        return text.lower() in TRUE_TEXTS
+    if value_type is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise InputError(f"{name} must be a whole number; got {text!r}") from None
+    if value_type is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise InputError(f"{name} must be a number; got {text!r}") from None
+    return text
+
+
 @functools.cache
 def field_types(kind: type[_Job]) -> dict[str, type]:
     """Each field's value type (None allowed or not aside): int, float, str or bool."""

@@ -5,12 +5,13 @@ scale. FastAPI reads a form model's fields as form fields and lists them in the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from typing import Any
 
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, BeforeValidator, Field, create_model
 
-from ..request import AUTO, FIELD_HELP, EditRequest, Request, parse_bucket
+from ..request import FIELD_HELP, EditRequest, Request, parse_text
 from ..scale import FILTER_HELP, HELP, OutputScale
 
 OUTPUT_FIELDS = {
@@ -22,17 +23,21 @@ OUTPUT_FIELDS = {
 
 def form_model(kind: type[Request] | type[EditRequest], name: str) -> type[BaseModel]:
     """A pydantic model with one field per request field (an animation's prompt required; an edit's bucket
-    may be "auto", its default) and the output fields."""
+    may be "auto", meaning None, its default) and the output fields. Form text is decoded by the CLI's decoder
+    (`request.parse_text`), so both read the same text as the same value; the schema keeps the types."""
     hints = typing.get_type_hints(kind)
     fields: dict[str, Any] = {}
     for item in dataclasses.fields(kind):
         hint, default = hints[item.name], item.default
-        if item.name == "bucket" and kind.measures_motion:
-            hint, default = str | None, AUTO  # a number or "auto", parsed as the CLI's flag (`parse_bucket`)
         if item.name == "prompt" and kind is Request:
             default = ...  # required, as the CLI's --prompt
-        fields[item.name] = (hint, Field(default, description=FIELD_HELP[item.name]))
+        decode = BeforeValidator(functools.partial(_decode, kind, item.name))
+        fields[item.name] = (typing.Annotated[hint, decode], Field(default, description=FIELD_HELP[item.name]))
     return create_model(name, **fields, **OUTPUT_FIELDS)
+
+
+def _decode(kind, name: str, value: Any) -> Any:
+    return parse_text(kind, name, value) if isinstance(value, str) else value
 
 
 AnimationForm = form_model(Request, "AnimationForm")
@@ -40,9 +45,7 @@ EditForm = form_model(EditRequest, "EditForm")
 
 
 def split_form(form: BaseModel) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the request's fields, the output's fields) of a submitted form; an edit's bucket "auto" is None."""
+    """(the request's fields, the output's fields) of a submitted form."""
     values = form.model_dump()
     output = {name: values.pop(name) for name in OUTPUT_FIELDS}
-    if "bucket" in values:
-        values["bucket"] = parse_bucket(values["bucket"])
     return values, output
