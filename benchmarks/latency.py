@@ -374,8 +374,8 @@ def stage_fns(args, shape: JobShape, device: torch.device, backend, tokenizer) -
     image = (np.random.default_rng(args.seed).random((shape.height, shape.width, 3)) * 255).astype(np.uint8)
     clip = (np.random.default_rng(args.seed).random((shape.frames + 1, shape.height, shape.width, 3)) * 255
             ).astype(np.uint8)
-    edit_request = EditRequest.create("a boat on the sea", 90.0, source_prompt="a boat", steps=shape.steps,
-                                      seed=args.seed)
+    edit_request = EditRequest("a boat on the sea", motion_id=90.0, source_prompt="a boat", steps=shape.steps,
+                               seed=args.seed)
 
     def loop():
         return sample(backend.unet, x_T, z1=z1_dev, text=text, text_uncond=text_uncond, motion_id=motion,

@@ -47,7 +47,7 @@ def measure(animator: Animator, images: dict, seeds: list[int], sampler: str, st
     for name, image in images.items():
         for seed in seeds:
             for prompt in PAIR:
-                request = Request.create(prompt, BUCKET, steps=steps, sampler=sampler, seed=seed)
+                request = Request(prompt, BUCKET, steps=steps, sampler=sampler, seed=seed)
                 video = animator.run(image, request)
                 videos[(name, seed, prompt)] = video
                 ssim.append(mean_consecutive_ssim(video))

@@ -74,6 +74,13 @@ def test_animation_typed_job_warnings_scale_and_download(client, tmp_path):
         client.download(done, path)
     assert client.download(done.id, path, overwrite=True) == path
     assert client.delete(done) == "deleted"
+    # A request object is the same vocabulary: the server stores it as resolved (its seed, the demo's size).
+    from cinemo_rt.request import Request
+
+    same = client.wait(client.submit(EXAMPLE_IMAGE, Request("a dog pans left", steps=3, seed=1), scale=4,
+                                     scale_filter="lanczos"), timeout=120)
+    assert same.request == {**done.request, "scale": 4} and same.unet_calls == done.unet_calls
+    assert client.download(same, tmp_path / "same.mp4").read_bytes() == path.read_bytes()
 
 
 def test_errors_carry_the_servers_message(client):

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import httpx
 
+from ..request import EditRequest, Request
+
 FINAL = ("done", "failed", "cancelled")
 
 
@@ -102,20 +104,21 @@ class Client:
         """GET /v1/model: the model's video size and frames, parameters, closed vocabulary, training."""
         return self._json(self.http.get("/v1/model"))
 
-    def submit(self, image: bytes | str | os.PathLike, prompt: str, **fields) -> Job:
-        """POST /v1/animations: the image (bytes or a path) and the API's fields (steps, seed, bucket, ...)."""
-        form = {"prompt": prompt, **_form(fields)}
+    def submit(self, image: bytes | str | os.PathLike, prompt: str | Request, **fields) -> Job:
+        """POST /v1/animations: the image (bytes or a path) and a prompt with `Request`'s fields (steps, seed,
+        bucket, ...), or a `Request` itself."""
+        form = _form(_fields_of(prompt, fields))
         return Job.from_json(self._json(self.http.post(
             "/v1/animations", files={"image": ("image.png", _bytes(image), "image/png")}, data=form)))
 
-    def submit_edit(self, video: bytes | str | os.PathLike, prompt: str | None = None,
+    def submit_edit(self, video: bytes | str | os.PathLike, prompt: str | EditRequest | None = None,
                     image: bytes | str | os.PathLike | None = None, **fields) -> Job:
-        """POST /v1/edits: the source clip, optionally a new first frame; the API's fields (steps, seed,
-        bucket, stride, start, frames, ...)."""
+        """POST /v1/edits: the source clip, optionally a new first frame; a prompt with `EditRequest`'s fields
+        (steps, seed, bucket, stride, start, frames, ...), or an `EditRequest` itself."""
         files = {"video": ("video", _bytes(video), "application/octet-stream")}
         if image is not None:
             files["image"] = ("image.png", _bytes(image), "image/png")
-        form = _form({"prompt": prompt, **fields})
+        form = _form(_fields_of(prompt, fields))
         return Job.from_json(self._json(self.http.post("/v1/edits", files=files, data=form)))
 
     def status(self, job: JobRef) -> Job:
@@ -192,6 +195,13 @@ def _status_url(job: JobRef) -> str:
     if isinstance(job, Job) and job.urls.get("status"):
         return job.urls["status"]
     return f"/v1/animations/{job.id if isinstance(job, Job) else job}"  # any job id works under either prefix
+
+
+def _fields_of(prompt, fields: dict) -> dict:
+    """The form's request fields: a request's own (the server checks them again), or a prompt and keywords."""
+    if isinstance(prompt, (Request, EditRequest)):
+        return {**prompt.as_dict(), **fields}
+    return {"prompt": prompt, **fields}
 
 
 def _form(fields: dict) -> dict:
