@@ -262,3 +262,36 @@ def test_tokenizer_round_trips_through_save(tmp_path, tokenizer_pairs):
         assert again(prompts)["input_ids"] == ours(prompts)["input_ids"]
         assert (again.bos_token_id, again.eos_token_id, again.pad_token_id, len(again)) == \
             (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, len(ours))
+
+
+# ---------------------------------------------------------------------------------------------
+# What running a checkpoint imports
+# ---------------------------------------------------------------------------------------------
+HEAVY = ("diffusers", "transformers", "torch._dynamo", "sympy", "scipy")
+PROBE = """
+import sys
+from cinemo_rt.cli import main
+code = main(sys.argv[1:])
+print("HEAVY", sorted(m for m in {heavy!r} if m in sys.modules))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("folder", ["demo", "tiny"])
+def test_running_a_checkpoint_imports_neither_diffusers_nor_transformers(folder, tiny_checkpoint_dir, tmp_path):
+    """They (and the torch._dynamo, sympy and scipy they pull in) cost seconds, more than the demo's
+    denoising; the demo (SD VAE) and the tiny checkpoint (SVD temporal VAE) both run without them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cinemo_rt.defaults import EXAMPLE_IMAGE
+
+    checkpoint = [] if folder == "demo" else ["--checkpoint", str(tiny_checkpoint_dir), "--height", "64",
+                                              "--width", "64", "--frames", "2"]
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE.format(heavy=HEAVY), "run", "--image", str(EXAMPLE_IMAGE), "--prompt",
+         "the camera pans left", "--steps", "2", *checkpoint, "--out", str(tmp_path / "o.mp4")],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout, result.stdout
