@@ -281,7 +281,7 @@ def _format_problems(folder: Path, problems: list[str]) -> str:
 def import_component_libraries() -> None:
     """Import what `load_checkpoint` builds the tokenizer with (the `tokenizers` extension), so that the CLI
     times it as an import, apart from reading the weights. The VAE and text encoder are this package's own
-    modules, imported with this one: diffusers and transformers took seconds to import on a CPU."""
+    modules, imported with this one (diffusers and transformers would cost seconds to import on a CPU)."""
     import tokenizers  # noqa: F401
 
 

@@ -208,11 +208,13 @@ class Decoder(nn.Module):
         super().__init__()
         reversed_widths = list(reversed(widths))
         self.conv_in = nn.Conv2d(latent_channels, widths[-1], 3, stride=1, padding=1)
-        self.mid_block = UNetMidBlock2D(widths[-1], groups, act, attention)
+        # Registered before the mid block, as diffusers does: the same state-dict order, the same weight digest
+        # for the engines build's cache.
         self.up_blocks = nn.ModuleList(
             UpDecoderBlock2D(reversed_widths[max(i - 1, 0)], reversed_widths[i], layers + 1, groups, act,
                              upsample=i < len(widths) - 1)
             for i in range(len(widths)))
+        self.mid_block = UNetMidBlock2D(widths[-1], groups, act, attention)
         self.conv_norm_out = nn.GroupNorm(groups, widths[0], eps=1e-6)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(widths[0], out_channels, 3, padding=1)

@@ -35,9 +35,11 @@ def assert_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 
 
 def twin(reference: torch.nn.Module, ours_cls, dtype=torch.float32):
-    """Our module built from the reference's config, holding its weights (key for key, strictly)."""
+    """Our module built from the reference's config, holding its weights (key for key, strictly, in the same
+    order: the engines build digests the state dict in order)."""
     config = {k: v for k, v in reference.config.items() if not k.startswith("_")}
     ours = ours_cls.from_config(config)
+    assert list(ours.state_dict()) == list(reference.state_dict())
     ours.load_state_dict(reference.state_dict(), strict=True)
     return ours.to(dtype).eval(), reference.to(dtype).eval()
 
@@ -155,6 +157,7 @@ def _transformers_text_model(options: dict, seed: int):
 def test_text_encoder_matches_transformers(options, dtype):
     reference = _transformers_text_model(options, seed=2)
     ours = CLIPTextModel.from_config(reference.config.to_dict())
+    assert list(ours.state_dict()) == list(reference.state_dict())
     ours.load_state_dict(reference.state_dict(), strict=True)
     ours, reference = ours.to(dtype).eval(), reference.to(dtype).eval()
     g = torch.Generator().manual_seed(3)
