@@ -23,7 +23,7 @@ DEFAULTS = {
     "layer_norm_eps": 1e-5, "attention_dropout": 0.0, "pad_token_id": 1, "bos_token_id": 49406,
     "eos_token_id": 49407,
 }
-# Text prefixes of the state dict that transformers before 5 wrote (the released checkpoint's layout).
+# The key prefix transformers before version 5 wrote, and the released checkpoint has.
 STATE_PREFIX = "text_model."
 
 
