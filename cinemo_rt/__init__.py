@@ -1,6 +1,6 @@
 """cinemo-rt: a fast inference runtime for Cinemo image animation.
 
-`from cinemo_rt import Animator, Request, EditRequest`; heavy imports (diffusers, transformers) happen on first use.
+`from cinemo_rt import Animator, Request, EditRequest`; heavy imports (torch, PyAV) happen on first use.
 """
 
 __version__ = "0.1.0"

@@ -30,6 +30,9 @@ from .files import FileFormatError, give_default_mode, read_json, swap_in_folder
 from .safe_paths import check_owned_folder
 from .model import UNet3D, UNetConfig
 from .schedule import PREDICTION_TYPES
+from .text_encoder import CLIPTextModel, without_prefix
+from .tokenizer import CLIPTokenizer
+from .vae import AutoencoderKL, AutoencoderKLTemporalDecoder
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ WEIGHT_NAMES = {
 }
 BARE_UNET = "cinemo.pt"
 # Buffers that some checkpoints carry and current libraries rebuild themselves.
-_BENIGN_EXTRA = ("text_model.embeddings.position_ids",)
+_BENIGN_EXTRA = ("embeddings.position_ids",)
 # What a checkpoint folder holds (save_checkpoint and training write these); anything else is the user's.
 CHECKPOINT_ENTRIES = ("model_index.json", "unet", "vae_temporal_decoder", "vae", "text_encoder", "tokenizer",
                       "scheduler", BARE_UNET, "cinemo_rt.json", "training_state.pt", "training_state.pt.tmp")
@@ -182,7 +185,7 @@ def load_unet(folder: str | os.PathLike, problems: list[str] | None = None,
     return unet.eval().requires_grad_(False)
 
 
-def _load_diffusers_part(folder: Path, part: str, cls, problems: list[str]):
+def _load_vae(folder: Path, part: str, cls, problems: list[str]):
     config_path = folder / part / "config.json"
     weights = _find_weights(folder, part)
     if not config_path.is_file() or weights is None:
@@ -232,28 +235,25 @@ def _config_fits_weights(make, config_path: Path, weights: Path, part: str, prob
 
 
 def _load_text_encoder(folder: Path, problems: list[str]) -> TextEncoder | None:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
     tokenizer_dir = folder / "tokenizer"
     tokenizer = None
     if not (tokenizer_dir / "vocab.json").is_file() or not (tokenizer_dir / "merges.txt").is_file():
         problems.append("tokenizer: missing vocab.json or merges.txt")
     else:
-        tokenizer = _build(lambda: CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True),
-                           tokenizer_dir, "tokenizer", problems)
+        tokenizer = _build(lambda: CLIPTokenizer.from_folder(tokenizer_dir), tokenizer_dir, "tokenizer", problems)
     config_path = folder / "text_encoder" / "config.json"
     weights = _find_weights(folder, "text_encoder")
     if not config_path.is_file() or weights is None:
         problems.append("text_encoder: missing " + ("config.json" if not config_path.is_file() else
                                                     "weights (model.safetensors or pytorch_model.bin)"))
         return None
-    make = lambda: CLIPTextModel(CLIPTextConfig.from_dict(read_json(config_path)))  # noqa: E731
+    make = lambda: CLIPTextModel.from_config(read_json(config_path))  # noqa: E731
     if not _config_fits_weights(make, config_path, weights, "text_encoder", problems):
         return None
     model = _build(make, config_path, "text_encoder", problems)
     if model is None:
         return None
-    _check_and_load(model, read_state_dict(weights), "text_encoder", problems)
+    _check_and_load(model, without_prefix(read_state_dict(weights)), "text_encoder", problems)
     if tokenizer is None:
         return None
     return TextEncoder(tokenizer=tokenizer, model=model.eval().requires_grad_(False))
@@ -279,11 +279,10 @@ def _format_problems(folder: Path, problems: list[str]) -> str:
 
 
 def import_component_libraries() -> None:
-    """Import the diffusers and transformers model modules `load_checkpoint` builds the VAE and the text
-    encoder from. Seconds on a CPU (they pull in torch._dynamo), the larger part of loading a small model:
-    the CLI times them as imports, apart from reading the weights."""
-    from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder  # noqa: F401
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: F401
+    """Import what `load_checkpoint` builds the tokenizer with (the `tokenizers` extension), so that the CLI
+    times it as an import, apart from reading the weights. The VAE and text encoder are this package's own
+    modules, imported with this one (diffusers and transformers would cost seconds to import on a CPU)."""
+    import tokenizers  # noqa: F401
 
 
 def load_checkpoint(folder: str | os.PathLike, device: str | torch.device | None = None,
@@ -295,8 +294,6 @@ def load_checkpoint(folder: str | os.PathLike, device: str | torch.device | None
     temporal_vae: None prefers `vae_temporal_decoder/` and falls back to `vae/`.
     vae_encode_dtype: the VAE encodes in this precision (the original encodes in fp64 for DCTInit; fp32
     is the default here, fp64 is accepted)."""
-    from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
-
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist; pass --checkpoint DIR with the "
@@ -307,7 +304,7 @@ def load_checkpoint(folder: str | os.PathLike, device: str | torch.device | None
         temporal_vae = (folder / "vae_temporal_decoder").is_dir() or not (folder / "vae").is_dir()
     vae_part, vae_cls = (("vae_temporal_decoder", AutoencoderKLTemporalDecoder) if temporal_vae
                          else ("vae", AutoencoderKL))
-    vae_model = _load_diffusers_part(folder, vae_part, vae_cls, problems)
+    vae_model = _load_vae(folder, vae_part, vae_cls, problems)
     text = _load_text_encoder(folder, problems)
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = read_json(scheduler_path) if scheduler_path.is_file() else {}

@@ -250,7 +250,7 @@ def _execute(args, plan, threads, phases: dict[str, float], total_steps: int, de
         from .video import write_video
 
         _quiet_libraries()
-        if not args.engines:  # the VAE's and text encoder's model modules: imports, not model loading
+        if not args.engines:  # the checkpoint's modules and the tokenizer's extension: imports, not model loading
             from .checkpoint import import_component_libraries
 
             import_component_libraries()
@@ -306,12 +306,17 @@ def cmd_serve(args) -> int:
 
 
 def _quiet_libraries() -> None:
-    """diffusers/transformers keep their own verbosity; their advice is not for our users."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    """diffusers/transformers keep their own verbosity; their advice is not for our users. Only where something
+    imported them already (training, a test's fixtures): running a checkpoint needs neither, and importing
+    them here would cost seconds."""
+    if "diffusers" in sys.modules:
+        from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
+        diffusers_logging.set_verbosity_error()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
 
 
 def _user_error_types() -> tuple[type, ...]:

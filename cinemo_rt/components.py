@@ -1,6 +1,8 @@
 """The standard parts around the UNet: the VAE and the CLIP text encoder (docs/METHOD.md, pipeline).
 
-They are the diffusers / transformers implementations, wrapped with exactly the calls the pipeline needs.
+Loaded checkpoints hold this package's own modules (`vae.py`, `text_encoder.py`, `tokenizer.py`), bit-equal to
+the diffusers / transformers implementations, which tests and training still build; either kind is wrapped
+here with exactly the calls the pipeline needs.
 """
 
 from __future__ import annotations

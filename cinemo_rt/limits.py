@@ -67,7 +67,7 @@ def available_memory() -> int | None:
     return None
 
 
-RUNTIME_BYTES = 600 * 2**20  # torch, diffusers, transformers and PyAV imported: the demo's RSS before work
+RUNTIME_BYTES = 600 * 2**20  # torch and PyAV imported, with room to spare: the demo run peaks at about 300 MB
 
 
 def estimate_run_bytes(height: int, width: int, frames: int, *, parameters: int, base_channels: int,

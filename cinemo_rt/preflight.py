@@ -1,4 +1,4 @@
-"""Everything `cinemo-rt run` can check before importing torch, diffusers or PyAV: the image,
+"""Everything `cinemo-rt run` can check before importing torch or PyAV: the image,
 the model folder, the output size against ceilings and the memory available, and the prompt's words.
 
 Bad input used to be reported only after 7.6 s of imports (30-80 s on a busy machine); these checks read

@@ -11,8 +11,8 @@ Decisions recorded here:
   and fold to constants. `frames` means *generated* frames, x_t's F (15 released), as in the
   pipeline's defaults; the video has frames + 1 (z1 first), decoded in chunks of 14 (14 + 2).
 - Batch is dynamic for the text encoder and the UNet (2 with CFG, 1 without) and the VAE encoder.
-- The SVD temporal decoder reshapes by `num_frames` only symbolically (diffusers' TemporalDecoder,
-  SpatioTemporalResBlock), so one graph with a dynamic frame count N serves the 14- and 2-frame chunks;
+- The SVD temporal decoder reshapes by `num_frames` only symbolically (`cinemo_rt.vae.TemporalDecoder`,
+  `SpatioTemporalResBlock`, as diffusers'), so one graph with a dynamic frame count N serves the 14- and 2-frame chunks;
   the pipeline keeps the reference's chunking, so temporal layers never see across a chunk boundary.
   Its input is *unscaled* latents (what `vae.model.decode` takes): `cinemo_rt.stages.decode_latents`
   divides by the scaling factor on the host, in fp32, for every backend.
@@ -86,8 +86,9 @@ class ExportSpec:
     module_fn: Callable[[object], nn.Module] = field(repr=False, compare=False)
     weights_fn: Callable[[object], nn.Module] = field(repr=False, compare=False)
     nominal_batch: int = 1
-    # torch.export fails on the diffusers VAE encoder at a dynamic batch ("Invalid ranges [2:1]", torch 2.13);
-    # the TorchScript exporter traces it correctly, so that spec asks for it instead of failing over each time.
+    # The dynamo export failed on diffusers' VAE encoder at a dynamic batch ("Invalid ranges [2:1]", torch 2.13),
+    # whose operations cinemo_rt/vae.py repeats; the TorchScript exporter traces it correctly, so that spec asks
+    # for it instead of failing over each time.
     exporter: str = "dynamo"
     version: int = 2  # bump when the wrapper, export options or manifest entry change
 

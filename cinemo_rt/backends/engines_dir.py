@@ -27,14 +27,14 @@ class EnginesDir:
 
     def tokenizer(self):
         """The CLIP tokenizer copied into the folder at build time."""
-        from transformers import CLIPTokenizer
+        from ..tokenizer import CLIPTokenizer
 
         folder = self.folder / "tokenizer"
         if not (folder / "vocab.json").is_file():
             raise EnginesDirError(f"{self.folder} has no tokenizer/vocab.json; rebuild the engines folder")
         try:
-            return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-        except Exception as err:  # malformed vocab.json / merges.txt: transformers raises many kinds
+            return CLIPTokenizer.from_folder(folder)
+        except Exception as err:  # malformed vocab.json / merges.txt: the reader raises several kinds
             raise EnginesDirError(f"{folder} holds a malformed tokenizer ({type(err).__name__}: {err}); rebuild "
                                   "the engines folder") from err
 
