@@ -150,6 +150,7 @@ class _Job:
     dct_tau: int = DCT_TAU
 
     measures_motion = False  # no bucket nor motion id: measured on a clip (edits), not the default bucket
+    prompt_fields = ("prompt", "negative_prompt")  # text checked as prompts (valid UTF-8, no NUL, bounded)
 
     def __post_init__(self):
         _check_types(self)
@@ -182,8 +183,6 @@ class _Job:
         if self.seed is not None:
             validate.seed(self.seed, self.segments)
         DCTInit(self.dct_fraction, self.dct_tau)  # its own checks
-
-    prompt_fields = ("prompt", "negative_prompt")
 
     @property
     def motion(self) -> float:
