@@ -458,7 +458,7 @@ class FastTorchBackend(TorchBackend):
         self.fast_unet = optimize_unet(checkpoint.unet)
         if self.device.type == "cpu":
             # Why "auto" keeps the reference for checkpoints on the CPU (backends/registry.py).
-            log.info("torch-fast on the CPU: about as fast as the eager reference (the same oneDNN convolutions "
+            log.info("torch-fast on the CPU: about as fast as the eager reference (the same convolutions "
                      "take most of a call; benchmarks/results/cpu_paths.md), so --backend auto runs the reference")
         if cuda_graph is None:
             cuda_graph = self.device.type == "cuda"
