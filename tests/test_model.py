@@ -283,3 +283,48 @@ def test_every_convolution_sees_contiguous_nchw(tiny_unet, batch):
     strided = [(shape, stride) for _, shape, stride, contiguous in seen if not contiguous]
     assert not strided, f"{len(strided)} of {len(seen)} convolution inputs not contiguous NCHW: {strided[:3]}"
     assert all(m.weight.is_contiguous() for m in convs)
+
+
+# -- small maps: convolution as one matrix product (cinemo_rt/model/conv.py) ----------------------------------
+@pytest.mark.parametrize("h,w,kernel,stride,padding", [
+    (1, 1, 3, 1, 1), (2, 2, 3, 1, 1), (1, 2, 3, 1, 1), (2, 2, 3, 2, 1), (4, 4, 3, 2, 1), (3, 3, 3, 2, 0),
+    (2, 1, 3, 2, 1), (2, 2, 1, 1, 0), (1, 1, 5, 1, 2), (2, 3, 2, 1, 1),
+])
+def test_small_map_convolution_equals_conv2d(h, w, kernel, stride, padding):
+    from cinemo_rt.model.conv import Conv2d, conv2d_as_gemm
+
+    torch.manual_seed(0)
+    conv = Conv2d(6, 5, kernel, stride=stride, padding=padding).double()
+    x = torch.randn(3, 6, h, w, dtype=torch.float64)
+    reference = torch.nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+    for out in (conv(x), conv2d_as_gemm(x, conv.weight, None, conv.stride, conv.padding) + conv.bias[:, None, None]):
+        assert out.shape == reference.shape and out.is_contiguous()
+        torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_unet_at_small_latents_matches_the_conv2d_path(tiny_unet, monkeypatch):
+    """4x4 and 2x2 latents give 2x2 and 1x1 maps, where the convolutions run as GEMMs."""
+    from cinemo_rt.model import conv
+
+    shapes = []
+    original, limit = conv.conv2d_as_gemm, conv.GEMM_MAX_POSITIONS
+    monkeypatch.setattr(conv, "conv2d_as_gemm", lambda x, *a: shapes.append(tuple(x.shape)) or original(x, *a))
+    with torch.no_grad():
+        for size in (4, 2):
+            inputs = _inputs(h=size, w=size)
+            ours = tiny_unet(**inputs)
+            monkeypatch.setattr(conv, "GEMM_MAX_POSITIONS", 0)
+            plain = tiny_unet(**inputs)
+            monkeypatch.setattr(conv, "GEMM_MAX_POSITIONS", limit)
+            assert relative_error(ours, plain) < TOLERANCES["fp32"].relative_l2
+    assert {s[-2:] for s in shapes} >= {(2, 2), (1, 1)}
+
+
+def test_traced_convolution_stays_a_convolution():
+    from cinemo_rt.model.conv import Conv2d
+
+    conv = Conv2d(4, 4, 3, padding=1).eval()
+    with torch.no_grad():
+        graph = torch.jit.trace(conv, torch.randn(2, 4, 2, 2)).inlined_graph
+    kinds = {node.kind() for node in graph.nodes()}
+    assert "aten::_convolution" in kinds and "aten::im2col" not in kinds

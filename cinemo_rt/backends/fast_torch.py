@@ -9,7 +9,8 @@ forward, numerically the same function (parity tests/test_fast_torch.py), with t
   the tokens as a channels_last (B*F, C, H, W) view, cuDNN's preferred fp16 layout; on the CPU they run in
   contiguous NCHW, the reference's layout (input copied in, output copied back to tokens), because oneDNN's
   channels_last kernels lose at the small maps of a latent UNet (2.2x slower for one 1280-channel convolution at
-  2x2; both layouts measured end to end in benchmarks/cpu_paths.py, benchmarks/results/cpu_paths.md).
+  2x2; both layouts measured end to end in benchmarks/cpu_paths.py, benchmarks/results/cpu_paths.md). In NCHW
+  they run the reference module's forward, which at 2x2 and 1x1 maps is one GEMM (cinemo_rt/model/conv.py).
 - GroupNorm (5D, statistics over all frames, and per frame) is computed on the token layout without a
   layout change: on the CPU by the built-in kernel on a channels_last view (5-8x faster than a var_mean
   formulation there), elsewhere with fp32 statistics written out, the following SiLU folded in (one fused
@@ -103,8 +104,9 @@ def _nchw(frames: torch.Tensor) -> torch.Tensor:
 def _conv_frames(frames: torch.Tensor, conv: nn.Conv2d, batch: int, layout: str) -> torch.Tensor:
     """conv over (B*F, C, H, W) frames in `layout` (the weight's, converted at load) -> (B, F, H', W', C')."""
     if layout == "contiguous":
-        frames = _nchw(frames)
-    y = F.conv2d(frames, conv.weight, conv.bias, conv.stride, conv.padding)
+        y = conv(_nchw(frames))  # the reference module's forward: one GEMM at 2x2 and 1x1 maps on the CPU
+    else:
+        y = F.conv2d(frames, conv.weight, conv.bias, conv.stride, conv.padding)
     bf, c, h, w = y.shape
     return y.permute(0, 2, 3, 1).reshape(batch, bf // batch, h, w, c)  # free if y is NHWC, else one copy
 
@@ -456,7 +458,7 @@ class FastTorchBackend(TorchBackend):
         self.fast_unet = optimize_unet(checkpoint.unet)
         if self.device.type == "cpu":
             # Why "auto" keeps the reference for checkpoints on the CPU (backends/registry.py).
-            log.info("torch-fast on the CPU: about as fast as the eager reference (the same oneDNN convolutions "
+            log.info("torch-fast on the CPU: about as fast as the eager reference (the same convolutions "
                      "take most of a call; benchmarks/results/cpu_paths.md), so --backend auto runs the reference")
         if cuda_graph is None:
             cuda_graph = self.device.type == "cuda"

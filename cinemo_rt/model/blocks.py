@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import RotaryEmbedding, TemporalTables, Transformer3DModel
+from .conv import Conv2d
 from .layout import fold_frames, unfold_frames
 
 
@@ -23,10 +24,10 @@ class ResnetBlock3D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, affine=True)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps, affine=True)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,7 @@ class ResnetBlock3D(nn.Module):
 class Downsample3D(nn.Module):
     def __init__(self, channels: int, padding: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return per_frame(self.conv, x)
@@ -49,7 +50,7 @@ class Downsample3D(nn.Module):
 class Upsample3D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         frames = fold_frames(x)

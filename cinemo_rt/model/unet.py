@@ -14,6 +14,7 @@ from torch import nn
 from .attention import RotaryEmbedding, TemporalTables, relative_position_buckets
 from .blocks import DownBlock3D, UNetMidBlock3DCrossAttn, UpBlock3D, per_frame
 from .config import UNetConfig, as_config
+from .conv import Conv2d
 from ..residuals import frames_from_residuals
 
 
@@ -64,7 +65,7 @@ class UNet3D(nn.Module):
         rotary = RotaryEmbedding()  # one instance, registered inside every temporal attention
         self._shared_rotary = (rotary,)  # a tuple: reachable here without a duplicate state-dict entry
 
-        self.conv_in = nn.Conv2d(c.in_channels, channels[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2)
+        self.conv_in = Conv2d(c.in_channels, channels[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2)
         self.time_embedding = TimestepEmbedding(channels[0], temb)
         self.add_embedding = TimestepEmbedding(c.addition_time_embed_dim, temb)
 
@@ -95,7 +96,7 @@ class UNet3D(nn.Module):
         self.mid_block = UNetMidBlock3DCrossAttn(channels[-1], temb, groups, eps, heads[-1],
                                                  c.cross_attention_dim, rotary)
         self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=eps)
-        self.conv_out = nn.Conv2d(channels[0], c.out_channels, c.conv_out_kernel,
+        self.conv_out = Conv2d(channels[0], c.out_channels, c.conv_out_kernel,
                                   padding=(c.conv_out_kernel - 1) // 2)
 
     # -- construction -----------------------------------------------------------------------------
