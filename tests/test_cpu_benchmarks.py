@@ -40,3 +40,16 @@ def test_startup_reads_the_phases_a_verbose_run_logs():
     ])
     assert startup.phases_of(log) == {"validate": 0.08, "import torch": 1.93, "import libraries": 3.10,
                                       "load model": 0.40, "5 denoise": 1.234, "stages total": 1.5, "write": 0.12}
+
+
+def test_unet_flops_counts_from_the_shapes():
+    """The work of a call, counted on the meta device (nothing computed): convolutions scale with the map
+    exactly, linear layers a little less (the text's keys and values do not)."""
+    import unet_flops
+
+    from cinemo_rt.model import full_config
+
+    small, large = (unet_flops.count_flops(full_config(), size) for size in (8, 16))
+    assert large["convolution"] == pytest.approx(4 * small["convolution"])
+    assert 3.5 * small["linear"] < large["linear"] < 4 * small["linear"]
+    assert 200 < small["convolution"] < 250  # GFLOP of the released UNet at 8x8 latents, CFG batch 2, 16 frames
