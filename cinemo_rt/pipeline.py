@@ -25,7 +25,7 @@ from .fewer_calls import load_coefficients
 from .image import preprocess
 from .limits import check_job_size
 from .model_facts import EMPTY_PROMPT, ModelFacts
-from .request import DCTInit, EditRequest, Request
+from .request import DCTInit, EditRequest, Request, check_names
 from .schedule import make_schedule
 from .settings import Size
 
@@ -113,6 +113,7 @@ class Animator:
                  callback: Callable[[int, int, torch.Tensor], None] | None = None, **fields) -> np.ndarray:
         """The keyword API: `Request(prompt, bucket, **fields)` run (`fast=True`, `cache=0.5`, `segments=3`,
         ...); the video's UNet calls are in `last_unet_calls`."""
+        check_names(Request, fields)
         return self.run(image, Request(prompt, bucket, **fields), callback)
 
     def edit(self, video, image=None, prompt: str | None = None, *, fps: float | None = None,
@@ -123,6 +124,7 @@ class Animator:
         clip's motion). Returns uint8 (segments * frames + 1, H, W, 3) whose first frame is `image` (or the clip's)."""
         from .clip import open_window
 
+        check_names(EditRequest, fields)
         request = EditRequest(prompt=prompt, **fields).resolve(self.defaults)
         self.check_size(request.size, request.segments)
         clip, window = open_window(video, request, fps)

@@ -321,6 +321,19 @@ class EditRequest(_Job):
         return dataclasses.replace(self, **changes)
 
 
+def check_names(kind: type[_Job], names, also: tuple[str, ...] = ()) -> None:
+    """Refuse a name that is no field of `kind` (nor one of `also`), naming the nearest field: a misspelt option
+    must not be dropped silently (the CLI's parser refuses unknown flags the same way)."""
+    import difflib
+
+    known = [item.name for item in dataclasses.fields(kind)] + list(also)
+    for name in names:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            raise InputError(f"unknown field {name!r} for {kind.__name__}"
+                             + (f"; did you mean {near[0]!r}?" if near else f"; the fields are {', '.join(known)}"))
+
+
 def parse_bucket(value: str | int | None) -> int | None:
     """A bucket as text ("3", or "auto" for None: measured on an edit's clip) -> int or None."""
     if value is None or (isinstance(value, str) and value.strip().lower() == AUTO):

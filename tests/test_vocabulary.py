@@ -78,6 +78,8 @@ CASES = [
     ("run", {"cache_reuse": "residual"}, "cache_reuse must be one of extrapolate, output"),
     ("run", {"prompt": "x" * 10_001}, "prompt has 10001 characters; the limit is 10000"),
     ("run", {"negative_prompt": "y" * 10_001}, "negative_prompt has 10001 characters"),
+    ("run", {"bukket": "3"}, "bukket"),  # a misspelt field: argparse's unknown flag, the API's unknown field
+    ("run", {"stride": "2"}, "stride"),  # an edit's field on an animation
     ("edit", {}, ACCEPTED),
     ("edit", {"bucket": "auto", "stride": "1", "start": "0"}, ACCEPTED),
     ("edit", {"bucket": "fast"}, "bucket must be a whole number in 0..19 or auto"),
@@ -148,7 +150,8 @@ def cli_outcome(kind: str, fields: dict, files, monkeypatch, caplog, capsys) -> 
     if kind == "edit":
         argv += ["--video", files["clip"]]
     for name, value in fields.items():
-        argv += [f"--{name.replace('_', '-')}"] + ([] if field_types(KINDS[kind][0])[name] is bool else [value])
+        is_flag = field_types(KINDS[kind][0]).get(name) is bool
+        argv += [f"--{name.replace('_', '-')}"] + ([] if is_flag else [value])
     monkeypatch.setattr(cli, "_execute", lambda *args, **kwargs: cli.EXIT_OK)  # the model is not run
     caplog.clear()
     with caplog.at_level(logging.ERROR, logger="cinemo_rt"):
@@ -191,6 +194,17 @@ def test_cli_and_server_refuse_the_same_values_with_the_same_message(kind, field
     else:
         assert from_cli is not None and words in from_cli, from_cli
         assert from_http is not None and words in from_http, from_http
+
+
+def test_the_python_keywords_refuse_an_unknown_field_by_name():
+    from cinemo_rt.errors import InputError
+    from cinemo_rt.pipeline import Animator
+
+    animator = Animator.from_checkpoint(device="cpu")
+    with pytest.raises(InputError, match="unknown field 'bukket' for Request; did you mean 'bucket'"):
+        animator(EXAMPLE_IMAGE, "pan left", bukket=3)
+    with pytest.raises(InputError, match="unknown field 'sampler' for EditRequest"):
+        animator.edit(np.zeros((9, 32, 32, 3), np.uint8), None, "pan left", sampler="ddim")
 
 
 @pytest.mark.parametrize("kind", KINDS)

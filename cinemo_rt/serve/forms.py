@@ -9,10 +9,12 @@ import functools
 import typing
 from typing import Any
 
+from fastapi import Request as HttpRequest
 from pydantic import BaseModel, BeforeValidator, Field, create_model
 
-from ..request import FIELD_HELP, EditRequest, Request, parse_text
+from ..request import FIELD_HELP, EditRequest, Request, check_names, parse_text
 from ..scale import FILTER_HELP, HELP, OutputScale
+from .limits import RequestError
 
 OUTPUT_FIELDS = {
     "format": (str, Field("mp4", description="mp4 or gif")),
@@ -49,3 +51,15 @@ def split_form(form: BaseModel) -> tuple[dict[str, Any], dict[str, Any]]:
     values = form.model_dump()
     output = {name: values.pop(name) for name in OUTPUT_FIELDS}
     return values, output
+
+
+def known_fields_only(kind: type[Request] | type[EditRequest], files: tuple[str, ...]):
+    """A route dependency refusing form fields that are not the request's, the output's or the route's files
+    (422 naming the nearest field): FastAPI would drop them, and a misspelt option would be ignored."""
+    async def check(request: HttpRequest) -> None:
+        try:
+            check_names(kind, (await request.form()).keys(), also=(*OUTPUT_FIELDS, *files))
+        except ValueError as err:
+            raise RequestError(422, str(err)) from err
+
+    return check

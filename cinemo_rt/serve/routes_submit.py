@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image
 
@@ -24,7 +24,7 @@ from ..scale import OutputScale
 from .dependencies import AUTHORIZED, Server
 from .job_view import describe
 from .jobs import EDIT, new_job_id
-from .forms import AnimationForm, EditForm, split_form
+from .forms import AnimationForm, EditForm, known_fields_only, split_form
 from .limits import (RequestError, build_request, check_clip, check_format, check_scale, read_upload,
                      save_clip_upload)
 from .state import ServerState
@@ -34,7 +34,8 @@ router = APIRouter()
 # No docstrings on the handlers: FastAPI would publish them as the operations' descriptions.
 
 
-@router.post("/v1/animations", status_code=202, dependencies=AUTHORIZED,
+@router.post("/v1/animations", status_code=202,
+             dependencies=[*AUTHORIZED, Depends(known_fields_only(Request, files=("image",)))],
              summary="Submit an image to animate; returns the job id and its URLs")
 def submit(server: Server, image: Annotated[UploadFile, File(description="the still image, PNG or JPEG")],
            form: Annotated[AnimationForm, Form()]):
@@ -78,7 +79,8 @@ def enqueue(server: ServerState, job_id: str, request: dict) -> JSONResponse:
     return JSONResponse(body, status_code=202, headers={"Location": body["urls"]["status"]})
 
 
-@router.post("/v1/edits", status_code=202, dependencies=AUTHORIZED,
+@router.post("/v1/edits", status_code=202,
+             dependencies=[*AUTHORIZED, Depends(known_fields_only(EditRequest, files=("video", "image")))],
              summary="Submit a video to edit (its motion moves a new first frame); returns the job id and URLs")
 def submit_edit(server: Server,
                 video: Annotated[UploadFile, File(description="the source clip: mp4, webm, mov or gif")],
