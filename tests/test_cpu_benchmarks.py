@@ -53,3 +53,15 @@ def test_unet_flops_counts_from_the_shapes():
     assert large["convolution"] == pytest.approx(4 * small["convolution"])
     assert 3.5 * small["linear"] < large["linear"] < 4 * small["linear"]
     assert 200 < small["convolution"] < 250  # GFLOP of the released UNet at 8x8 latents, CFG batch 2, 16 frames
+
+
+@pytest.mark.slow
+def test_ort_session_times_the_three_ways_a_session_is_made(tmp_path):
+    """benchmarks/ort_session.py on the demo's UNet config: uncached, saved into the cache, then from it."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ort_session.py"), "--tiny", "--rounds", "1",
+                             "--work", str(tmp_path / "work"), "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "ort_session.json").read_text())["rows"]
+    assert [runs[0]["how"] for runs in rows.values()] == ["uncached", "saved", "cached"]
+    assert all(runs[0]["create_s"] > 0 and runs[0]["first_call_s"] > 0 for runs in rows.values())

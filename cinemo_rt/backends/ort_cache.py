@@ -1,8 +1,8 @@
 """ONNX Runtime's optimised graphs, kept on disk between processes.
 
 Creating a CPU session optimises the graph first (constant folding, fusions, re-laying-out convolution
-weights for its blocked kernels): most of the 10-14 s the full-width UNet's session takes on a 2-core CPU
-before its first call (benchmarks/results/cpu_paths.md). The optimised graph depends on the graph, the
+weights for its blocked kernels): most of the 8 s the full-width UNet's session takes on one core of a 2-core
+CPU before its first call, 1.4 s once cached (benchmarks/results/ort_session.md). The optimised graph depends on the graph, the
 onnxruntime version and the CPU, so it is saved once per (graph SHA-256, onnxruntime version, CPU) and later
 sessions load it with no optimisation of their own. CPU provider only: the CUDA provider's sessions are
 created once per server process and their cost is elsewhere (cuDNN autotuning).
