@@ -21,7 +21,6 @@ Writes editing.json, editing.md and editing_strip.png under --out.
 from __future__ import annotations
 
 import argparse
-import logging
 import platform
 import statistics
 import sys

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
               "rounds": args.rounds, "before": args.before, "summary": summary, "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "startup.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Demo start-up: `cinemo-rt run` against `import torch`", "",
+    lines = ["# Demo start-up: `cinemo-rt run` against `import torch`", "",
              f"Command: `{report['command']}`  ", f"Date: {report['created']}, Python {platform.python_version()}, "
              f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end (shared machine)  ",
              f"Medians of {args.rounds} interleaved rounds. CPU = user + system seconds of the process.", "",

@@ -17,7 +17,6 @@ import torch
 from .backends.base import Backend
 from .components import images_to_uint8, tokenize
 from .dctinit import check_kernel_contract
-from .residuals import frames_from_residuals
 from .request import DCTInit, Request
 from .fewer_calls import CallCounter
 from .model_calls import UNetCall, run_with_unet

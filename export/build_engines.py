@@ -37,7 +37,7 @@ from cinemo_rt.files import file_sha256, give_default_mode, swap_in_folder
 from cinemo_rt.interrupts import exit_code_for, terminate_as_interrupt
 from cinemo_rt.manifest import MANIFEST, Component, Manifest, OnnxArtifact, write_json_atomic
 from cinemo_rt.safe_paths import OutputError, check_owned_folder, same_file
-from cinemo_rt.settings import SIZE_FILE, Size
+from cinemo_rt.settings import SIZE_FILE
 
 from .onnx_export import EXTERNAL_DATA_BYTES, OPSET, export_onnx, module_bytes, prepare_module
 from .optimize import optimize_file
