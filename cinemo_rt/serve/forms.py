@@ -53,13 +53,17 @@ def split_form(form: BaseModel) -> tuple[dict[str, Any], dict[str, Any]]:
     return values, output
 
 
-def known_fields_only(kind: type[Request] | type[EditRequest], files: tuple[str, ...]):
+class KnownFieldsOnly:
     """A route dependency refusing form fields that are not the request's, the output's or the route's files
-    (422 naming the nearest field): FastAPI would drop them, and a misspelt option would be ignored."""
-    async def check(request: HttpRequest) -> None:
+    (422 naming the nearest field): FastAPI would drop them, and a misspelt option would be ignored. A class at
+    module level, not a closure: Ray Serve pickles the app, and a closure's pickled globals would lose the
+    names its annotations use."""
+
+    def __init__(self, kind: type[Request] | type[EditRequest], files: tuple[str, ...]):
+        self.kind, self.also = kind, (*OUTPUT_FIELDS, *files)
+
+    async def __call__(self, request: HttpRequest) -> None:
         try:
-            check_names(kind, (await request.form()).keys(), also=(*OUTPUT_FIELDS, *files))
+            check_names(self.kind, (await request.form()).keys(), also=self.also)
         except ValueError as err:
             raise RequestError(422, str(err)) from err
-
-    return check

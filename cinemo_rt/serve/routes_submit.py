@@ -24,7 +24,7 @@ from ..scale import OutputScale
 from .dependencies import AUTHORIZED, Server
 from .job_view import describe
 from .jobs import EDIT, new_job_id
-from .forms import AnimationForm, EditForm, known_fields_only, split_form
+from .forms import AnimationForm, EditForm, KnownFieldsOnly, split_form
 from .limits import (RequestError, build_request, check_clip, check_format, check_scale, read_upload,
                      save_clip_upload)
 from .state import ServerState
@@ -35,7 +35,7 @@ router = APIRouter()
 
 
 @router.post("/v1/animations", status_code=202,
-             dependencies=[*AUTHORIZED, Depends(known_fields_only(Request, files=("image",)))],
+             dependencies=[*AUTHORIZED, Depends(KnownFieldsOnly(Request, files=("image",)))],
              summary="Submit an image to animate; returns the job id and its URLs")
 def submit(server: Server, image: Annotated[UploadFile, File(description="the still image, PNG or JPEG")],
            form: Annotated[AnimationForm, Form()]):
@@ -80,7 +80,7 @@ def enqueue(server: ServerState, job_id: str, request: dict) -> JSONResponse:
 
 
 @router.post("/v1/edits", status_code=202,
-             dependencies=[*AUTHORIZED, Depends(known_fields_only(EditRequest, files=("video", "image")))],
+             dependencies=[*AUTHORIZED, Depends(KnownFieldsOnly(EditRequest, files=("video", "image")))],
              summary="Submit a video to edit (its motion moves a new first frame); returns the job id and URLs")
 def submit_edit(server: Server,
                 video: Annotated[UploadFile, File(description="the source clip: mp4, webm, mov or gif")],
